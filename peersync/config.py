@@ -1,0 +1,130 @@
+"""Daemon configuration: a TOML file with documented defaults, overridden by CLI flags.
+
+Every key is optional; an unknown key or a value of the wrong type is an error that names the
+key, so a typo in an operator's config never silently falls back to a default. The defaults are
+what `peersync config-defaults` prints (see `DEFAULT_TOML`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peersync.errors import InvalidArgument
+
+MIB = 1 << 20
+
+DEFAULT_TOML = """\
+# PeerSync daemon configuration (all keys optional; these are the defaults).
+
+# Where blobs, snapshots and metadata live. Needs a filesystem that supports overlayfs upper dirs.
+root = "/var/lib/peersync"
+# The unix socket that containerd's proxy_plugins connect to.
+socket = "/run/peersync/peersync.sock"
+
+[log]
+# debug, info, warning, error
+level = "info"
+# "console" for people, "json" for log collectors
+format = "console"
+
+[store]
+# Blobs are cut into chunks of this many bytes: the unit of integrity checks and of peer exchange.
+# 1 MiB was chosen by measurement (bench/chunksize.py, see bench/RESULTS.md).
+chunk_size = 1048576
+
+[grpc]
+# Largest request message accepted from containerd (its own limit is 16 MiB).
+max_receive_message_size = 16777216
+# Largest data payload in one Read response message.
+read_message_size = 1048576
+"""
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+    format: str = "console"
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    chunk_size: int = 1 * MIB
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    max_receive_message_size: int = 16 * MIB
+    read_message_size: int = 1 * MIB
+
+
+@dataclass(frozen=True)
+class Config:
+    root: Path = Path("/var/lib/peersync")
+    socket: Path = Path("/run/peersync/peersync.sock")
+    log: LogConfig = field(default_factory=LogConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    grpc: GrpcConfig = field(default_factory=GrpcConfig)
+
+    def with_overrides(self, **changes: Any) -> Config:
+        """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def load(path: Path | None) -> Config:
+    """Read a config file (None: the defaults), validating every key."""
+    if path is None:
+        return Config()
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except OSError as exc:
+        raise InvalidArgument(f"cannot read config {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"config {path} is not valid TOML: {exc}") from exc
+    return _build(Config, data, where=str(path))
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise InvalidArgument(f"{where}: unknown key {key!r} (known: {', '.join(sorted(fields))})")
+        kwargs[key] = _convert(fields[key], value, f"{where}: {key}")
+    config = cls(**kwargs)
+    _validate(config, where)
+    return config
+
+
+def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    if dataclasses.is_dataclass(default):
+        if not isinstance(value, dict):
+            raise InvalidArgument(f"{where} must be a table")
+        return _build(type(default), value, where)
+    if isinstance(default, Path):
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"{where} must be a non-empty path string")
+        return Path(value)
+    if isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
+        raise InvalidArgument(f"{where} must be of type {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _validate(config: Any, where: str) -> None:
+    if isinstance(config, LogConfig):
+        if config.level not in ("debug", "info", "warning", "error"):
+            raise InvalidArgument(f"{where}: log.level must be debug, info, warning or error")
+        if config.format not in ("console", "json"):
+            raise InvalidArgument(f"{where}: log.format must be console or json")
+    if isinstance(config, StoreConfig):
+        if config.chunk_size < 4096 or config.chunk_size & (config.chunk_size - 1):
+            raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
+    if isinstance(config, GrpcConfig):
+        if not 64 * 1024 <= config.read_message_size <= 4 * MIB:
+            raise InvalidArgument(f"{where}: grpc.read_message_size must be between 64 KiB and 4 MiB")
+        if config.max_receive_message_size < 4 * MIB:
+            raise InvalidArgument(f"{where}: grpc.max_receive_message_size must be at least 4 MiB")

@@ -1,0 +1,124 @@
+"""Assembly of the daemon: open the store, build both halves, serve until told to stop.
+
+Start-up refuses, with a message that says what to do, when the root is unusable, when another
+daemon holds the root, or when the socket is served by a live process. A stale socket file left
+by a crash is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import os
+import signal
+import socket as socketlib
+from pathlib import Path
+
+import grpc
+import structlog
+
+from peersync.config import Config
+from peersync.errors import FailedPrecondition
+from peersync.store.chunkstore import ChunkStore
+from peersync.store.meta import Meta
+from snapshotter.content import ContentStore
+from snapshotter.server import build_server, restrict_socket
+from snapshotter.snapshots import Snapshotter
+
+log = structlog.get_logger(__name__)
+
+
+class Service:
+    """One node's daemon. Lifecycle: `await start()`, then `await stop()` (once)."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self._lock_fd: int | None = None
+        self.meta: Meta | None = None
+        self.server: grpc.aio.Server | None = None
+
+    async def start(self) -> None:
+        cfg = self.config
+        self._lock_fd = lock_root(cfg.root)
+        prepare_socket(cfg.socket)
+        self.meta = Meta(cfg.root)
+        chunks = ChunkStore(cfg.root, self.meta, cfg.store.chunk_size)
+        await asyncio.to_thread(chunks.recover)
+        self.content = ContentStore(chunks)
+        self.snapshotter = Snapshotter(cfg.root, self.meta)
+        self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc)
+        await self.server.start()
+        restrict_socket(cfg.socket)
+        log.info("serving", socket=str(cfg.socket), root=str(cfg.root), chunk_size=cfg.store.chunk_size)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Finish in-flight RPCs (up to `grace` seconds), then close the store."""
+        if self.server is not None:
+            await self.server.stop(grace)
+            self.server = None
+        self.config.socket.unlink(missing_ok=True)
+        if self.meta is not None:
+            self.meta.close()
+            self.meta = None
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        log.info("stopped")
+
+
+async def run_until_signal(service: Service) -> None:
+    """Serve until SIGTERM or SIGINT, then stop cleanly."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await service.start()
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        await service.stop()
+
+
+def lock_root(root: Path) -> int:
+    """Create `root` if needed and take its exclusive lock; returns the lock's fd."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise FailedPrecondition(f"root {root} is unusable: {exc.strerror}") from exc
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise FailedPrecondition(f"root {root} is in use by another peersync daemon") from None
+    if not os.access(root, os.W_OK):
+        os.close(fd)
+        raise FailedPrecondition(f"root {root} is not writable")
+    return fd
+
+
+def prepare_socket(path: Path) -> None:
+    """Make sure `path` can be bound: refuse a live socket, remove a stale one."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FailedPrecondition(f"cannot create socket directory {path.parent}: {exc.strerror}") from exc
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_socket():
+        raise FailedPrecondition(f"{path} exists and is not a socket; refusing to replace it")
+    probe = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    try:
+        probe.connect(str(path))
+    except OSError as exc:
+        if exc.errno not in (errno.ECONNREFUSED, errno.ENOENT):
+            raise FailedPrecondition(f"cannot probe socket {path}: {exc.strerror}") from exc
+        log.info("removing stale socket", socket=str(path))
+        path.unlink(missing_ok=True)
+    else:
+        raise FailedPrecondition(f"socket {path} is in use by another process")
+    finally:
+        probe.close()
+

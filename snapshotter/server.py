@@ -1,0 +1,34 @@
+"""The gRPC server containerd dials: both proxy-plugin services on one unix socket."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import grpc
+
+from peersync.config import GrpcConfig
+from snapshotter.api import content_pb2_grpc, snapshots_pb2_grpc
+from snapshotter.content import ContentStore
+from snapshotter.grpc_content import ContentServicer
+from snapshotter.grpc_snapshots import SnapshotsServicer
+from snapshotter.snapshots import Snapshotter
+
+
+def build_server(socket: Path, snapshotter: Snapshotter, content: ContentStore, cfg: GrpcConfig) -> grpc.aio.Server:
+    """An unstarted asyncio gRPC server bound to `socket` (mode 0660: root and its group only)."""
+    options = [
+        ("grpc.max_receive_message_length", cfg.max_receive_message_size),
+        # Read answers carry at most read_message_size of data; leave room for the envelope.
+        ("grpc.max_send_message_length", cfg.read_message_size + 64 * 1024),
+    ]
+    server = grpc.aio.server(options=options)
+    snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
+    content_pb2_grpc.add_ContentServicer_to_server(ContentServicer(content, cfg.read_message_size), server)
+    server.add_insecure_port(f"unix:{socket}")
+    return server
+
+
+def restrict_socket(socket: Path) -> None:
+    """containerd runs as root; nobody else needs to reach the plugin."""
+    os.chmod(socket, 0o660)

@@ -1,0 +1,8 @@
+"""Make the source tree importable when the package is not installed (`pip install -e .` also works)."""
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))

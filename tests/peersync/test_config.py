@@ -1,0 +1,54 @@
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from peersync import config
+from peersync.errors import InvalidArgument
+
+
+def test_default_toml_documents_the_defaults() -> None:
+    parsed = config._build(config.Config, tomllib.loads(config.DEFAULT_TOML), "defaults")
+    assert parsed == config.Config()
+
+
+def test_no_file_means_defaults() -> None:
+    assert config.load(None) == config.Config()
+
+
+def test_file_values_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text('root = "/srv/ps"\n[store]\nchunk_size = 4194304\n[log]\nformat = "json"\n')
+    cfg = config.load(path)
+    assert cfg.root == Path("/srv/ps")
+    assert cfg.store.chunk_size == 4 << 20
+    assert cfg.log.format == "json"
+    assert cfg.log.level == "info"
+    cfg = cfg.with_overrides(root=Path("/x"), socket=None)
+    assert cfg.root == Path("/x") and cfg.socket == config.Config().socket
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("rot = '/x'\n", "unknown key 'rot'"),
+        ("[store]\nchunksize = 1\n", "unknown key 'chunksize'"),
+        ("[store]\nchunk_size = '1M'\n", "chunk_size must be of type int"),
+        ("[store]\nchunk_size = 1000\n", "power of two"),
+        ("[log]\nlevel = 'loud'\n", "log.level"),
+        ("store = 3\n", "must be a table"),
+        ("root = ''\n", "non-empty path"),
+        ("[grpc]\nread_message_size = 16\n", "read_message_size"),
+        ("root = \n", "not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(text)
+    with pytest.raises(InvalidArgument, match=message):
+        config.load(path)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="cannot read config"):
+        config.load(tmp_path / "nope.toml")
