@@ -37,6 +37,7 @@ class Service:
         self._lock_fd: int | None = None
         self.meta: Meta | None = None
         self.server: grpc.aio.Server | None = None
+        self._bound = False  # only a socket we bound is ours to remove
 
     async def start(self) -> None:
         cfg = self.config
@@ -49,6 +50,7 @@ class Service:
         self.snapshotter = Snapshotter(cfg.root, self.meta)
         self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc)
         await self.server.start()
+        self._bound = True
         restrict_socket(cfg.socket)
         log.info("serving", socket=str(cfg.socket), root=str(cfg.root), chunk_size=cfg.store.chunk_size)
 
@@ -57,7 +59,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
-        self.config.socket.unlink(missing_ok=True)
+        if self._bound:
+            self.config.socket.unlink(missing_ok=True)
+            self._bound = False
         if self.meta is not None:
             self.meta.close()
             self.meta = None

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install everything PeerSync's demo and tests need on a Debian 12 machine, as root:
+# the Debian packages (containerd, runc, a real registry, image tools) and a virtualenv in .venv
+# with peersync installed in editable mode. Safe to run again: it only adds what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static iproute2 python3-venv python3-pip ca-certificates)
+
+missing=()
+for pkg in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "setup: installing Debian packages: ${missing[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The Debian containerd package starts a system containerd where systemd runs; our demo and tests
+# start their own private containerd instances and never touch the system one.
+
+if [ ! -x .venv/bin/python ]; then
+  echo "setup: creating virtualenv .venv"
+  python3 -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip >/dev/null
+.venv/bin/python -m pip install -q -e '.[dev]'
+echo "setup: done ($(.venv/bin/peersync --version))"

@@ -1,0 +1,152 @@
+"""The `peersync daemon` process: start-up checks, serving both services, clean shutdown."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_daemon(root: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(
+        [sys.executable, "-m", "peersync.cli", "daemon", "--root", str(root), "--socket", str(sock), *extra],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+
+
+def wait_for_socket(proc: subprocess.Popen[bytes], sock: Path, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"daemon exited early: {proc.stderr.read().decode()}")  # type: ignore[union-attr]
+        if sock.is_socket():
+            return
+        time.sleep(0.05)
+    raise AssertionError("daemon did not create its socket")
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path]]:
+    root, sock = tmp_path / "root", tmp_path / "run" / "ps.sock"
+    proc = start_daemon(root, sock)
+    try:
+        wait_for_socket(proc, sock)
+        yield proc, root, sock
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serves_both_services_and_stops_on_sigterm(daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    proc, _root, sock = daemon
+    assert oct(sock.stat().st_mode & 0o777) == "0o660"
+    with grpc.insecure_channel(f"unix:{sock}") as channel:
+        snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
+        snaps.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="peersync", key="k"))
+        info = snaps.Stat(snapshots_pb2.StatSnapshotRequest(snapshotter="peersync", key="k")).info
+        assert info.kind == snapshots_pb2.ACTIVE
+        content = content_pb2_grpc.ContentStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            content.Info(content_pb2.InfoRequest(digest="sha256:" + "0" * 64))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 0
+    assert not sock.exists(), "socket file left behind"
+
+
+def test_refuses_socket_in_use(tmp_path: Path, daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    _proc, _root, sock = daemon
+    second = start_daemon(tmp_path / "other-root", sock)
+    _out, err = second.communicate(timeout=30)
+    assert second.returncode == 2
+    assert b"in use by another process" in err
+
+
+def test_refuses_root_in_use(tmp_path: Path, daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+    _proc, root, _sock = daemon
+    second = start_daemon(root, tmp_path / "other.sock")
+    _out, err = second.communicate(timeout=30)
+    assert second.returncode == 2
+    assert b"in use by another peersync daemon" in err
+
+
+def test_replaces_stale_socket(tmp_path: Path) -> None:
+    sock = tmp_path / "stale.sock"
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(sock))
+    s.close()  # a socket file nobody listens on, as a crash leaves it
+    proc = start_daemon(tmp_path / "root", sock)
+    try:
+        wait_for_socket(proc, sock)
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            grpc.channel_ready_future(channel).result(timeout=10)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_refuses_non_socket_path(tmp_path: Path) -> None:
+    path = tmp_path / "precious.txt"
+    path.write_text("keep me")
+    proc = start_daemon(tmp_path / "root", path)
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert b"is not a socket" in err
+    assert path.read_text() == "keep me"
+
+
+def test_refuses_unusable_root(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    proc = start_daemon(blocker / "root", tmp_path / "s.sock")
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert b"is unusable" in err
+
+
+def test_bad_config_is_reported(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text("[store]\nchunk_sise = 4096\n")
+    proc = start_daemon(tmp_path / "root", tmp_path / "s.sock", "--config", str(cfg))
+    _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert b"unknown key 'chunk_sise'" in err
+
+
+def test_containerd_config_cli(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = subprocess.run(
+        [sys.executable, "-m", "peersync.cli", "containerd-config", "--socket", str(tmp_path / "x.sock")],
+        capture_output=True, check=True, env=env,
+    ).stdout.decode()
+    import tomllib
+
+    parsed = tomllib.loads(out)
+    assert parsed["version"] == 2
+    assert parsed["disabled_plugins"] == ["io.containerd.content.v1.content"]
+    assert parsed["proxy_plugins"]["peersync"] == {"type": "snapshot", "address": str(tmp_path / "x.sock")}
+    assert parsed["proxy_plugins"]["peersync-content"] == {"type": "content", "address": str(tmp_path / "x.sock")}
+
+
+def test_packaged_dropin_matches_cli() -> None:
+    from peersync.containerd_config import render
+
+    text = (ROOT / "packaging" / "containerd" / "peersync.toml").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
+    assert body == render(Path("/run/peersync/peersync.sock"))
