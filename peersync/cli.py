@@ -37,7 +37,9 @@ def _parser() -> argparse.ArgumentParser:
 
     cc = sub.add_parser("containerd-config", help="print the containerd config (v2) that registers peersync")
     _common(cc)
-    cc.add_argument("--no-content", action="store_true", help="register only the snapshotter (mirror-only mode)")
+    cc.add_argument(
+        "--no-content", action="store_true", help="register only the snapshotter (mirror-only mode)"
+    )
     cc.set_defaults(func=_containerd_config)
 
     defaults = sub.add_parser("config-defaults", help="print the default daemon config, documented")

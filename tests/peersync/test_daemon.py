@@ -53,7 +53,10 @@ def daemon(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], Path, Path
             proc.wait()
 
 
-def test_serves_both_services_and_stops_on_sigterm(daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+Daemon = tuple[subprocess.Popen[bytes], Path, Path]
+
+
+def test_serves_both_services_and_stops_on_sigterm(daemon: Daemon) -> None:
     proc, _root, sock = daemon
     assert oct(sock.stat().st_mode & 0o777) == "0o660"
     with grpc.insecure_channel(f"unix:{sock}") as channel:
@@ -70,7 +73,7 @@ def test_serves_both_services_and_stops_on_sigterm(daemon: tuple[subprocess.Pope
     assert not sock.exists(), "socket file left behind"
 
 
-def test_refuses_socket_in_use(tmp_path: Path, daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+def test_refuses_socket_in_use(tmp_path: Path, daemon: Daemon) -> None:
     _proc, _root, sock = daemon
     second = start_daemon(tmp_path / "other-root", sock)
     _out, err = second.communicate(timeout=30)
@@ -78,7 +81,7 @@ def test_refuses_socket_in_use(tmp_path: Path, daemon: tuple[subprocess.Popen[by
     assert b"in use by another process" in err
 
 
-def test_refuses_root_in_use(tmp_path: Path, daemon: tuple[subprocess.Popen[bytes], Path, Path]) -> None:
+def test_refuses_root_in_use(tmp_path: Path, daemon: Daemon) -> None:
     _proc, root, _sock = daemon
     second = start_daemon(root, tmp_path / "other.sock")
     _out, err = second.communicate(timeout=30)
@@ -141,7 +144,8 @@ def test_containerd_config_cli(tmp_path: Path) -> None:
     assert parsed["version"] == 2
     assert parsed["disabled_plugins"] == ["io.containerd.content.v1.content"]
     assert parsed["proxy_plugins"]["peersync"] == {"type": "snapshot", "address": str(tmp_path / "x.sock")}
-    assert parsed["proxy_plugins"]["peersync-content"] == {"type": "content", "address": str(tmp_path / "x.sock")}
+    address = str(tmp_path / "x.sock")
+    assert parsed["proxy_plugins"]["peersync-content"] == {"type": "content", "address": address}
 
 
 def test_packaged_dropin_matches_cli() -> None:
