@@ -15,7 +15,9 @@ from snapshotter.grpc_snapshots import SnapshotsServicer
 from snapshotter.snapshots import Snapshotter
 
 
-def build_server(socket: Path, snapshotter: Snapshotter, content: ContentStore, cfg: GrpcConfig) -> grpc.aio.Server:
+def build_server(
+    socket: Path, snapshotter: Snapshotter, content: ContentStore, cfg: GrpcConfig
+) -> grpc.aio.Server:
     """An unstarted asyncio gRPC server bound to `socket` (mode 0660: root and its group only)."""
     options = [
         ("grpc.max_receive_message_length", cfg.max_receive_message_size),

@@ -1,0 +1,276 @@
+"""The content store containerd sees: containerd's content API over the node's chunk store.
+
+This docstring is the spec; `snapshotter.grpc_content` is a thin adapter over it, and the
+conformance suite (tests/snapshotter/test_content.py) runs against both.
+
+Vocabulary. A *blob* is immutable content named by its digest (`sha256:<64 hex>`); its *info*
+is (digest, size, created, updated, labels). An *ingest* is a blob being written under a
+client-chosen *ref*; its *status* is (ref, offset = bytes stored so far, total, expected,
+started, updated). Committing an ingest turns it into a blob and removes it.
+
+Blobs
+- `info(digest)` -> Info. A malformed digest is InvalidArgument; a blob that is neither here nor
+  offered by the BlobSource is NotFound.
+- `update(info, fieldpaths)` changes labels only. Paths: `labels` (replace all labels with
+  info.labels) or `labels.<key>` (set that key from info.labels; absent or empty deletes it).
+  An empty list replaces all labels. Any other path is InvalidArgument. Returns the new Info.
+- `walk(filters)` yields the Info of every local blob matching containerd filters over the
+  fields `digest`, `size` (decimal string) and `labels.<key>`. Bad filter syntax: InvalidArgument.
+- `delete(digest)` removes a local blob; NotFound if it is not here.
+- `read(digest, offset, size)` yields (offset, bytes) pieces of at most `piece` bytes covering
+  [offset, offset+size): offset < 0 reads from 0; offset past the end (> size of blob) is
+  OutOfRange; offset equal to the size yields nothing; size <= 0 reads to the end; a range past
+  the end is clipped. Reads of up to INLINE_READ bytes are a single pread on the event loop
+  (containerd issues thousands of 32 KiB reads and some of 4 or 512 bytes); larger pieces are
+  read in a worker thread.
+
+Ingests
+- `writer(ref, total, expected)` opens or resumes the ingest `ref` (resuming re-hashes the data
+  already stored, in a thread) and holds it until `close()`/`commit()`. Another writer on the same
+  ref: Unavailable("ref X locked for Ns"). If `expected` is already present: AlreadyExists.
+- `Writer.write_at(offset, data)`: offset equal to the current offset appends; offset 0 over
+  existing data truncates and restarts; any other offset: OutOfRange. Returns the new offset.
+- `Writer.expect(digest)`: if that blob is already present, the ingest is removed and
+  AlreadyExists raised (containerd's service does this for any message carrying `expected`).
+- `Writer.commit(size, expected, labels)`: size (if > 0) must equal the bytes written and the
+  digest must equal `expected` (if given), else FailedPrecondition and the ingest stays, ready to
+  resume; a blob already present is AlreadyExists and the ingest is removed. Success returns the
+  digest, the blob is visible at once with `labels`. Commit always ends the writer.
+- `status(ref)`, `abort(ref)`: NotFound for an unknown ref. Abort of a ref held by a writer is
+  Unavailable (containerd's GC retries later). `list_statuses(filters)` over the fields `ref`,
+  `expected`, `offset`, `total`.
+
+BlobSource (the seam for the peer network, a later issue). A ContentStore may be given a
+`source`: Info and Read consult it for blobs that are not present locally, so a blob can be
+served lazily, chunk by chunk, from peers (containerd then never opens a writer for it, see
+../shared/containerd-api.md, "the skip signal on pull"). Without a source such blobs are
+NotFound. Delete, Update and Walk see local blobs only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from peersync.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from peersync.store.chunkstore import BlobRecord, ChunkStore, parse_digest
+from peersync.store.ingest import IngestStatus, IngestWriter
+from snapshotter.filters import compile_filters
+
+READ_PIECE = 1 << 20  # largest data payload of one Read message (containerd's limit is 16 MiB)
+INLINE_READ = 64 << 10  # preads up to this size run on the event loop: a thread hop costs more
+INLINE_WRITE = 64 << 10  # same for hashing + writing small Write messages
+
+Status = IngestStatus
+
+
+@dataclass(frozen=True)
+class Info:
+    """containerd's content.Info (timestamps in nanoseconds since the epoch)."""
+
+    digest: str
+    size: int = 0
+    created_ns: int = 0
+    updated_ns: int = 0
+    labels: Mapping[str, str] = field(default_factory=dict)
+
+
+@runtime_checkable
+class BlobSource(Protocol):
+    """Blobs this node does not hold but can obtain (from peers or the origin), consumer side.
+
+    Contract: `stat` is cheap and answers only for blobs the source can actually deliver;
+    `read` returns exactly the requested bytes, verified against the chunk hashes before they are
+    returned, or raises a PeerSyncError (NotFound if the blob became unavailable, Unavailable for
+    a transient failure). `size` is at most one Read message's payload (READ_PIECE by default).
+
+        class Peers:
+            async def stat(self, digest):  return swarm.size_of(digest)     # or None
+            async def read(self, digest, offset, size):  return await engine.fetch(digest, offset, size)
+
+        store = ContentStore(chunks, source=Peers())
+    """
+
+    async def stat(self, digest: str) -> int | None:
+        """The blob's size if this source can supply it, else None."""
+        ...
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of the blob, which `stat` said it can supply."""
+        ...
+
+
+class Writer:
+    """An open ingest, held until `commit` or `close` (see the module docstring)."""
+
+    def __init__(self, store: ContentStore, ingest: IngestWriter) -> None:
+        self._store = store
+        self._ingest = ingest
+        self.ref = ingest.ref
+
+    def status(self) -> Status:
+        return self._ingest.status()
+
+    def digest(self) -> str:
+        """The digest of the bytes written so far."""
+        return self._ingest.digest()
+
+    async def write_at(self, offset: int, data: bytes) -> int:
+        if len(data) <= INLINE_WRITE:
+            return self._ingest.write_at(offset, data)
+        return await asyncio.to_thread(self._ingest.write_at, offset, data)
+
+    async def expect(self, digest: str) -> None:
+        """AlreadyExists (and the ingest removed) if `digest` is already present."""
+        parse_digest(digest)
+        if self._store.chunks.exists(digest):
+            await asyncio.to_thread(self._store.chunks.ingests.discard, self.ref)
+            self.close()  # after the discard: the ref stays ours until its ingest is gone
+            raise AlreadyExists(f"blob with expected digest {digest} exists")
+
+    async def commit(self, size: int = 0, expected: str = "", labels: Mapping[str, str] | None = None) -> str:
+        if expected:
+            parse_digest(expected)
+        return await asyncio.to_thread(self._ingest.commit, size, expected, labels)
+
+    def close(self) -> None:
+        """Release the ref; the ingest stays and can be resumed. Idempotent."""
+        self._ingest.close()
+
+
+class ContentStore:
+    """containerd's content store over a ChunkStore (the module docstring is the spec)."""
+
+    def __init__(self, chunks: ChunkStore, source: BlobSource | None = None) -> None:
+        self.chunks = chunks
+        self.source = source
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def info(self, digest: str) -> Info:
+        try:
+            return _info(self.chunks.record(digest))
+        except NotFound:
+            size = await self._remote_size(digest)
+            return Info(digest, size)
+
+    async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
+        parse_digest(info.digest)
+        labels, replace_all = _label_update(info, fieldpaths)
+        return _info(self.chunks.update_labels(info.digest, labels, replace_all))
+
+    async def walk(self, filters: Sequence[str] = ()) -> AsyncIterator[Info]:
+        match = compile_filters(filters)
+        after = ""
+        while batch := self.chunks.iter_records(after):
+            for rec in batch:
+                if match(_fields(rec)):
+                    yield _info(rec)
+            after = batch[-1].digest
+            await asyncio.sleep(0)  # a long walk must not starve other RPCs
+
+    async def delete(self, digest: str) -> None:
+        parse_digest(digest)
+        await asyncio.to_thread(self.chunks.delete, digest)
+
+    async def read(self, digest: str, offset: int = 0, size: int = 0,
+                   piece: int = READ_PIECE) -> AsyncIterator[tuple[int, bytes]]:
+        try:
+            handle = self.chunks.open_blob(digest)
+        except NotFound:
+            async for item in self._read_remote(digest, offset, size, piece):
+                yield item
+            return
+        with handle:
+            start, end = _read_range(digest, handle.size, offset, size)
+            while start < end:
+                n = min(piece, end - start)
+                if n <= INLINE_READ:
+                    data = handle.pread(start, n)
+                else:
+                    data = await asyncio.to_thread(handle.pread, start, n)
+                yield start, data
+                start += n
+
+    async def _read_remote(self, digest: str, offset: int, size: int,
+                           piece: int) -> AsyncIterator[tuple[int, bytes]]:
+        blob_size = await self._remote_size(digest)
+        assert self.source is not None  # _remote_size raised otherwise
+        start, end = _read_range(digest, blob_size, offset, size)
+        while start < end:
+            n = min(piece, end - start)
+            yield start, await self.source.read(digest, start, n)
+            start += n
+
+    async def _remote_size(self, digest: str) -> int:
+        """The size of a blob the source offers; NotFound without a source or an offer."""
+        parse_digest(digest)
+        size = None if self.source is None else await self.source.stat(digest)
+        if size is None:
+            raise NotFound(f"content {digest}: not found")
+        return size
+
+    # -- ingests -----------------------------------------------------------------------------
+
+    async def writer(self, ref: str, total: int = 0, expected: str = "") -> Writer:
+        if expected:
+            parse_digest(expected)
+            if self.chunks.exists(expected):
+                raise AlreadyExists(f"content {expected}: already exists")
+        ingest = await asyncio.to_thread(self.chunks.ingests.open, ref, total, expected)
+        return Writer(self, ingest)
+
+    async def status(self, ref: str) -> Status:
+        return self.chunks.ingests.status(ref)
+
+    async def list_statuses(self, filters: Sequence[str] = ()) -> list[Status]:
+        match = compile_filters(filters)
+        return [st for st in self.chunks.ingests.list() if match(_status_fields(st))]
+
+    async def abort(self, ref: str) -> None:
+        await asyncio.to_thread(self.chunks.ingests.abort, ref)
+
+
+def _info(rec: BlobRecord) -> Info:
+    return Info(rec.digest, rec.size, rec.created_ns, rec.updated_ns, dict(rec.labels))
+
+
+def _fields(rec: BlobRecord) -> dict[str, Any]:
+    """What content filters see (containerd's content adaptor)."""
+    return {"digest": rec.digest, "size": str(rec.size), "labels": rec.labels}
+
+
+def _status_fields(st: Status) -> dict[str, Any]:
+    return {"ref": st.ref, "expected": st.expected, "offset": str(st.offset), "total": str(st.total)}
+
+
+def _label_update(info: Info, fieldpaths: Sequence[str]) -> tuple[dict[str, str], bool]:
+    """(labels to apply, replace all?) for an Update mask, as containerd's local store does."""
+    if not fieldpaths:
+        return dict(info.labels), True
+    labels: dict[str, str] = {}
+    replace_all = False
+    for path in fieldpaths:
+        if path == "labels":
+            replace_all = True
+            labels.update(info.labels)
+        elif path.startswith("labels.") and len(path) > len("labels."):
+            key = path[len("labels."):]
+            labels[key] = info.labels.get(key, "")
+        else:
+            raise InvalidArgument(f"cannot update {path!r} field on content info {info.digest!r}")
+    return labels, replace_all
+
+
+def _read_range(digest: str, blob_size: int, offset: int, size: int) -> tuple[int, int]:
+    """[start, end) of a Read: negative offsets read from 0, size <= 0 reads to the end."""
+    start = max(offset, 0)
+    if start > blob_size:
+        raise OutOfRange(f"read of {digest} at {start} past object length {blob_size} bytes")
+    end = blob_size if size <= 0 else min(blob_size, start + size)
+    return start, end
+
+
+__all__ = ["BlobSource", "ContentStore", "INLINE_READ", "Info", "READ_PIECE", "Status", "Writer"]
