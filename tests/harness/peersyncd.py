@@ -1,0 +1,91 @@
+"""Run the real `peersync daemon` for tests, the demo and benchmarks, and look into its store."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import signal
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.procs import ManagedProcess, unix_socket_accepts
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class PeerSyncDaemon:
+    """A `peersync daemon` child process with its root and socket."""
+
+    root: Path
+    socket: Path
+    process: ManagedProcess
+
+    def start(self, timeout: float = 30.0) -> None:
+        self.process.start()
+        self.process.wait_ready(lambda: unix_socket_accepts(self.socket), timeout, "serving its socket")
+
+    def stop(self) -> int | None:
+        """SIGTERM (then SIGKILL after 20 s); returns the exit status."""
+        return self.process.stop(timeout=20)
+
+    def kill(self) -> None:
+        """SIGKILL: what a crash or the OOM killer does."""
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.proc.wait()  # type: ignore[union-attr]
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def containerd_config(self) -> str:
+        from peersync.containerd_config import render
+
+        return render(self.socket)
+
+    def blob_files(self) -> set[str]:
+        """Digests of committed blob files on disk in our store."""
+        blobs = self.root / "content" / "blobs" / "sha256"
+        return {f"sha256:{p.name}" for p in blobs.iterdir()} if blobs.exists() else set()
+
+    def corrupt_blobs(self) -> list[str]:
+        """Committed blob files whose content does not hash to their name (must always be empty)."""
+        bad = []
+        for digest in self.blob_files():
+            h = hashlib.sha256()
+            with open(self.root / "content" / "blobs" / "sha256" / digest[7:], "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+            if "sha256:" + h.hexdigest() != digest:
+                bad.append(digest)
+        return bad
+
+    def snapshot_dirs(self) -> set[str]:
+        """Snapshot directories on disk (numeric ids; temp and removal names excluded)."""
+        snaps = self.root / "snapshots"
+        return {p.name for p in snaps.iterdir() if p.name.isdigit()} if snaps.exists() else set()
+
+
+@contextlib.contextmanager
+def start_peersync(workdir: Path, *extra_args: str) -> Iterator[PeerSyncDaemon]:
+    """A running daemon with its root under `workdir` and its socket under a short /tmp path."""
+    sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    args = [sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    args += ["--socket", str(sockdir / "peersync.sock"), *extra_args]
+    daemon = PeerSyncDaemon(
+        workdir / "root", sockdir / "peersync.sock", ManagedProcess(args, workdir / "peersync.log", env)
+    )
+    try:
+        daemon.start()
+        yield daemon
+    finally:
+        daemon.stop()
+        with contextlib.suppress(OSError):
+            (sockdir / "peersync.sock").unlink()
+        with contextlib.suppress(OSError):
+            sockdir.rmdir()
