@@ -1,0 +1,116 @@
+"""Pull + unpack through PeerSync vs containerd's builtin stores, side by side in one run.
+
+    python bench/pull_bench.py [--size-mb 300] [--layers 6] [--rounds 3] [--compressibility 0.5]
+
+Builds a multi-layer image of the given size (cached under /tmp between runs), pushes it to a
+loopback `docker-registry`, and starts two private containerds: one with the builtin content store
+and overlayfs snapshotter (the reference), one configured by `peersync containerd-config` against a
+running `peersync daemon`. Each round pulls the image into both, alternating which goes first, then
+removes it (`rmi --sync`, so GC empties both stores) before the next round. Reports median times, the
+ratio ours/builtin, and the daemon's peak RSS (VmHWM). Targets (issue 2): ratio <= 1.5, RSS <= 150 MB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.harness.containerd import Containerd, start_containerd  # noqa: E402
+from tests.harness.images import build_sized_image, push_image  # noqa: E402
+from tests.harness.peersyncd import start_peersync  # noqa: E402
+from tests.harness.registry import start_registry  # noqa: E402
+
+CACHE = Path("/tmp/peersync-bench-images")
+
+
+def timed_pull(ctrd: Containerd, ref: str, snapshotter: str) -> float:
+    start = time.perf_counter()
+    ctrd.pull(ref, snapshotter=snapshotter)
+    return time.perf_counter() - start
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    import os
+
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-mb", type=int, default=300)
+    ap.add_argument("--layers", type=int, default=6)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--compressibility", type=float, default=0.5)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="pullbench-"))
+    key = f"{args.size_mb}mb-{args.layers}l-c{args.compressibility}"
+    print(f"building {args.size_mb} MB image in {args.layers} layers (cache {CACHE / key}) ...", flush=True)
+    image = build_sized_image(
+        CACHE / key, args.size_mb << 20, layers=args.layers, compressibility=args.compressibility, tag="bench"
+    )
+    compressed = sum(layer.descriptor.size for layer in image.layers)
+    with start_registry(work / "registry") as registry:
+        ref = push_image(image, registry, "bench/pull")
+        with (
+            start_peersync(work / "ps") as daemon,
+            start_containerd(work / "builtin") as builtin,
+            start_containerd(work / "ours", extra_config=daemon.containerd_config()) as ours,
+        ):
+            times: dict[str, list[float]] = {"builtin": [], "peersync": []}
+            cpu0 = cpu_seconds(daemon.process.pid)
+            for rnd in range(args.rounds):
+                order = [("builtin", builtin, "overlayfs"), ("peersync", ours, "peersync")]
+                for name, ctrd, snap in order if rnd % 2 == 0 else reversed(order):
+                    t = timed_pull(ctrd, ref, snap)
+                    times[name].append(t)
+                    print(f"round {rnd + 1}: {name:8s} {t:6.2f} s", flush=True)
+                for ctrd in (builtin, ours):
+                    ctrd.rmi(ref)
+            rss = peak_rss_mb(daemon.process.pid)
+            cpu = cpu_seconds(daemon.process.pid) - cpu0
+    med = {k: statistics.median(v) for k, v in times.items()}
+    result = {
+        "image_mb": args.size_mb,
+        "layers": args.layers,
+        "compressed_mb": round(compressed / (1 << 20), 1),
+        "rounds": args.rounds,
+        "builtin_s": times["builtin"],
+        "peersync_s": times["peersync"],
+        "median_builtin_s": round(med["builtin"], 2),
+        "median_peersync_s": round(med["peersync"], 2),
+        "ratio": round(med["peersync"] / med["builtin"], 2),
+        "daemon_peak_rss_mb": round(rss, 1),
+        "daemon_cpu_s_per_pull": round(cpu / args.rounds, 2),
+    }
+    print()
+    print("| image | compressed | builtin (median) | peersync (median) | ratio | daemon peak RSS | daemon CPU/pull |")
+    print("|---|---|---|---|---|---|---|")
+    print(
+        f"| {args.size_mb} MB, {args.layers} layers | {result['compressed_mb']} MB | {med['builtin']:.2f} s | "
+        f"{med['peersync']:.2f} s | {result['ratio']:.2f}x | {rss:.0f} MB | {result['daemon_cpu_s_per_pull']} s |"
+    )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
