@@ -147,6 +147,8 @@ class Containerd:
     process: ManagedProcess
     namespace: str = DEFAULT_NAMESPACE
     config: dict[str, Any] = field(default_factory=dict)
+    # Command prefix for `ctr` too (e.g. nsenter --net): ctr itself resolves and fetches on pull.
+    prefix: list[str] = field(default_factory=list)
 
     @property
     def log_path(self) -> Path:
@@ -161,7 +163,7 @@ class Containerd:
     ) -> str:
         """Run `ctr --address SOCK --namespace NS args...`; return stdout, raise CommandError with stderr."""
         ns = namespace or self.namespace
-        cmd = [CTR_BINARY, "--address", str(self.address), "--namespace", ns, *args]
+        cmd = [*self.prefix, CTR_BINARY, "--address", str(self.address), "--namespace", ns, *args]
         return run_checked(cmd, timeout=timeout, input_bytes=input_bytes)
 
     def pull(
@@ -268,12 +270,17 @@ def start_containerd(
     namespace: str = DEFAULT_NAMESPACE,
     log_level: str = "info",
     ready_timeout: float = 30.0,
+    prefix: Sequence[str] = (),
 ) -> Iterator[Containerd]:
     """Run a private containerd; on exit kill its tasks, stop it, its shims and unmount its dirs.
 
     `extra_config` is TOML text or a dict merged into the base config, e.g. the output of
     `peersync containerd-config --socket PATH`. Root, state and sockets live under one short temp
     dir in /tmp (unix socket paths are limited to 108 bytes), `workdir` only receives the logs.
+    `prefix` is a command containerd is launched under, e.g. `nsenter --net=/var/run/netns/NS --`
+    to put it (and the shims and containers it starts) in a network namespace; it must exec
+    containerd (nsenter without --fork does) so the PID we stop is containerd's. `ctr` helpers run
+    under the same prefix: `ctr images pull` resolves and fetches from the ctr process itself.
     """
     base = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
     root, state, address = base / "root", base / "state", base / "containerd.sock"
@@ -281,8 +288,10 @@ def start_containerd(
     config_path = base / "config.toml"
     config_path.write_text(toml_dumps(config))
     log_dir = Path(workdir) if workdir is not None else base
-    process = ManagedProcess([CONTAINERD_BINARY, "--config", str(config_path)], log_dir / "containerd.log")
-    daemon = Containerd(address, root, state, config_path, process, namespace, config)
+    process = ManagedProcess(
+        [*prefix, CONTAINERD_BINARY, "--config", str(config_path)], log_dir / "containerd.log"
+    )
+    daemon = Containerd(address, root, state, config_path, process, namespace, config, list(prefix))
     try:
         with running(process, lambda: unix_socket_accepts(address), ready_timeout, "serving its socket"):
             try:

@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,11 +71,15 @@ class PeerSyncDaemon:
 
 
 @contextlib.contextmanager
-def start_peersync(workdir: Path, *extra_args: str) -> Iterator[PeerSyncDaemon]:
-    """A running daemon with its root under `workdir` and its socket under a short /tmp path."""
+def start_peersync(workdir: Path, *extra_args: str, prefix: Sequence[str] = ()) -> Iterator[PeerSyncDaemon]:
+    """A running daemon with its root under `workdir` and its socket under a short /tmp path.
+
+    `prefix` is a command the daemon is launched under (e.g. `nsenter --net=/var/run/netns/NS --`,
+    which execs it, so the PID we stop is the daemon's).
+    """
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    args = [sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += ["--socket", str(sockdir / "peersync.sock"), *extra_args]
     daemon = PeerSyncDaemon(
         workdir / "root", sockdir / "peersync.sock", ManagedProcess(args, workdir / "peersync.log", env)
