@@ -2,7 +2,8 @@
 
 The config is written as JSON: JSON is valid YAML, and the registry's YAML loader reads it, so no
 YAML library is needed. Optional htpasswd basic auth (bcrypt, which is the only hash distribution's
-htpasswd accepts) and pull-through-cache mode (`proxy.remoteurl`).
+htpasswd accepts), bearer-token auth against a token server (`TokenAuth`, see `tokenserver.py`) and
+pull-through-cache mode (`proxy.remoteurl`).
 """
 
 from __future__ import annotations
@@ -10,13 +11,15 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import re
 import secrets
 import shutil
 import tempfile
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +72,19 @@ class Credentials:
         return f"{self.username}:{self.password}"
 
 
+@dataclass(frozen=True)
+class TokenAuth:
+    """The registry's `auth.token` settings (Docker token spec); `tokenserver.start_token_server` makes
+    them. `credentials` is the user the harness pushes and queries as (it becomes `Registry.credentials`).
+    """
+
+    realm: str
+    service: str
+    issuer: str
+    rootcertbundle: Path
+    credentials: Credentials | None = None
+
+
 @dataclass
 class Registry:
     """A running registry: where it listens and how to talk to it over plain HTTP."""
@@ -80,6 +96,7 @@ class Registry:
     credentials: Credentials | None = None
     proxy_remote: str | None = None
     log_path: Path = field(default_factory=Path)
+    token_auth: TokenAuth | None = None
 
     @property
     def address(self) -> str:
@@ -97,18 +114,27 @@ class Registry:
     def get(
         self, path: str, accept: str | None = None, method: str = "GET"
     ) -> tuple[int, dict[str, str], bytes]:
-        """One HTTP request to the registry API (with basic auth if configured)."""
-        req = urllib.request.Request(self.url + path, method=method)
+        """One HTTP request to the registry API (with basic auth if configured).
+
+        With token auth, a 401 bearer challenge is answered with a token fetched from the realm
+        (with the basic credentials if configured) and the request is sent once more.
+        """
+        basic = None
         if self.credentials is not None:
-            token = base64.b64encode(self.credentials.colon.encode()).decode()
-            req.add_header("Authorization", f"Basic {token}")
-        if accept:
-            req.add_header("Accept", accept)
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                return resp.status, dict(resp.headers), resp.read()
-        except urllib.error.HTTPError as err:
-            return err.code, dict(err.headers), err.read()
+            basic = "Basic " + base64.b64encode(self.credentials.colon.encode()).decode()
+        first_auth = basic if self.token_auth is None else None
+        status, headers, body = _urlopen(self.url + path, method, first_auth, accept)
+        if status == 401 and self.token_auth is not None:
+            challenge = next((v for k, v in headers.items() if k.lower() == "www-authenticate"), "")
+            params = dict(re.findall(r'(\w+)="([^"]*)"', challenge))
+            query = urllib.parse.urlencode({k: v for k, v in params.items() if k in ("service", "scope")})
+            realm = params.get("realm", self.token_auth.realm)
+            t_status, t_headers, t_body = _urlopen(f"{realm}?{query}", "GET", basic)
+            if t_status != 200:
+                return t_status, t_headers, t_body
+            bearer = "Bearer " + json.loads(t_body)["token"]
+            status, headers, body = _urlopen(self.url + path, method, bearer, accept)
+        return status, headers, body
 
     def catalog(self) -> list[str]:
         """Repositories the registry stores (for a proxy: those it has cached)."""
@@ -133,6 +159,21 @@ class Registry:
         return status == 200
 
 
+def _urlopen(
+    url: str, method: str, authorization: str | None, accept: str | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    req = urllib.request.Request(url, method=method)
+    if authorization:
+        req.add_header("Authorization", authorization)
+    if accept:
+        req.add_header("Accept", accept)
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as err:
+        return err.code, dict(err.headers), err.read()
+
+
 def registry_config(
     root: Path,
     port: int,
@@ -140,6 +181,7 @@ def registry_config(
     htpasswd: Path | None = None,
     proxy_remote: str | None = None,
     proxy_credentials: Credentials | None = None,
+    token_auth: TokenAuth | None = None,
 ) -> dict[str, Any]:
     """The registry's v2 config (`version: 0.1` is the config schema version, not the API)."""
     config: dict[str, Any] = {
@@ -158,6 +200,14 @@ def registry_config(
     }
     if htpasswd is not None:
         config["auth"] = {"htpasswd": {"realm": "peersync-test", "path": str(htpasswd)}}
+    if token_auth is not None:
+        token = {
+            "realm": token_auth.realm,
+            "service": token_auth.service,
+            "issuer": token_auth.issuer,
+            "rootcertbundle": str(token_auth.rootcertbundle),
+        }
+        config["auth"] = {"token": token}
     if proxy_remote is not None:
         proxy: dict[str, str] = {"remoteurl": proxy_remote}
         if proxy_credentials is not None:
@@ -174,27 +224,49 @@ def start_registry(
     proxy_credentials: Credentials | None = None,
     host: str = "127.0.0.1",
     port: int | None = None,
+    prefix: Sequence[str] = (),
+    run_probe: Callable[[Callable[[], bool]], bool] | None = None,
+    token_auth: TokenAuth | None = None,
 ) -> Iterator[Registry]:
     """Run a registry on host:<free port> with storage under `workdir` (a temp dir if None).
 
     `auth` turns on htpasswd basic auth with that one user. `proxy_remote` (e.g. another test
     registry's `url`) makes it a pull-through cache; distribution then refuses pushes.
     Ready when `/v2/` answers (200, or 401 with auth).
+
+    `prefix` is a command the registry is launched under (e.g. `nsenter --net=/var/run/netns/NS --`);
+    `run_probe(check)` runs the readiness check where host:port is reachable (e.g. inside that network
+    namespace) and returns its result. Pass `port` with a prefix: free_port() probes this namespace.
+
+    `token_auth` (exclusive with `auth`) turns on bearer-token auth against a token server
+    (`tokenserver.start_token_server`); its `credentials` become the registry's push credentials.
     """
+    if auth is not None and token_auth is not None:
+        raise ValueError("start_registry: auth (htpasswd) and token_auth are exclusive")
     own_dir = workdir is None
     base = Path(tempfile.mkdtemp(prefix="registry-")) if workdir is None else Path(workdir)
     base.mkdir(parents=True, exist_ok=True)
     try:
         port = port or free_port(host)
         htpasswd = write_htpasswd(base / "htpasswd", {auth.username: auth.password}) if auth else None
-        config = registry_config(base / "storage", port, host, htpasswd, proxy_remote, proxy_credentials)
+        config = registry_config(
+            base / "storage", port, host, htpasswd, proxy_remote, proxy_credentials, token_auth
+        )
         config_path = base / "config.yml"
         config_path.write_text(json.dumps(config, indent=2))
         log_path = base / "registry.log"
-        proc = ManagedProcess([REGISTRY_BINARY, "serve", str(config_path)], log_path)
-        registry = Registry(host, port, base / "storage", proc, auth, proxy_remote, log_path)
-        ok = (200, 401) if auth else (200,)
-        with running(proc, lambda: http_answers(f"{registry.url}/v2/", ok), what="answering /v2/"):
+        proc = ManagedProcess([*prefix, REGISTRY_BINARY, "serve", str(config_path)], log_path)
+        credentials = token_auth.credentials if token_auth is not None else auth
+        registry = Registry(
+            host, port, base / "storage", proc, credentials, proxy_remote, log_path, token_auth
+        )
+        ok = (200, 401) if auth or token_auth else (200,)
+
+        def answers() -> bool:
+            return http_answers(f"{registry.url}/v2/", ok)
+
+        ready = answers if run_probe is None else (lambda: run_probe(answers))
+        with running(proc, ready, what="answering /v2/"):
             yield registry
     finally:
         if own_dir:
