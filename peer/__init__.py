@@ -1,0 +1,6 @@
+"""PeerSync's network side: peer chunk exchange, the registry mirror, the download engine and the
+origin registry client (`peer.origin`).
+
+Everything here speaks HTTP (aiohttp) and never imports grpc; network and HTTP errors are translated
+into `peersync.errors` at this package's boundary.
+"""
