@@ -3,6 +3,8 @@
     peersync daemon --root DIR --socket PATH [--config FILE]
     peersync containerd-config [--socket PATH] [--config FILE] [--no-content]
     peersync config-defaults
+    peersync hosts install [--dir DIR] [--mirror URL] REGISTRY...
+    peersync hosts remove [--dir DIR] (REGISTRY... | --all)
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from peersync import __version__, config, containerd_config
 from peersync.errors import PeerSyncError
@@ -44,7 +48,65 @@ def _parser() -> argparse.ArgumentParser:
 
     defaults = sub.add_parser("config-defaults", help="print the default daemon config, documented")
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
+
+    _hosts_parser(sub)
     return parser
+
+
+def _hosts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    from peersync import hosts
+
+    group = sub.add_parser("hosts", help="add or remove the peersync mirror in containerd's hosts.toml files")
+    hsub = group.add_subparsers(required=True, metavar="ACTION")
+    install = hsub.add_parser("install", help="make the peersync mirror the first host of each registry")
+    remove = hsub.add_parser("remove", help="take the peersync mirror out again, restoring the files")
+    for p in (install, remove):
+        p.add_argument("--dir", type=Path, default=hosts.DEFAULT_DIR,
+                       help=f"containerd's hosts directory (default {hosts.DEFAULT_DIR})")
+    install.add_argument("--mirror", default=hosts.DEFAULT_MIRROR,
+                         help=f"the mirror endpoint (default {hosts.DEFAULT_MIRROR})")
+    install.add_argument("registries", nargs="+", metavar="REGISTRY",
+                         help="registry host, e.g. docker.io, ghcr.io, or _default for every registry")
+    install.set_defaults(func=_hosts_install)
+    remove.add_argument("registries", nargs="*", metavar="REGISTRY")
+    remove.add_argument("--all", action="store_true", help="every registry that has the peersync mirror")
+    remove.set_defaults(func=_hosts_remove)
+
+
+def _hosts_install(args: argparse.Namespace) -> int:
+    from peersync import hosts
+
+    mirror = hosts.check_mirror(args.mirror)
+    return _hosts_each(args.registries, lambda r: hosts.install(r, mirror, args.dir))
+
+
+def _hosts_remove(args: argparse.Namespace) -> int:
+    from peersync import hosts
+
+    if bool(args.registries) == bool(args.all):
+        print("peersync: hosts remove: name registries or pass --all (not both)", file=sys.stderr)
+        return 2
+    if args.all:
+        registries = hosts.managed(args.dir)
+        if not registries:
+            print(f"no hosts.toml under {args.dir} has the peersync mirror")
+    else:
+        registries = args.registries
+    return _hosts_each(registries, lambda r: hosts.remove(r, args.dir))
+
+
+def _hosts_each(registries: list[str], action: Callable[[str], Any]) -> int:
+    """Apply `action` to each registry; report each result, go on after a failure."""
+    failed = False
+    for registry in registries:
+        try:
+            change = action(registry)
+        except PeerSyncError as exc:
+            print(f"peersync: {registry}: {exc}", file=sys.stderr)
+            failed = True
+        else:
+            print(f"{registry}: {change.action} ({change.path})")
+    return 2 if failed else 0
 
 
 def _common(p: argparse.ArgumentParser) -> None:

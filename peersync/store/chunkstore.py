@@ -9,38 +9,46 @@ received from a peer can be verified before the whole blob is.
 Layout on disk (`<root>/content/`):
 
     blobs/sha256/<hex>        a complete, verified blob; read-only (0444), never modified
-    partial/sha256/<hex>      (later) a blob being filled chunk by chunk: a sparse file of the
-                              final size, written with pwrite at chunk offsets
+    partial/sha256/<hex>      a blob being filled chunk by chunk: a sparse file of the final
+                              size, written with pwrite at chunk offsets (`peersync.store.partial`)
     ingest/<sha256(ref)>/data an ingest (containerd's Writer), see `peersync.store.ingest`
 
 Records in LMDB (`peersync.store.meta`, schema version 1), keys are the digest string:
 
     blobs   "<digest>"          JSON {digest, size, chunk_size, state, created_ns, updated_ns,
-                                labels}; state is "complete" (file in blobs/) or, later,
-                                "partial" (file in partial/)
+                                labels[, media_type, source]}; state is "complete" (file in
+                                blobs/) or "partial" (file in partial/)
     chunks  "<digest>"          the chunk hash table: chunk_count(size) SHA-256 digests of 32
-                                bytes each, concatenated in chunk order
-    chunks  "<digest>/present"  (later, partial blobs only) presence bitmap, bit i (LSB first in
-                                byte i // 8) set once chunk i is written, fsynced and verified
+                                bytes each, concatenated in chunk order (of a partial blob: the
+                                announced table, absent until it is known)
+    chunks  "<digest>/present"  (partial blobs only) presence bitmap, bit i (LSB first in byte
+                                i // 8) set once chunk i is written, fdatasynced and checked
+    chunks  "<digest>/seen/<i>" (partial blobs without a table only) SHA-256 of chunk i as
+                                written, 32 bytes, i as 8 hex digits; cross-checked against the
+                                table when it arrives
     ingests "<sha256(ref)>"     JSON {ref, total, expected, started_ns, updated_ns}
 
 The chunk size is stored per blob, so a store can change its default without rewriting blobs,
 and a partial blob keeps the chunking of the table it was announced with.
 
-Partial blobs (designed here, not yet produced): the hash table arrives first (from a peer or
-the tracker; it is only trusted once the whole-blob digest verifies), the file is created sparse
-at full size, and each chunk is written with pwrite, fsynced, and only then marked in the bitmap,
-so the bitmap never claims bytes that are not durably on disk. When every bit is set the whole
-file is re-hashed (streaming), renamed into blobs/, made read-only, and the record flips to
-"complete" with the bitmap key deleted, in one LMDB transaction. A chunk whose bit is set can be
-served with `open_chunk` exactly like a chunk of a complete blob.
+Partial blobs (`peersync.store.partial`, reached as `ChunkStore.partials`): the file is
+created sparse at full size, each chunk is written with pwrite, fdatasynced, and only then marked
+in the bitmap, so the bitmap never claims bytes that are not durably on disk. The hash table may
+come first or later (from a peer or the tracker; it is only trusted once the whole-blob digest
+verifies). When every bit is set the whole file is re-hashed (streaming), made read-only, renamed
+into blobs/, and the record flips to "complete" with the partial keys deleted, in one LMDB
+transaction. A chunk whose bit is set can be served with `open_chunk` exactly like a chunk of a
+complete blob. Partial blobs are invisible to the complete-blob API (`record`, `exists`,
+`iter_records`, `read`, `update_labels`, `delete`): containerd never sees half a blob.
 
 Crash safety. Blob files appear only by `rename` of an fsynced, verified, read-only file, and the
 directory is fsynced before the LMDB record is written; deletion unlinks (and fsyncs) before the
 record goes. So every crash leaves one of: file and record (consistent), file without record
 (verified content whose record was lost: `recover` re-hashes it and adopts it, or deletes it if it
-does not match its name), or record without file (`recover` drops it). Ingest directories and
-records are reconciled the same way. `recover` must run before the store serves requests.
+does not match its name), or record without file (`recover` drops it). A blob file whose record
+still says "partial" (crash inside a promotion) is adopted like one without a record. Ingest
+directories, partial files and their records are reconciled the same way. `recover` must run
+before the store serves requests.
 
 Thread safety: methods may be called from the event loop and from worker threads at once; LMDB
 transactions are per call, the fd cache and the ref locks have their own mutexes.
@@ -59,6 +67,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+import lmdb
 import structlog
 
 from peersync.errors import AlreadyExists, InvalidArgument, NotFound
@@ -103,6 +112,8 @@ class BlobRecord:
     updated_ns: int
     labels: dict[str, str] = field(default_factory=dict)
     state: str = "complete"
+    media_type: str = ""
+    source: dict[str, str] | None = None  # where it can be fetched from, e.g. {registry, repository}
 
     @property
     def chunks(self) -> int:
@@ -116,7 +127,11 @@ class BlobRecord:
         return offset, min(self.chunk_size, self.size - offset)
 
     def encode(self) -> bytes:
-        return dumps(self.__dict__)
+        fields = dict(self.__dict__)
+        for optional in ("media_type", "source"):  # unset: keep records readable by older code
+            if not fields[optional]:
+                del fields[optional]
+        return dumps(fields)
 
     @classmethod
     def decode(cls, raw: bytes) -> BlobRecord:
@@ -253,6 +268,9 @@ class ChunkStore:
         self._blobs = meta.db("blobs")
         self._chunks = meta.db("chunks")
         self.ingests = ingestmod.Ingests(self)
+        from peersync.store.partial import Partials  # builds on this module: imported late
+
+        self.partials = Partials(self)
 
     # -- paths and records -------------------------------------------------------------------
 
@@ -264,13 +282,14 @@ class ChunkStore:
         return self.blob_dir / hexdigest
 
     def record(self, digest: str) -> BlobRecord:
-        """The blob's record; NotFound if absent."""
+        """The complete blob's record; NotFound if absent or only partial."""
         parse_digest(digest)
         with self.meta.txn() as txn:
             raw = txn.get(digest.encode(), db=self._blobs)
-        if raw is None:
+        rec = None if raw is None else BlobRecord.decode(raw)
+        if rec is None or rec.state != "complete":
             raise NotFound(f"content {digest}: not found")
-        return BlobRecord.decode(raw)
+        return rec
 
     def exists(self, digest: str) -> bool:
         """True if the blob is complete here: its record, or (mid-commit) its file."""
@@ -304,14 +323,16 @@ class ChunkStore:
             return bytes(raw[index * HASH_LEN:(index + 1) * HASH_LEN])
 
     def iter_records(self, after: str = "", limit: int = LIST_BATCH) -> list[BlobRecord]:
-        """Up to `limit` records with digest > `after`, in digest order (for batched walks)."""
+        """Up to `limit` complete records with digest > `after`, in digest order (batched walks)."""
         out: list[BlobRecord] = []
         with self.meta.txn() as txn, txn.cursor(db=self._blobs) as cur:
             found = cur.set_range(after.encode())
             while found and len(out) < limit:
                 key, raw = cur.item()
                 if key.decode() != after:
-                    out.append(BlobRecord.decode(raw))
+                    rec = BlobRecord.decode(raw)
+                    if rec.state == "complete":
+                        out.append(rec)
                 found = cur.next()
         return out
 
@@ -326,9 +347,9 @@ class ChunkStore:
         """Replace all labels, or merge `labels` (an empty value deletes that key)."""
         with self.meta.txn(write=True) as txn:
             raw = txn.get(digest.encode(), db=self._blobs)
-            if raw is None:
+            rec = None if raw is None else BlobRecord.decode(raw)
+            if rec is None or rec.state != "complete":
                 raise NotFound(f"content {digest}: not found")
-            rec = BlobRecord.decode(raw)
             merged = {} if replace_all else dict(rec.labels)
             for key, value in labels.items():
                 if value:
@@ -362,8 +383,17 @@ class ChunkStore:
     @contextlib.contextmanager
     def open_chunk(self, digest: str, index: int) -> Iterator[ChunkView]:
         """Chunk `index` as (fd, offset, length, sha256) for zero-copy serving; the fd stays
-        valid until the block exits, even if the blob is deleted meanwhile."""
-        rec = self.record(digest)
+        valid until the block exits, even if the blob is deleted meanwhile.
+
+        A present chunk of a partial blob is served the same way (its `sha256` is the announced
+        table's entry, or the hash of the bytes as written if no table is known yet); an absent
+        one raises `partial.ChunksMissing`."""
+        try:
+            rec = self.record(digest)
+        except NotFound:
+            with self.partials.open_chunk(digest, index) as view:
+                yield view
+            return
         offset, length = rec.chunk_range(index)
         sha = self.chunk_hash(digest, index)
         with self.open_blob(digest) as handle:
@@ -388,6 +418,7 @@ class ChunkStore:
             now = time.time_ns()
             rec = BlobRecord(digest, size, self.chunk_size, now, now, dict(labels))
             _commit_record(self, rec, hashes, ingest_key)
+        self.partials.superseded(digest)  # the same blob may have been arriving chunk by chunk
         return rec
 
     def delete(self, digest: str) -> None:
@@ -411,6 +442,7 @@ class ChunkStore:
         """Reconcile files and records after a crash (run before serving; not concurrent-safe)."""
         self._recover_records()
         self._recover_files()
+        self.partials.recover()
         self._drop_orphan_chunk_tables()
         self.ingests.recover()
 
@@ -435,13 +467,17 @@ class ChunkStore:
                 remove_path(path)
                 continue
             with self.meta.txn() as txn:
-                if txn.get(digest.encode(), db=self._blobs) is not None:
-                    continue
-            self._adopt(path, digest)
+                raw = txn.get(digest.encode(), db=self._blobs)
+            prior = None if raw is None else BlobRecord.decode(raw)
+            if prior is not None and prior.state == "complete":
+                continue
+            self._adopt(path, digest, prior)  # no record, or a promotion cut short
 
-    def _adopt(self, path: Path, digest: str) -> None:
-        """Re-verify a blob file that has no record; adopt it or delete it."""
-        state = hash_file(path, self.chunk_size)
+    def _adopt(self, path: Path, digest: str, prior: BlobRecord | None = None) -> None:
+        """Re-verify a blob file that has no complete record; adopt it or delete it. A partial
+        record left by an interrupted promotion lends its labels, media type and source."""
+        chunk_size = prior.chunk_size if prior is not None else self.chunk_size
+        state = hash_file(path, chunk_size)
         actual, size, hashes = state.digest(), state.size, state.table()
         if actual != digest:
             log.warning("deleting blob file that does not match its name", path=str(path), actual=actual)
@@ -450,7 +486,10 @@ class ChunkStore:
             return
         os.chmod(path, 0o444)
         now = time.time_ns()
-        _commit_record(self, BlobRecord(digest, size, self.chunk_size, now, now), hashes, None)
+        rec = BlobRecord(digest, size, chunk_size, now, now)
+        if prior is not None:
+            rec = replace(prior, size=size, state="complete", updated_ns=now)
+        _commit_record(self, rec, hashes, None)
         log.info("adopted blob without record", digest=digest, size=size)
 
     def _drop_orphan_chunk_tables(self) -> None:
@@ -461,7 +500,8 @@ class ChunkStore:
                 txn.delete(key, db=self._chunks)
 
     def close(self) -> None:
-        """Close cached fds (the Meta belongs to the caller)."""
+        """Close cached fds and open partial blobs (the Meta belongs to the caller)."""
+        self.partials.close()
         self._fds.clear()
 
 
@@ -472,16 +512,41 @@ def _commit_record(store: ChunkStore, rec: BlobRecord, hashes: bytes, ingest_key
     with store.meta.txn(write=True) as txn:
         txn.put(rec.digest.encode(), rec.encode(), db=store._blobs)
         txn.put(rec.digest.encode(), hashes, db=store._chunks)
+        drop_partial_keys(txn, store._chunks, rec.digest)
         if ingest_key is not None:
             txn.delete(ingest_key, db=store.meta.db("ingests"))
 
 
 def _drop_record(store: ChunkStore, digest: str) -> bool:
-    """The LMDB half of a delete; True if there was a record."""
+    """The LMDB half of a delete; True if there was a complete record (a partial record is left
+    alone: partial blobs are dropped with `partials.abandon`)."""
     with store.meta.txn(write=True) as txn:
-        had_record = bool(txn.delete(digest.encode(), db=store._blobs))
+        raw = txn.get(digest.encode(), db=store._blobs)
+        if raw is None or BlobRecord.decode(raw).state != "complete":
+            return False
+        txn.delete(digest.encode(), db=store._blobs)
         txn.delete(digest.encode(), db=store._chunks)
-    return had_record
+    return True
+
+
+def present_key(digest: str) -> bytes:
+    """Key (db chunks) of a partial blob's presence bitmap."""
+    return f"{digest}/present".encode()
+
+
+def seen_key(digest: str, index: int) -> bytes:
+    """Key (db chunks) of the hash of chunk `index` as written, while no table is known."""
+    return f"{digest}/seen/{index:08x}".encode()
+
+
+def drop_partial_keys(txn: lmdb.Transaction, chunks_db: object, digest: str) -> None:
+    """Delete a blob's bitmap and seen-hash keys (inside the caller's transaction)."""
+    txn.delete(present_key(digest), db=chunks_db)
+    prefix = f"{digest}/seen/".encode()
+    with txn.cursor(db=chunks_db) as cur:
+        found = cur.set_range(prefix)
+        while found and cur.key().startswith(prefix):
+            found = cur.delete()
 
 
 def _is_sha256(digest: str) -> bool:
@@ -500,3 +565,4 @@ __all__ = [
     "chunk_count",
     "parse_digest",
 ]
+# Partial blobs (`ChunkStore.partials`) and their errors live in `peersync.store.partial`.
