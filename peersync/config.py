@@ -36,6 +36,28 @@ format = "console"
 # 1 MiB was chosen by measurement (bench/chunksize.py, see bench/RESULTS.md).
 chunk_size = 1048576
 
+[peer]
+# Where the peer exchange listens (other nodes fetch chunks here); "" disables it.
+listen = "0.0.0.0:5381"
+# The URL other nodes reach this one at; default: http://<listen> with the host's address.
+advertise = ""
+# The other nodes of the site, "host:port" (static until discovery lands).
+peers = []
+
+[mirror]
+# The registry mirror for containerd's hosts.toml; keep it on loopback. "" disables it.
+listen = "127.0.0.1:5380"
+# Registry assumed when a request carries no ?ns= (Docker's registry-mirrors).
+default_registry = "docker.io"
+# Seconds a tag's resolution is reused; tags are always re-resolved at the origin after this.
+tag_ttl = 2.0
+
+[origin]
+# Registries reached over plain HTTP instead of HTTPS ("host:port").
+plain_http = []
+# Credentials per registry host: [origin.auth."registry.example.com"] username = "..." password = "..."
+[origin.auth]
+
 [grpc]
 # Largest request message accepted from containerd (its own limit is 16 MiB).
 max_receive_message_size = 16777216
@@ -62,12 +84,35 @@ class GrpcConfig:
 
 
 @dataclass(frozen=True)
+class PeerConfig:
+    listen: str = "0.0.0.0:5381"
+    advertise: str = ""
+    peers: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    listen: str = "127.0.0.1:5380"
+    default_registry: str = "docker.io"
+    tag_ttl: float = 2.0
+
+
+@dataclass(frozen=True)
+class OriginConfig:
+    plain_http: list[str] = field(default_factory=list)
+    auth: dict[str, dict[str, str]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Config:
     root: Path = Path("/var/lib/peersync")
     socket: Path = Path("/run/peersync/peersync.sock")
     log: LogConfig = field(default_factory=LogConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
+    peer: PeerConfig = field(default_factory=PeerConfig)
+    mirror: MirrorConfig = field(default_factory=MirrorConfig)
+    origin: OriginConfig = field(default_factory=OriginConfig)
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
@@ -109,8 +154,28 @@ def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
         if not isinstance(value, str) or not value:
             raise InvalidArgument(f"{where} must be a non-empty path string")
         return Path(value)
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, list):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise InvalidArgument(f"{where} must be a list of strings")
+        return value
+    if isinstance(default, dict):
+        return _auth_table(value, where)
     if isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
         raise InvalidArgument(f"{where} must be of type {type(default).__name__}, got {value!r}")
+    return value
+
+
+def _auth_table(value: Any, where: str) -> dict[str, dict[str, str]]:
+    ok = isinstance(value, dict) and all(
+        isinstance(v, dict)
+        and set(v) == {"username", "password"}
+        and all(isinstance(x, str) for x in v.values())
+        for v in value.values()
+    )
+    if not ok:
+        raise InvalidArgument(f'{where} must map registry hosts to {{username = "...", password = "..."}}')
     return value
 
 
@@ -123,8 +188,26 @@ def _validate(config: Any, where: str) -> None:
     if isinstance(config, StoreConfig):
         if config.chunk_size < 4096 or config.chunk_size & (config.chunk_size - 1):
             raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
+    if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
+        raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
     if isinstance(config, GrpcConfig):
         if not 64 * 1024 <= config.read_message_size <= 4 * MIB:
             raise InvalidArgument(f"{where}: grpc.read_message_size must be between 64 KiB and 4 MiB")
         if config.max_receive_message_size < 4 * MIB:
             raise InvalidArgument(f"{where}: grpc.max_receive_message_size must be at least 4 MiB")
+
+
+def _hostport(text: str) -> tuple[str, int] | None:
+    """("host", port) from "host:port" (IPv6 in brackets), or None."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) < 65536 or not host:
+        return None
+    return host.strip("[]"), int(port)
+
+
+def hostport(text: str) -> tuple[str, int]:
+    """Parse a validated listen address."""
+    parsed = _hostport(text)
+    if parsed is None:
+        raise InvalidArgument(f"not a host:port address: {text!r}")
+    return parsed

@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import structlog
 
+from peer.node import PeerNode
 from peersync.config import Config
 from peersync.errors import FailedPrecondition
 from peersync.store.chunkstore import ChunkStore
@@ -38,6 +39,7 @@ class Service:
         self.meta: Meta | None = None
         self.server: grpc.aio.Server | None = None
         self._bound = False  # only a socket we bound is ours to remove
+        self.peer: PeerNode | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -46,7 +48,9 @@ class Service:
         self.meta = Meta(cfg.root)
         chunks = ChunkStore(cfg.root, self.meta, cfg.store.chunk_size)
         await asyncio.to_thread(chunks.recover)
-        self.content = ContentStore(chunks)
+        self.peer = PeerNode(cfg, chunks, self.meta)
+        await self.peer.start()
+        self.content = ContentStore(chunks, source=self.peer.blob_source)
         self.snapshotter = Snapshotter(cfg.root, self.meta)
         self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc)
         await self.server.start()
@@ -59,6 +63,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.peer is not None:
+            await self.peer.stop()
+            self.peer = None
         if self._bound:
             self.config.socket.unlink(missing_ok=True)
             self._bound = False
@@ -125,4 +132,3 @@ def prepare_socket(path: Path) -> None:
         raise FailedPrecondition(f"socket {path} is in use by another process")
     finally:
         probe.close()
-

@@ -28,7 +28,9 @@ import lmdb
 from peersync.errors import FailedPrecondition
 
 SCHEMA_VERSION = 1
-DATABASES = ("schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters")
+DATABASES = (
+    "schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters", "sources",
+)
 DEFAULT_MAP_SIZE = 1 << 34  # 16 GiB of address space; LMDB only uses what it writes
 
 

@@ -363,6 +363,18 @@ class Partials:
         finally:
             self._release(st)
 
+    def known_hashes(self, digest: str) -> tuple[bool, list[bytes | None]]:
+        """(table_known, hashes): the chunk hash of every present chunk (from the table when it is
+        known, else as written), None for absent ones. What a peer announces while filling."""
+        st = self._acquire(digest)
+        if st is None:
+            return True, list(self._store.chunk_hashes(digest))
+        try:
+            hashes = [st.expected_hash(i) if st.has(i) else None for i in range(st.rec.chunks)]
+            return st.table is not None, hashes
+        finally:
+            self._release(st)
+
     def read_partial(self, digest: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) clipped to the blob's end, if every chunk they touch is
         present (else ChunksMissing); offset past the end is OutOfRange. Works on a complete

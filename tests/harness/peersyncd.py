@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.procs import ManagedProcess, unix_socket_accepts
+from tests.harness.procs import ManagedProcess, free_port, unix_socket_accepts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -42,6 +42,13 @@ class PeerSyncDaemon:
         self.stop()
         self.start()
 
+    @property
+    def mirror(self) -> str:
+        """host:port of the daemon's registry mirror (from its config)."""
+        import tomllib
+
+        return str(tomllib.loads((self.root.parent / "peersync.toml").read_text())["mirror"]["listen"])
+
     def containerd_config(self) -> str:
         from peersync.containerd_config import render
 
@@ -70,17 +77,40 @@ class PeerSyncDaemon:
         return {p.name for p in snaps.iterdir() if p.name.isdigit()} if snaps.exists() else set()
 
 
+def loopback_config(plain_http: Sequence[str] = (), peers: Sequence[str] = (), extra: str = "") -> str:
+    """A daemon config with the peer exchange and the mirror on free loopback ports."""
+    return (
+        f'[peer]\nlisten = "127.0.0.1:{free_port()}"\npeers = {list(peers)!r}\n'.replace("'", '"')
+        + f'[mirror]\nlisten = "127.0.0.1:{free_port()}"\n'
+        + f"[origin]\nplain_http = {list(plain_http)!r}\n".replace("'", '"')
+        + extra
+    )
+
+
 @contextlib.contextmanager
-def start_peersync(workdir: Path, *extra_args: str, prefix: Sequence[str] = ()) -> Iterator[PeerSyncDaemon]:
+def start_peersync(
+    workdir: Path, *extra_args: str, prefix: Sequence[str] = (), config: str | None = None
+) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
     `prefix` is a command the daemon is launched under (e.g. `nsenter --net=/var/run/netns/NS --`,
-    which execs it, so the PID we stop is the daemon's).
+    which execs it, so the PID we stop is the daemon's). `config` is the daemon's TOML config; by
+    default the peer exchange and the mirror listen on free loopback ports (`daemon.mirror`).
     """
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    workdir.mkdir(parents=True, exist_ok=True)
+    if config is None:
+        config = loopback_config()
+    (workdir / "peersync.toml").write_text(config)
     args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
-    args += ["--socket", str(sockdir / "peersync.sock"), *extra_args]
+    args += [
+        "--socket",
+        str(sockdir / "peersync.sock"),
+        "--config",
+        str(workdir / "peersync.toml"),
+        *extra_args,
+    ]
     daemon = PeerSyncDaemon(
         workdir / "root", sockdir / "peersync.sock", ManagedProcess(args, workdir / "peersync.log", env)
     )

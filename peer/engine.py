@@ -1,0 +1,654 @@
+"""The download engine: fills blobs chunk by chunk from peers, and from the origin only when needed.
+
+One `Download` per blob runs in the background until the blob is complete and verified (a claimed
+blob is always finished, whoever asked for it). Each round of its loop it:
+
+1. learns which peers hold which chunks (`POST /have`, polled while downloads run, so a chunk a
+   peer got a moment ago is fetched from it, not from the uplink: announce-while-downloading);
+2. fetches chunks that peers hold, keeping a window of requests in flight; per chunk it picks the
+   peer with the best predicted completion time (measured throughput and latency, queue depth,
+   failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
+   second peer;
+3. fetches from the origin the chunks no peer holds, but only its share of them: the nodes that
+   are downloading the same blob at the same moment split it into stripes (`_owner`), so in a
+   burst the uplink carries each chunk about once. A chunk whose owner makes no progress (dead,
+   slow, gone) or that a reader is blocked on for too long is fetched from the origin anyway.
+
+Integrity: every chunk is checked before it is stored: against the blob's verified chunk table
+when one is known (fetched from a peer that holds the complete, digest-verified blob, cross-checked
+with a second such peer when there is one), otherwise against the serving peer's own hash of the
+chunk, which it computed when it received the chunk (from the origin or a verified source). A
+chunk that fails its check drops the peer that sent it. The blob is committed only when its whole
+digest verifies; if it does not (a peer lied consistently about a chunk and its hash), every peer
+whose unverified chunks went into it is dropped and the blob is fetched again from the origin and
+from the remaining peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import structlog
+
+from peer.catalog import Catalog, Source
+from peer.exchange import BlobView, PeerClient, PeerError
+from peer.origin import OriginClient
+from peer.peers import PeerSource
+from peersync.errors import AlreadyExists, NotFound, PeerSyncError, Unavailable
+from peersync.store.chunkstore import ChunkStore
+from peersync.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Tunables; the defaults suit a LAN of small nodes behind one slow uplink."""
+
+    peer_window: int = 8  # chunk requests in flight to peers, per blob (grows with measured BDP)
+    max_peer_window: int = 32
+    poll_interval: float = 0.25  # how often peers' holdings are refreshed while downloading
+    stripe_chunks: int = 4  # origin work is split among downloading nodes in stripes of this size
+    origin_batch_chunks: int = 4  # chunks per origin Range request (one stripe: re-plan often)
+    owner_grace: float = 3.0  # how long to wait for another node's stripe before taking it
+    want_grace: float = 1.5  # how long a blocked reader waits for the owner before the origin
+    hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
+    drop_for: float = 300.0  # seconds a misbehaving peer is ignored
+    read_timeout: float = 600.0  # a reader blocked this long without progress gets an error
+    max_attempts: int = 3  # full-blob attempts before a download fails
+
+
+@dataclass
+class PeerStats:
+    """What we measured of one peer, across blobs."""
+
+    bps: float = 50e6  # optimistic prior: a LAN peer
+    latency: float = 0.005
+    inflight: int = 0
+    failures: int = 0
+    dropped_until: float = 0.0
+
+    def usable(self, now: float) -> bool:
+        return now >= self.dropped_until
+
+    def predicted(self, nbytes: int) -> float:
+        """Predicted seconds to receive `nbytes` given the queue we already put on this peer."""
+        return self.latency + (self.inflight + 1) * nbytes / max(self.bps, 1.0) + self.failures * 0.5
+
+    def observe(self, nbytes: int, seconds: float) -> None:
+        self.bps = 0.7 * self.bps + 0.3 * (nbytes / max(seconds, 1e-6))
+        self.latency = 0.8 * self.latency + 0.2 * min(seconds, 5.0)
+        self.failures = 0
+
+
+class DownloadFailed(Unavailable):
+    """A blob could not be fetched from any peer nor from the origin."""
+
+
+class Engine:
+    """All downloads of one node."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        catalog: Catalog,
+        origin: OriginClient,
+        peers: PeerSource,
+        client: PeerClient,
+        self_url: str,
+        config: EngineConfig | None = None,
+    ) -> None:
+        self.store = store
+        self.catalog = catalog
+        self.origin = origin
+        self.peer_source = peers
+        self.client = client
+        self.self_url = self_url
+        self.config = config or EngineConfig()
+        self.stats: dict[str, PeerStats] = {}
+        self.views: dict[str, dict[str, BlobView]] = {}  # digest -> peer -> view
+        self.downloads: dict[str, Download] = {}
+        self._poller: asyncio.Task[None] | None = None
+        self._closed = False
+        self.counters = {"peer_bytes": 0, "origin_bytes": 0, "corrupt_chunks": 0, "hedges": 0}
+
+    # -- public API --------------------------------------------------------------------------
+
+    def known_size(self, digest: str) -> int | None:
+        """The size of a blob this node can produce (present, being filled, or catalogued)."""
+        if self.store.exists(digest):
+            return self.store.record(digest).size
+        with contextlib.suppress(NotFound):
+            return self.store.partials.record(digest).size
+        src = self.catalog.lookup(digest)
+        return src.size if src else None
+
+    def ensure(self, digest: str) -> Download | None:
+        """Start (or join) the background download of `digest`; None if it is complete already.
+
+        NotFound if the blob is neither held nor catalogued (nobody told us where it lives)."""
+        if self.store.exists(digest):
+            return None
+        dl = self.downloads.get(digest)
+        if dl is not None and not dl.task.done():
+            return dl
+        src = self.catalog.lookup(digest)
+        if src is None:
+            with contextlib.suppress(NotFound):
+                rec = self.store.partials.record(digest)
+                if rec.source:
+                    src = Source(
+                        digest, rec.size, rec.media_type, rec.source["registry"], rec.source["repository"]
+                    )
+        if src is None:
+            raise NotFound(f"blob {digest}: not held here and no origin known for it")
+        dl = Download(self, src)
+        self.downloads[digest] = dl
+        dl.task = asyncio.create_task(dl.run(), name=f"download {digest[:19]}")
+        self._ensure_poller()
+        return dl
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        """Bytes [offset, offset+size) of a blob, waiting (with priority) for missing chunks."""
+        while True:
+            with contextlib.suppress(NotFound):
+                if self.store.exists(digest):
+                    return self.store.read(digest, offset, size)
+            dl = self.ensure(digest)
+            if dl is None:
+                continue
+            dl.want(offset, size)
+            try:
+                await self.store.partials.wait_for(digest, offset, size, timeout=self.config.read_timeout)
+                return self.store.partials.read_partial(digest, offset, size)
+            except NotFound:
+                if dl.error is not None:
+                    raise DownloadFailed(str(dl.error)) from dl.error
+                if dl.task.done() and not self.store.exists(digest):
+                    raise DownloadFailed(f"blob {digest}: download ended without the blob") from None
+                await asyncio.sleep(0)  # promoted or re-claimed: look again
+            except ChunksMissing:
+                if dl.error is not None:
+                    raise DownloadFailed(str(dl.error)) from dl.error
+                raise
+
+    async def stream(self, digest: str, offset: int = 0, length: int | None = None) -> AsyncIterator[bytes]:
+        """The blob's bytes in order from `offset`, each piece as soon as its chunk arrives."""
+        size = self.known_size(digest)
+        if size is None:
+            raise NotFound(f"blob {digest}: unknown")
+        end = size if length is None else min(size, offset + length)
+        piece = self.store.chunk_size
+        pos = offset
+        while pos < end:
+            n = min(piece - pos % piece, end - pos)
+            yield await self.read(digest, pos, n)
+            pos += n
+
+    async def wait_complete(self, digest: str) -> None:
+        dl = self.ensure(digest)
+        if dl is not None:
+            await asyncio.shield(dl.task)
+            if dl.error is not None:
+                raise DownloadFailed(str(dl.error)) from dl.error
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [d.task for d in self.downloads.values() if not d.task.done()]
+        if self._poller:
+            tasks.append(self._poller)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+
+    def resume(self) -> None:
+        """Restart the downloads of partial blobs left by a previous run."""
+        for rec in self.store.partials.records():
+            if rec.source or self.catalog.lookup(rec.digest):
+                with contextlib.suppress(PeerSyncError):
+                    self.ensure(rec.digest)
+
+    # -- peers -------------------------------------------------------------------------------
+
+    def stat(self, peer: str) -> PeerStats:
+        return self.stats.setdefault(peer, PeerStats())
+
+    def drop(self, peer: str, why: str) -> None:
+        st = self.stat(peer)
+        st.dropped_until = time.monotonic() + self.config.drop_for
+        log.warning("peer dropped", peer=peer, why=why, seconds=self.config.drop_for)
+
+    def usable_peers(self) -> list[str]:
+        now = time.monotonic()
+        return [p for p in self.peer_source.peers() if self.stat(p).usable(now)]
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            self._poller = asyncio.create_task(self._poll(), name="peer poller")
+
+    async def _poll(self) -> None:
+        """While downloads run: refresh every peer's holdings of the blobs we are filling."""
+        while not self._closed:
+            active = [d for d, dl in self.downloads.items() if not dl.task.done()]
+            if not active:
+                return
+            await self.refresh(active)
+            await asyncio.sleep(self.config.poll_interval)
+
+    async def refresh(self, digests: list[str]) -> None:
+        peers = self.usable_peers()
+        results = await asyncio.gather(*(self.client.have(p, digests) for p in peers), return_exceptions=True)
+        for peer, res in zip(peers, results, strict=True):
+            if isinstance(res, BaseException):
+                st = self.stat(peer)
+                st.failures += 1
+                for d in digests:
+                    self.views.setdefault(d, {}).pop(peer, None)
+                continue
+            for d in digests:
+                if d in res:
+                    self.views.setdefault(d, {})[peer] = res[d]
+                else:
+                    self.views.setdefault(d, {}).pop(peer, None)
+        for d in digests:
+            dl = self.downloads.get(d)
+            if dl:
+                dl.wake.set()
+
+
+@dataclass
+class _Flight:
+    index: int
+    peer: str  # "" for the origin
+    started: float
+    task: asyncio.Task[None]
+    hedged: bool = False
+
+
+@dataclass
+class Download:
+    """The background fill of one blob (see the module docstring)."""
+
+    engine: Engine
+    source: Source
+    task: asyncio.Task[None] = field(init=False)
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    wanted: set[int] = field(default_factory=set)
+    error: BaseException | None = None
+
+    def __post_init__(self) -> None:
+        self.digest = self.source.digest
+        self.flights: dict[int, list[_Flight]] = {}
+        self.origin_task: asyncio.Task[None] | None = None
+        self.origin_chunks: set[int] = set()
+        self.provenance: dict[int, str] = {}  # chunk -> peer that supplied it unverified
+        self.table_verified = False
+        self.table_from: list[str] = []
+        self.origin_only = False
+        self.started = time.monotonic()
+        self.last_progress = self.started
+        self.waiting_since: dict[int, float] = {}
+
+    # -- API for readers ---------------------------------------------------------------------
+
+    def want(self, offset: int, size: int) -> None:
+        """A reader needs these bytes now: fetch their chunks (and a little read-ahead) first."""
+        cs = self.chunk_size
+        first = offset // cs
+        last = max(first, (offset + max(size, 1) - 1) // cs)
+        now = time.monotonic()
+        for i in range(first, min(last + 3, self.nchunks)):  # 2 chunks of read-ahead
+            self.wanted.add(i)
+            self.waiting_since.setdefault(i, now)
+        self.wake.set()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        src = self.source
+        store = self.engine.store
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                store.partials.claim(self.digest, src.size, media_type=src.media_type, source=src.as_dict())
+            except AlreadyExists:
+                return
+            rec = store.partials.record(self.digest)
+            self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
+            if attempt == 1:  # see who else is filling this blob before taking origin work
+                await self.engine.refresh([self.digest])
+            try:
+                await self._fill()
+                await store.partials.acomplete(self.digest)
+                log.info(
+                    "blob complete", digest=self.digest, seconds=round(time.monotonic() - self.started, 2)
+                )
+                return
+            except AlreadyExists:
+                return
+            except DigestMismatch as exc:
+                suspects = set(self.provenance.values()) | set(self.table_from)
+                for peer in suspects:
+                    self.engine.drop(peer, f"blob {self.digest} failed its digest after using its chunks")
+                log.warning(
+                    "blob failed its digest; refetching", digest=self.digest, suspects=sorted(suspects)
+                )
+                self._reset()
+                if attempt >= self.engine.config.max_attempts:
+                    self._fail(exc)
+                    return
+            except asyncio.CancelledError:
+                self._cancel_flights()
+                raise
+            except PeerSyncError as exc:
+                self._cancel_flights()
+                if attempt >= self.engine.config.max_attempts:
+                    self._fail(exc)
+                    return
+                log.warning(
+                    "download attempt failed; retrying", digest=self.digest, error=str(exc), attempt=attempt
+                )
+                await asyncio.sleep(min(2.0 * attempt, 10.0))
+
+    def _fail(self, exc: BaseException) -> None:
+        self.error = DownloadFailed(f"blob {self.digest} could not be fetched: {exc}")
+        log.error("download failed", digest=self.digest, error=str(exc))
+        with contextlib.suppress(PeerSyncError):
+            self.engine.store.partials.abandon(self.digest)  # wakes blocked readers
+
+    def _reset(self) -> None:
+        self._cancel_flights()
+        self.provenance.clear()
+        self.table_verified = False
+        self.table_from = []
+        self.origin_only = True
+
+    def _cancel_flights(self) -> None:
+        for flights in self.flights.values():
+            for f in flights:
+                f.task.cancel()
+        self.flights.clear()
+        if self.origin_task:
+            self.origin_task.cancel()
+            self.origin_task = None
+        self.origin_chunks.clear()
+
+    async def _fill(self) -> None:
+        partials = self.engine.store.partials
+        while True:
+            missing = partials.missing(self.digest)
+            if not missing:
+                return
+            if self.origin_task is not None and self.origin_task.done():
+                exc = self.origin_task.exception()
+                self.origin_task = None
+                self.origin_chunks.clear()
+                if exc is not None:
+                    raise exc if isinstance(exc, PeerSyncError) else Unavailable(f"origin: {exc}")
+            if not self.table_verified and not self.origin_only:
+                await self._maybe_fetch_table()
+            self._schedule(missing)
+            self.wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.wake.wait(), timeout=self.engine.config.poll_interval)
+            if time.monotonic() - self.last_progress > 120:
+                raise Unavailable(f"blob {self.digest}: no progress for 120 s")
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def _views(self) -> dict[str, BlobView]:
+        if self.origin_only:
+            return {}
+        now = time.monotonic()
+        views = self.engine.views.get(self.digest, {})
+        return {
+            p: v for p, v in views.items() if self.engine.stat(p).usable(now) and v.size == self.source.size
+        }
+
+    def _schedule(self, missing: list[int]) -> None:
+        views = self._views()
+        now = time.monotonic()
+        in_flight = {i for i, fl in self.flights.items() if fl} | self.origin_chunks
+        holders = {
+            i: [p for p, v in views.items() if v.chunk_size == self.chunk_size and v.has(i)] for i in missing
+        }
+        # 1. chunks some peer holds: wanted first, then rarest first
+        peer_todo = [i for i in missing if holders[i] and i not in in_flight]
+        peer_todo.sort(key=lambda i: (i not in self.wanted, len(holders[i]), i))
+        window = self._window()
+        busy = sum(len(fl) for fl in self.flights.values())
+        for i in peer_todo:
+            if busy >= window:
+                break
+            peer = self._best_peer(holders[i])
+            if peer:
+                self._launch(i, peer)
+                busy += 1
+        self._hedge(holders, now)
+        # 2. chunks nobody holds: ours by stripe, others' when they stall or a reader waits
+        if self.origin_task is None:
+            orphans = [i for i in missing if not holders[i] and i not in in_flight]
+            take = [i for i in orphans if self._origin_due(i, views, now)]
+            if take:
+                take.sort(key=lambda i: (i not in self.wanted, i))
+                self._launch_origin(take)
+
+    def _window(self) -> int:
+        """Requests in flight: enough to cover the bandwidth-delay product of our best peers."""
+        cfg = self.engine.config
+        stats = [self.engine.stat(p) for p in self._views()]
+        if not stats:
+            return cfg.peer_window
+        bdp = sum(s.bps * max(s.latency, 0.001) for s in stats) / self.chunk_size
+        return int(min(cfg.max_peer_window, max(cfg.peer_window, bdp * 1.5 + len(stats))))
+
+    def _best_peer(self, candidates: list[str]) -> str | None:
+        if not candidates:
+            return None
+        scored = [
+            (self.engine.stat(p).predicted(self.chunk_size) * random.uniform(0.9, 1.1), p) for p in candidates
+        ]
+        return min(scored)[1]
+
+    def _interested(self, views: dict[str, BlobView]) -> list[str]:
+        """Nodes filling this blob right now (us included): they share the origin work."""
+        return sorted({self.engine.self_url, *(p for p, v in views.items() if not v.complete)})
+
+    def _owner(self, index: int, interested: list[str]) -> str:
+        stripe = index // self.engine.config.stripe_chunks
+        return interested[stripe % len(interested)]
+
+    def _origin_due(self, index: int, views: dict[str, BlobView], now: float) -> bool:
+        cfg = self.engine.config
+        if self.origin_only or not views:
+            return True
+        interested = self._interested(views)
+        if self._owner(index, interested) == self.engine.self_url:
+            return True
+        waited = now - self.waiting_since.get(index, now)
+        if index in self.wanted and waited > cfg.want_grace:
+            return True
+        return now - self.last_progress > cfg.owner_grace and now - self.started > cfg.owner_grace
+
+    # -- fetching ----------------------------------------------------------------------------
+
+    def _launch(self, index: int, peer: str, hedge: bool = False) -> None:
+        flight = _Flight(index, peer, time.monotonic(), asyncio.create_task(self._from_peer(index, peer)))
+        flight.hedged = hedge
+        self.flights.setdefault(index, []).append(flight)
+        flight.task.add_done_callback(lambda _t, f=flight: self._landed(f))
+
+    def _landed(self, flight: _Flight) -> None:
+        flights = self.flights.get(flight.index, [])
+        if flight in flights:
+            flights.remove(flight)
+        if not flights:
+            self.flights.pop(flight.index, None)
+        if flight.task.cancelled():
+            return
+        if self.engine.store.partials.missing(self.digest) == [] or flight.index not in self._missing_set():
+            for other in list(self.flights.get(flight.index, [])):  # a hedge's twin is not needed now
+                other.task.cancel()
+        self.wake.set()
+
+    def _missing_set(self) -> set[int]:
+        try:
+            return set(self.engine.store.partials.missing(self.digest))
+        except PeerSyncError:
+            return set()
+
+    def _hedge(self, holders: dict[int, list[str]], now: float) -> None:
+        cfg = self.engine.config
+        for index, flights in list(self.flights.items()):
+            if len(flights) != 1 or flights[0].hedged:
+                continue
+            f = flights[0]
+            typical = self.engine.stat(f.peer).predicted(self.chunk_size)
+            if now - f.started > max(cfg.hedge_after, 4 * typical):
+                others = [p for p in holders.get(index, []) if p != f.peer]
+                peer = self._best_peer(others)
+                if peer:
+                    f.hedged = True
+                    self.engine.counters["hedges"] += 1
+                    self._launch(index, peer, hedge=True)
+
+    async def _from_peer(self, index: int, peer: str) -> None:
+        engine, st = self.engine, self.engine.stat(peer)
+        offset = index * self.chunk_size
+        length = min(self.chunk_size, self.source.size - offset)
+        st.inflight += 1
+        t0 = time.monotonic()
+        try:
+            data, claim = await engine.client.chunk(peer, self.digest, offset, length)
+        except (PeerError, PeerSyncError) as exc:
+            st.failures += 1
+            if st.failures >= 3:
+                engine.drop(peer, f"{st.failures} failures in a row: {exc}")
+            return
+        finally:
+            st.inflight -= 1
+        st.observe(length, time.monotonic() - t0)
+        actual = await asyncio.to_thread(_sha256, data)
+        if not self.table_verified and (claim is None or claim != actual):
+            engine.counters["corrupt_chunks"] += 1
+            engine.drop(peer, f"chunk {index} of {self.digest} does not match the hash it announced")
+            return
+        if index not in self._missing_set():
+            return
+        try:
+            await engine.store.partials.aput_chunks(self.digest, [(index, data)])
+        except ChunkCorrupt:
+            engine.counters["corrupt_chunks"] += 1
+            engine.drop(peer, f"chunk {index} of {self.digest} does not match the verified table")
+            return
+        except (NotFound, AlreadyExists):
+            return
+        except PeerSyncError as exc:
+            log.info("chunk not stored", digest=self.digest, index=index, error=str(exc))
+            return
+        engine.counters["peer_bytes"] += length
+        if not self.table_verified:
+            self.provenance[index] = peer
+        self._progress(index)
+
+    def _progress(self, index: int) -> None:
+        self.last_progress = time.monotonic()
+        self.wanted.discard(index)
+        self.waiting_since.pop(index, None)
+
+    def _launch_origin(self, candidates: list[int]) -> None:
+        """One Range request for a run of consecutive chunks starting at the first candidate."""
+        first = candidates[0]
+        run = [first]
+        cand = set(candidates)
+        while len(run) < self.engine.config.origin_batch_chunks and run[-1] + 1 in cand:
+            run.append(run[-1] + 1)
+        self.origin_chunks = set(run)
+        self.origin_task = asyncio.create_task(self._from_origin(run[0], run[-1]))
+        self.origin_task.add_done_callback(lambda _t: self.wake.set())
+
+    async def _from_origin(self, first: int, last: int) -> None:
+        engine, src, cs = self.engine, self.source, self.chunk_size
+        start = first * cs
+        end = min(src.size, (last + 1) * cs)
+        buf = bytearray()
+        index = first
+        async with contextlib.aclosing(
+            engine.origin.read_blob(src.registry, src.repository, self.digest, start, end - start)
+        ) as pieces:
+            async for piece in pieces:
+                buf += piece
+                while index <= last and len(buf) >= min(cs, src.size - index * cs):
+                    n = min(cs, src.size - index * cs)
+                    data = bytes(buf[:n])
+                    del buf[:n]
+                    await self._store_origin_chunk(index, data)
+                    index += 1
+        if index <= last:
+            raise Unavailable(f"origin ended early for {self.digest} at chunk {index}")
+
+    async def _store_origin_chunk(self, index: int, data: bytes) -> None:
+        engine = self.engine
+        self.origin_chunks.discard(index)
+        if index not in self._missing_set():
+            return
+        try:
+            await engine.store.partials.aput_chunks(self.digest, [(index, data)])
+        except ChunkCorrupt:
+            # The origin is the authority: a table that disagrees with it is wrong.
+            for peer in self.table_from:
+                engine.drop(peer, f"its chunk table for {self.digest} disagrees with the origin")
+            raise DigestMismatch(f"chunk table for {self.digest} disagrees with the origin") from None
+        except (NotFound, AlreadyExists):
+            return
+        engine.counters["origin_bytes"] += len(data)
+        self.provenance.pop(index, None)
+        self._progress(index)
+        for f in self.flights.pop(index, []):
+            f.task.cancel()
+
+    async def _maybe_fetch_table(self) -> None:
+        """Adopt the verified chunk table of peers holding the complete blob (two must agree when
+        two exist)."""
+        complete = [p for p, v in self._views().items() if v.complete and v.chunk_size == self.chunk_size]
+        if not complete:
+            return
+        random.shuffle(complete)
+        tables: list[tuple[str, list[bytes]]] = []
+        for peer in complete[:2]:
+            with contextlib.suppress(PeerSyncError):
+                tables.append((peer, await self.engine.client.table(peer, self.digest, self.nchunks)))
+        if not tables:
+            return
+        if len(tables) == 2 and tables[0][1] != tables[1][1]:
+            log.warning(
+                "peers disagree on a chunk table; using the origin",
+                digest=self.digest,
+                peers=[t[0] for t in tables],
+            )
+            self.origin_only = True
+            return
+        try:
+            dropped = self.engine.store.partials.set_hashes(self.digest, tables[0][1])
+        except PeerSyncError as exc:
+            log.warning("chunk table refused", digest=self.digest, error=str(exc))
+            return
+        for i in dropped:
+            peer = self.provenance.pop(i, None)
+            if peer:
+                self.engine.drop(peer, f"its chunk {i} of {self.digest} disagrees with the verified table")
+        self.table_verified = True
+        self.table_from = [t[0] for t in tables]
+
+
+def _sha256(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()

@@ -1,0 +1,224 @@
+"""The peer exchange protocol: how nodes of a site ask each other for blob chunks.
+
+HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
+
+    GET  /blobs/{digest}        {"digest", "size", "chunk_size", "complete", "have"}: which chunks
+                                this node holds (`have` is the presence bitmap, base64, bit i LSB
+                                first in byte i // 8). 404 if it has none of the blob.
+    POST /have                  body {"digests": [...]}: the same for many blobs in one round trip
+                                (absent blobs are omitted); what the download engine polls.
+    GET  /blobs/{digest}/table  the blob's verified chunk hash table (32-byte SHA-256 per chunk,
+                                concatenated); only served for complete blobs, whose whole digest
+                                this node has verified.
+    GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
+                                that are present; answered from the file with sendfile (zero
+                                copy). `X-Chunk-Sha256` carries the server's hash of the range
+                                when it is exactly one chunk.
+
+A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
+partial blobs: against the table, or hashed as received from the origin), so announcing while
+downloading never spreads bytes the announcer has not itself received in full. The receiver
+always re-checks (see `peer.engine`).
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from dataclasses import dataclass
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from peersync.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
+from peersync.store.chunkstore import ChunkStore
+from peersync.store.fsutil import HASH_LEN
+
+log = structlog.get_logger(__name__)
+
+PREFIX = "/peersync/v1"
+DIGEST_RE = r"sha256:[0-9a-f]{64}"
+_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class BlobView:
+    """What one peer holds of one blob."""
+
+    digest: str
+    size: int
+    chunk_size: int
+    complete: bool
+    have: bytes
+
+    def has(self, index: int) -> bool:
+        return self.complete or bool(index // 8 < len(self.have) and self.have[index // 8] >> (index % 8) & 1)
+
+    @classmethod
+    def from_json(cls, obj: dict) -> BlobView:
+        return cls(
+            obj["digest"],
+            int(obj["size"]),
+            int(obj["chunk_size"]),
+            bool(obj["complete"]),
+            base64.b64decode(obj["have"]),
+        )
+
+
+# -- server --------------------------------------------------------------------------------------
+
+
+def _view(store: ChunkStore, digest: str) -> dict | None:
+    """The JSON view of `digest`, or None if this node holds none of it."""
+    try:
+        rec = store.partials.record(digest)
+        complete = False
+    except NotFound:
+        if not store.exists(digest):
+            return None
+        rec = store.record(digest)
+        complete = True
+    have = b"" if complete else store.partials.have(digest)
+    return {
+        "digest": digest,
+        "size": rec.size,
+        "chunk_size": rec.chunk_size,
+        "complete": complete,
+        "have": base64.b64encode(have).decode(),
+    }
+
+
+def routes(store: ChunkStore) -> web.RouteTableDef:
+    """The peer exchange routes over `store` (mounted by `peer.node`)."""
+    r = web.RouteTableDef()
+
+    @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}")
+    async def blob(request: web.Request) -> web.Response:
+        view = _view(store, request.match_info["digest"])
+        if view is None:
+            raise web.HTTPNotFound(text="blob not held here")
+        return web.json_response(view)
+
+    @r.post(PREFIX + "/have")
+    async def have(request: web.Request) -> web.Response:
+        body = await request.json()
+        digests = body.get("digests") if isinstance(body, dict) else None
+        if not isinstance(digests, list) or len(digests) > 1024:
+            raise web.HTTPBadRequest(text='body must be {"digests": [...]} (at most 1024)')
+        views = [
+            v for d in digests if isinstance(d, str) and re.fullmatch(DIGEST_RE, d) and (v := _view(store, d))
+        ]
+        return web.json_response({"blobs": views})
+
+    @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/table")
+    async def table(request: web.Request) -> web.Response:
+        digest = request.match_info["digest"]
+        if not store.exists(digest):
+            raise web.HTTPNotFound(text="no verified table: blob not complete here")
+        return web.Response(
+            body=b"".join(store.chunk_hashes(digest)), content_type="application/octet-stream"
+        )
+
+    @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/data")
+    async def data(request: web.Request) -> web.StreamResponse:
+        digest = request.match_info["digest"]
+        m = _RANGE.match(request.headers.get("Range", ""))
+        if m is None:
+            raise web.HTTPBadRequest(text="a single Range: bytes=a-b header is required")
+        start, end = int(m.group(1)), int(m.group(2))
+        try:
+            path, sha = _servable(store, digest, start, end)
+        except NotFound as exc:
+            raise web.HTTPNotFound(text=str(exc)) from exc
+        except (Unavailable, OutOfRange, InvalidArgument) as exc:
+            raise web.HTTPRequestRangeNotSatisfiable(text=str(exc)) from exc
+        headers = {"X-Chunk-Sha256": sha.hex()} if sha else {}
+        return web.FileResponse(path, headers=headers)
+
+    return r
+
+
+def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str, bytes | None]:
+    """The file to serve [start, end] from and the hash of that range if it is one chunk.
+
+    Raises NotFound (blob unknown), Unavailable (a chunk of the range is not present yet),
+    InvalidArgument (range not chunk-aligned), OutOfRange."""
+    partial = True
+    try:
+        rec = store.partials.record(digest)
+    except NotFound:
+        rec = store.record(digest)
+        partial = False
+    if end < start or end >= rec.size:
+        raise OutOfRange(f"range {start}-{end} outside {digest} ({rec.size} bytes)")
+    first, last = start // rec.chunk_size, end // rec.chunk_size
+    if start % rec.chunk_size or (end + 1 != rec.size and (end + 1) % rec.chunk_size):
+        raise InvalidArgument("range must cover whole chunks")
+    sha = None
+    if first == last:
+        with (store.partials if partial else store).open_chunk(digest, first) as chunk:
+            sha = chunk.sha256
+    elif partial:
+        have = store.partials.have(digest)
+        if any(not (have[i // 8] >> (i % 8) & 1) for i in range(first, last + 1)):
+            raise Unavailable(f"chunks {first}-{last} of {digest} not all present")
+    path = store.partials.path(digest) if partial else store.blob_path(digest)
+    return str(path), sha
+
+
+# -- client --------------------------------------------------------------------------------------
+
+
+class PeerError(Unavailable):
+    """A peer could not answer (connection, timeout, HTTP error)."""
+
+
+class PeerClient:
+    """Asks other nodes for views, tables and chunk bytes."""
+
+    def __init__(self, session: aiohttp.ClientSession, timeout: float = 10.0) -> None:
+        self._session = session
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
+
+    async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
+        body = await self._request("POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=3.0)
+        import json
+
+        return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
+
+    async def table(self, peer: str, digest: str, chunks: int) -> list[bytes]:
+        raw = await self._request("GET", f"{peer}{PREFIX}/blobs/{digest}/table")
+        if len(raw) != chunks * HASH_LEN:
+            raise PeerError(f"{peer}: table of {digest} has {len(raw)} bytes, expected {chunks * HASH_LEN}")
+        return [raw[i : i + HASH_LEN] for i in range(0, len(raw), HASH_LEN)]
+
+    async def chunk(self, peer: str, digest: str, offset: int, length: int) -> tuple[bytes, bytes | None]:
+        """(bytes, the peer's claimed SHA-256 of them) for one chunk."""
+        headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
+        url = f"{peer}{PREFIX}/blobs/{digest}/data"
+        try:
+            async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
+                if resp.status not in (200, 206):
+                    raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}")
+                data = await resp.read()
+                claim = resp.headers.get("X-Chunk-Sha256")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise PeerError(f"{peer}: {type(exc).__name__}: {exc}") from exc
+        if len(data) != length:
+            raise PeerError(f"{peer}: {len(data)} bytes for a {length}-byte chunk of {digest}")
+        return data, bytes.fromhex(claim) if claim else None
+
+    async def _request(self, method: str, url: str, timeout: float | None = None, **kw: object) -> bytes:
+        t = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0) if timeout else self._timeout
+        try:
+            async with self._session.request(method, url, timeout=t, **kw) as resp:  # type: ignore[arg-type]
+                if resp.status == 404:
+                    raise NotFound(f"{url}: not found")
+                if resp.status != 200:
+                    raise PeerError(f"{url}: HTTP {resp.status}")
+                return await resp.read()
+        except PeerSyncError:
+            raise
+        except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+            raise PeerError(f"{url}: {type(exc).__name__}: {exc}") from exc

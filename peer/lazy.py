@@ -1,0 +1,26 @@
+"""The content store's view of the network: `snapshotter.content.BlobSource` over the engine.
+
+`stat` answers for blobs being filled or catalogued by the mirror, and starts their background
+download at once, so by the time containerd reads a layer its chunks are already arriving.
+`read` blocks only until the chunks it needs are verified and on disk.
+"""
+
+from __future__ import annotations
+
+from peer.engine import Engine
+
+
+class LazyBlobs:
+    """A `BlobSource` (see snapshotter/content.py) backed by the download engine."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def stat(self, digest: str) -> int | None:
+        size = self.engine.known_size(digest)
+        if size is not None:
+            self.engine.ensure(digest)  # claimed blobs are always completed in the background
+        return size
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        return await self.engine.read(digest, offset, size)

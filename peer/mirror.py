@@ -1,0 +1,207 @@
+"""The registry mirror containerd's `hosts.toml` (or Docker's `registry-mirrors`) points at.
+
+OCI distribution API, read-only, on a loopback address:
+
+    GET|HEAD /v2/                               API version check
+    GET|HEAD /v2/<name>/manifests/<reference>   tags are resolved at the origin every time (after a
+                                                few seconds' cache: a moved tag is never served
+                                                stale for longer); digests come from the store
+    GET|HEAD /v2/<name>/blobs/<digest>          from the store, or streamed as chunks arrive from
+                                                peers and the origin; Range requests honoured
+
+containerd appends `?ns=<registry>` to mirror requests; without it the configured default registry
+is assumed. Every manifest served is recorded in the catalog (layers, config, child manifests)
+so the content store can answer for those blobs lazily and the engine knows where to fetch them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+
+import structlog
+from aiohttp import web
+
+from peer.catalog import Catalog, Source
+from peer.engine import Engine
+from peer.origin import OriginClient
+from peersync import errors
+from peersync.store.chunkstore import ChunkStore
+
+log = structlog.get_logger(__name__)
+
+DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
+_RANGE = re.compile(r"bytes=(\d+)-(\d*)$")
+_STATUS = {
+    errors.NotFound: 404,
+    errors.InvalidArgument: 400,
+    errors.FailedPrecondition: 403,
+    errors.OutOfRange: 416,
+    errors.Unavailable: 503,
+    errors.Unimplemented: 501,
+}
+
+
+class Mirror:
+    """Request handlers; state shared with the engine through the store and the catalog."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        catalog: Catalog,
+        origin: OriginClient,
+        engine: Engine,
+        default_registry: str = "docker.io",
+        tag_ttl: float = 2.0,
+    ) -> None:
+        self.store, self.catalog, self.origin, self.engine = store, catalog, origin, engine
+        self.default_registry = default_registry
+        self.tag_ttl = tag_ttl
+        self._tags: dict[tuple[str, str, str], tuple[float, str]] = {}
+
+    def routes(self) -> list[web.RouteDef]:
+        return [
+            web.get("/v2/", self.version, allow_head=True),
+            web.get(r"/v2/{name:.+}/manifests/{reference}", self.manifest, allow_head=True),
+            web.get(r"/v2/{name:.+}/blobs/{digest}", self.blob, allow_head=True),
+        ]
+
+    async def version(self, request: web.Request) -> web.Response:
+        return web.json_response({}, headers={"Docker-Distribution-API-Version": "registry/2.0"})
+
+    # -- manifests ---------------------------------------------------------------------------
+
+    async def manifest(self, request: web.Request) -> web.Response:
+        registry, repo = self._where(request)
+        ref = request.match_info["reference"]
+        try:
+            body, media_type, digest = await self._manifest(registry, repo, ref)
+        except errors.PeerSyncError as exc:
+            return _error(exc, "MANIFEST_UNKNOWN")
+        headers = {
+            "Docker-Content-Digest": digest,
+            "Content-Type": media_type,
+            "Content-Length": str(len(body)),
+        }
+        if request.method == "HEAD":
+            return web.Response(headers=headers)
+        return web.Response(body=body, headers=headers)
+
+    async def _manifest(self, registry: str, repo: str, ref: str) -> tuple[bytes, str, str]:
+        digest = ref if DIGEST.match(ref) else self._cached_tag(registry, repo, ref)
+        if digest and self.store.exists(digest):
+            rec = self.store.record(digest)
+            body = self.store.read(digest, 0, rec.size)
+            media_type = rec.media_type or json.loads(body).get("mediaType", "")
+        else:
+            m = await self.origin.resolve(registry, repo, ref)
+            body, media_type, digest = m.body, m.media_type, m.digest
+            self._keep(digest, body, media_type, registry, repo)
+        if not DIGEST.match(ref):
+            self._tags[(registry, repo, ref)] = (time.monotonic(), digest)
+        self._catalog_children(body, registry, repo)
+        return body, media_type, digest
+
+    def _cached_tag(self, registry: str, repo: str, tag: str) -> str | None:
+        hit = self._tags.get((registry, repo, tag))
+        if hit and time.monotonic() - hit[0] < self.tag_ttl:
+            return hit[1]
+        return None
+
+    def _keep(self, digest: str, body: bytes, media_type: str, registry: str, repo: str) -> None:
+        """Store a manifest fetched from the origin, so it is served from here next time."""
+        if "sha256:" + hashlib.sha256(body).hexdigest() != digest:
+            return  # resolve() verifies digests it was asked for; a tag's answer is checked here
+        self.catalog.record([Source(digest, len(body), media_type, registry, repo)])
+        try:
+            writer = self.store.ingests.open(f"mirror-{digest}", total=len(body), expected=digest)
+        except (errors.AlreadyExists, errors.Unavailable):
+            return  # stored already, or being stored by a concurrent request
+        try:
+            writer.write_at(0, body)
+            writer.commit(len(body), digest)
+        except errors.AlreadyExists:
+            pass
+        finally:
+            writer.close()
+
+    def _catalog_children(self, body: bytes, registry: str, repo: str) -> None:
+        try:
+            doc = json.loads(body)
+        except ValueError:
+            return
+        descs = [doc.get("config")] if isinstance(doc.get("config"), dict) else []
+        descs += [d for key in ("layers", "manifests") for d in doc.get(key) or [] if isinstance(d, dict)]
+        sources = [
+            Source(d["digest"], int(d["size"]), d.get("mediaType", ""), registry, repo)
+            for d in descs
+            if isinstance(d.get("digest"), str)
+            and DIGEST.match(d["digest"])
+            and isinstance(d.get("size"), int)
+        ]
+        if sources:
+            self.catalog.record(sources)
+
+    # -- blobs -------------------------------------------------------------------------------
+
+    async def blob(self, request: web.Request) -> web.StreamResponse:
+        registry, repo = self._where(request)
+        digest = request.match_info["digest"]
+        try:
+            if not DIGEST.match(digest):
+                raise errors.InvalidArgument(f"unsupported digest {digest!r}")
+            size = await self._blob_size(digest, registry, repo)
+        except errors.PeerSyncError as exc:
+            return _error(exc, "BLOB_UNKNOWN")
+        headers = {
+            "Docker-Content-Digest": digest,
+            "Content-Type": "application/octet-stream",
+            "Accept-Ranges": "bytes",
+        }
+        if self.store.exists(digest) and request.method == "GET":
+            return web.FileResponse(self.store.blob_path(digest), headers=headers)
+        start, end = 0, size
+        m = _RANGE.match(request.headers.get("Range", ""))
+        status = 200
+        if m:
+            start = int(m.group(1))
+            end = min(size, int(m.group(2)) + 1) if m.group(2) else size
+            if start >= size or end <= start:
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
+            status = 206
+            headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        headers["Content-Length"] = str(end - start)
+        if request.method == "HEAD":
+            return web.Response(status=status, headers=headers)
+        self.engine.ensure(digest)
+        resp = web.StreamResponse(status=status, headers=headers)
+        await resp.prepare(request)
+        try:
+            async for piece in self.engine.stream(digest, start, end - start):
+                await resp.write(piece)
+        except errors.PeerSyncError as exc:
+            log.warning("blob stream cut", digest=digest, error=str(exc))
+            raise  # the client sees a short body and retries
+        await resp.write_eof()
+        return resp
+
+    async def _blob_size(self, digest: str, registry: str, repo: str) -> int:
+        size = self.engine.known_size(digest)
+        src = self.catalog.lookup(digest)
+        if size is None or src is None:
+            if size is None:
+                size = await self.origin.blob_size(registry, repo, digest)
+            self.catalog.record([Source(digest, size, src.media_type if src else "", registry, repo)])
+        return size
+
+    def _where(self, request: web.Request) -> tuple[str, str]:
+        return request.query.get("ns") or self.default_registry, request.match_info["name"]
+
+
+def _error(exc: errors.PeerSyncError, code: str) -> web.Response:
+    status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
+    if status != 404:
+        code = {400: "UNSUPPORTED", 403: "DENIED", 416: "RANGE_INVALID"}.get(status, "UNAVAILABLE")
+    return web.json_response({"errors": [{"code": code, "message": str(exc)}]}, status=status)

@@ -1,0 +1,122 @@
+"""Assembly of the network side: origin client, peer exchange, download engine, registry mirror.
+
+`PeerNode(config, store, meta)` is what `peersync.service` starts next to the gRPC server; the
+content store reaches it only through `node.blob_source` (a `snapshotter.content.BlobSource`).
+"""
+
+from __future__ import annotations
+
+import socket
+
+import aiohttp
+import structlog
+from aiohttp import web
+
+from peer.catalog import Catalog
+from peer.engine import Engine
+from peer.exchange import PeerClient, routes
+from peer.lazy import LazyBlobs
+from peer.mirror import Mirror
+from peer.origin import CredentialStore, HostSettings, OriginClient
+from peer.peers import StaticPeers
+from peersync.config import Config, hostport
+from peersync.errors import FailedPrecondition
+from peersync.store.chunkstore import ChunkStore
+from peersync.store.meta import Meta
+
+log = structlog.get_logger(__name__)
+
+
+class PeerNode:
+    """The HTTP side of one node. Lifecycle: `await start()`, then `await stop()`."""
+
+    def __init__(self, config: Config, store: ChunkStore, meta: Meta) -> None:
+        self.config = config
+        self.store = store
+        self.catalog = Catalog(meta)
+        self._runners: list[web.AppRunner] = []
+        self.session: aiohttp.ClientSession | None = None
+        self.engine: Engine | None = None
+        self.self_url = advertised_url(config)
+
+    async def start(self) -> None:
+        cfg = self.config
+        connector = aiohttp.TCPConnector(limit=256, limit_per_host=32)
+        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
+        origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
+        peers = StaticPeers(cfg.peer.peers, self.self_url)
+        self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        if cfg.peer.listen:
+            app = web.Application()
+            app.add_routes(routes(self.store))
+            app.router.add_get("/peersync/v1/stats", self._stats)
+            await self._serve(app, cfg.peer.listen, "peer exchange")
+        if cfg.mirror.listen:
+            app = web.Application()
+            mirror = Mirror(
+                self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
+            )
+            app.add_routes(mirror.routes())
+            await self._serve(app, cfg.mirror.listen, "registry mirror")
+        self.engine.resume()
+        log.info("peer side up", url=self.self_url, peers=peers.peers())
+
+    async def _stats(self, request: web.Request) -> web.Response:
+        """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges)."""
+        assert self.engine is not None
+        active = [d for d, dl in self.engine.downloads.items() if not dl.task.done()]
+        return web.json_response({**self.engine.counters, "active_downloads": active})
+
+    @property
+    def blob_source(self) -> LazyBlobs:
+        assert self.engine is not None, "start() first"
+        return LazyBlobs(self.engine)
+
+    async def stop(self) -> None:
+        if self.engine is not None:
+            await self.engine.close()
+        for runner in self._runners:
+            await runner.cleanup()
+        self._runners.clear()
+        if self.session is not None:
+            await self.session.close()
+            self.session = None
+
+    async def _serve(self, app: web.Application, listen: str, what: str) -> None:
+        host, port = hostport(listen)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host, port, reuse_address=True).start()
+        except OSError as exc:
+            await runner.cleanup()
+            raise FailedPrecondition(f"{what}: cannot listen on {listen}: {exc.strerror}") from exc
+        self._runners.append(runner)
+        log.info("listening", what=what, address=listen)
+
+
+def advertised_url(config: Config) -> str:
+    """How other nodes reach this one: `peer.advertise`, else the listen address (a wildcard host
+    replaced by this host's primary address)."""
+    if config.peer.advertise:
+        url = config.peer.advertise
+        return (url if "://" in url else f"http://{url}").rstrip("/")
+    if not config.peer.listen:
+        return ""
+    host, port = hostport(config.peer.listen)
+    if host in ("0.0.0.0", "::", ""):
+        host = _primary_address()
+    return f"http://{host}:{port}"
+
+
+def _primary_address() -> str:
+    """The address of the interface holding the default route (no packet is sent)."""
+    probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        probe.connect(("10.255.255.255", 9))
+        return probe.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+    finally:
+        probe.close()
