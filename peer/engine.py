@@ -56,8 +56,8 @@ class EngineConfig:
     poll_interval: float = 0.25  # how often peers' holdings are refreshed while downloading
     stripe_chunks: int = 4  # origin work is split among downloading nodes in stripes of this size
     origin_batch_chunks: int = 4  # chunks per origin Range request (one stripe: re-plan often)
-    owner_grace: float = 3.0  # how long to wait for another node's stripe before taking it
-    want_grace: float = 1.5  # how long a blocked reader waits for the owner before the origin
+    owner_grace: float = 3.0  # an owner whose holdings have not grown for this long is stalled
+    gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
     hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
     drop_for: float = 300.0  # seconds a misbehaving peer is ignored
     read_timeout: float = 600.0  # a reader blocked this long without progress gets an error
@@ -120,12 +120,19 @@ class Engine:
 
     # -- public API --------------------------------------------------------------------------
 
+    def fetching(self, digest: str) -> list[int]:
+        """Chunks of `digest` this node is fetching from the origin (announced to peers)."""
+        dl = self.downloads.get(digest)
+        return sorted(dl.origin_chunks) if dl is not None and not dl.task.done() else []
+
     def known_size(self, digest: str) -> int | None:
-        """The size of a blob this node can produce (present, being filled, or catalogued)."""
-        if self.store.exists(digest):
-            return self.store.record(digest).size
-        with contextlib.suppress(NotFound):
-            return self.store.partials.record(digest).size
+        """The size of a blob this node can produce (present, being filled, or catalogued).
+
+        Records are consulted, not files: during a promotion the file is renamed before the
+        record flips to complete, and one of the two records is always there."""
+        for lookup in (self.store.record, self.store.partials.record):
+            with contextlib.suppress(NotFound):
+                return lookup(digest).size
         src = self.catalog.lookup(digest)
         return src.size if src else None
 
@@ -286,6 +293,8 @@ class Download:
 
     def __post_init__(self) -> None:
         self.digest = self.source.digest
+        self.chunk_size = self.engine.store.chunk_size  # what claim() cuts a new blob with
+        self.nchunks = max(1, -(-self.source.size // self.chunk_size))
         self.flights: dict[int, list[_Flight]] = {}
         self.origin_task: asyncio.Task[None] | None = None
         self.origin_chunks: set[int] = set()
@@ -296,6 +305,7 @@ class Download:
         self.started = time.monotonic()
         self.last_progress = self.started
         self.waiting_since: dict[int, float] = {}
+        self.peer_progress: dict[str, tuple[int, float]] = {}  # peer -> (chunks held, when it grew)
 
     # -- API for readers ---------------------------------------------------------------------
 
@@ -324,7 +334,9 @@ class Download:
                 return
             rec = store.partials.record(self.digest)
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
-            if attempt == 1:  # see who else is filling this blob before taking origin work
+            if attempt == 1:  # let the nodes of a burst see each other before dealing out stripes
+                await self.engine.refresh([self.digest])
+                await asyncio.sleep(self.engine.config.gather_delay)
                 await self.engine.refresh([self.digest])
             try:
                 await self._fill()
@@ -397,6 +409,8 @@ class Download:
             if not self.table_verified and not self.origin_only:
                 await self._maybe_fetch_table()
             self._schedule(missing)
+            if self.origin_task is None:
+                await self._plan_origin()
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.engine.config.poll_interval)
@@ -434,13 +448,38 @@ class Download:
                 self._launch(i, peer)
                 busy += 1
         self._hedge(holders, now)
-        # 2. chunks nobody holds: ours by stripe, others' when they stall or a reader waits
-        if self.origin_task is None:
-            orphans = [i for i in missing if not holders[i] and i not in in_flight]
-            take = [i for i in orphans if self._origin_due(i, views, now)]
-            if take:
-                take.sort(key=lambda i: (i not in self.wanted, i))
-                self._launch_origin(take)
+        self._track_progress(views, now)
+
+    async def _plan_origin(self) -> None:
+        """Fetch from the origin the chunks that are ours to fetch: nobody holds them, nobody else
+        is fetching them, and we own their stripe (or inherit it from a stalled owner). Peers'
+        holdings are refreshed first, so a fetch another node started a moment ago is seen."""
+        if not self._origin_candidates(time.monotonic()):
+            return
+        if not self.origin_only:
+            await self.engine.refresh([self.digest])
+        take = self._origin_candidates(time.monotonic())
+        if take and self.origin_task is None:
+            take.sort(key=lambda i: (i not in self.wanted, i))
+            self._launch_origin(take)
+
+    def _origin_candidates(self, now: float) -> list[int]:
+        views = self._views()
+        self._track_progress(views, now)
+        try:
+            missing = self.engine.store.partials.missing(self.digest)
+        except PeerSyncError:
+            return []
+        busy = {i for i, fl in self.flights.items() if fl} | self.origin_chunks
+        elsewhere = {i for v in views.values() for i in v.fetching}
+        held = {
+            i for i in missing if any(v.has(i) for v in views.values() if v.chunk_size == self.chunk_size)
+        }
+        return [
+            i
+            for i in missing
+            if i not in busy and i not in elsewhere and i not in held and self._origin_due(i, views, now)
+        ]
 
     def _window(self) -> int:
         """Requests in flight: enough to cover the bandwidth-delay product of our best peers."""
@@ -464,20 +503,44 @@ class Download:
         return sorted({self.engine.self_url, *(p for p, v in views.items() if not v.complete)})
 
     def _owner(self, index: int, interested: list[str]) -> str:
+        """Who fetches chunk `index` from the origin: stripes dealt round-robin, starting at a
+        place that depends on the blob so that first stripes of different blobs spread out."""
         stripe = index // self.engine.config.stripe_chunks
-        return interested[stripe % len(interested)]
+        return interested[(stripe + int(self.digest[7:15], 16)) % len(interested)]
+
+    def _track_progress(self, views: dict[str, BlobView], now: float) -> None:
+        for peer, view in views.items():
+            held = view.count()
+            before = self.peer_progress.get(peer)
+            if before is None or held != before[0]:
+                self.peer_progress[peer] = (held, now)
+
+    def _stalled(self, peer: str, now: float) -> bool:
+        """A node filling this blob whose holdings have not grown for a while and that announces
+        no origin fetch (or has announced one for far too long without a chunk landing)."""
+        seen = self.peer_progress.get(peer)
+        if seen is None:
+            return False
+        idle = now - seen[1]
+        view = self.engine.views.get(self.digest, {}).get(peer)
+        busy = view is not None and bool(view.fetching)
+        grace = self.engine.config.owner_grace
+        return idle > (5 * grace if busy else grace)
 
     def _origin_due(self, index: int, views: dict[str, BlobView], now: float) -> bool:
-        cfg = self.engine.config
+        """Ours to fetch: we own its stripe, or its owner stalled and we are the first live node
+        after it in the ring (exactly one node inherits a stalled stripe)."""
         if self.origin_only or not views:
             return True
         interested = self._interested(views)
-        if self._owner(index, interested) == self.engine.self_url:
+        owner = self._owner(index, interested)
+        if owner == self.engine.self_url:
             return True
-        waited = now - self.waiting_since.get(index, now)
-        if index in self.wanted and waited > cfg.want_grace:
-            return True
-        return now - self.last_progress > cfg.owner_grace and now - self.started > cfg.owner_grace
+        if not self._stalled(owner, now):
+            return False
+        ring = interested[interested.index(owner) + 1 :] + interested[: interested.index(owner)]
+        heir = next((p for p in ring if p == self.engine.self_url or not self._stalled(p, now)), None)
+        return heir == self.engine.self_url
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -573,6 +636,16 @@ class Download:
         while len(run) < self.engine.config.origin_batch_chunks and run[-1] + 1 in cand:
             run.append(run[-1] + 1)
         self.origin_chunks = set(run)
+        views = self._views()
+        log.info(
+            "origin fetch",
+            digest=self.digest[:19],
+            chunks=f"{run[0]}-{run[-1]}",
+            interested=len(self._interested(views)),
+            owner=self._owner(run[0], self._interested(views)),
+            stalled=[p for p in views if self._stalled(p, time.monotonic())],
+            seen={p[-9:-5]: (v.count(), sorted(v.fetching)) for p, v in views.items()},
+        )
         self.origin_task = asyncio.create_task(self._from_origin(run[0], run[-1]))
         self.origin_task.add_done_callback(lambda _t: self.wake.set())
 

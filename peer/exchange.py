@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -51,6 +52,11 @@ class BlobView:
     chunk_size: int
     complete: bool
     have: bytes
+    fetching: frozenset[int] = frozenset()  # chunks the peer is fetching from the origin right now
+
+    def count(self) -> int:
+        """How many chunks the peer holds (for spotting progress)."""
+        return -1 if self.complete else sum(bin(b).count("1") for b in self.have)
 
     def has(self, index: int) -> bool:
         return self.complete or bool(index // 8 < len(self.have) and self.have[index // 8] >> (index % 8) & 1)
@@ -69,7 +75,10 @@ class BlobView:
 # -- server --------------------------------------------------------------------------------------
 
 
-def _view(store: ChunkStore, digest: str) -> dict | None:
+Fetching = Callable[[str], list[int]]
+
+
+def _view(store: ChunkStore, digest: str, fetching: Fetching | None = None) -> dict | None:
     """The JSON view of `digest`, or None if this node holds none of it."""
     try:
         rec = store.partials.record(digest)
@@ -86,16 +95,18 @@ def _view(store: ChunkStore, digest: str) -> dict | None:
         "chunk_size": rec.chunk_size,
         "complete": complete,
         "have": base64.b64encode(have).decode(),
+        "fetching": [] if complete or fetching is None else fetching(digest),
     }
 
 
-def routes(store: ChunkStore) -> web.RouteTableDef:
-    """The peer exchange routes over `store` (mounted by `peer.node`)."""
+def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTableDef:
+    """The peer exchange routes over `store` (mounted by `peer.node`); `fetching(digest)` names
+    the chunks this node is fetching from the origin, announced so other nodes do not."""
     r = web.RouteTableDef()
 
     @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}")
     async def blob(request: web.Request) -> web.Response:
-        view = _view(store, request.match_info["digest"])
+        view = _view(store, request.match_info["digest"], fetching)
         if view is None:
             raise web.HTTPNotFound(text="blob not held here")
         return web.json_response(view)
@@ -107,7 +118,9 @@ def routes(store: ChunkStore) -> web.RouteTableDef:
         if not isinstance(digests, list) or len(digests) > 1024:
             raise web.HTTPBadRequest(text='body must be {"digests": [...]} (at most 1024)')
         views = [
-            v for d in digests if isinstance(d, str) and re.fullmatch(DIGEST_RE, d) and (v := _view(store, d))
+            v
+            for d in digests
+            if isinstance(d, str) and re.fullmatch(DIGEST_RE, d) and (v := _view(store, d, fetching))
         ]
         return web.json_response({"blobs": views})
 

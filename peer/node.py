@@ -49,7 +49,7 @@ class PeerNode:
         self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
         if cfg.peer.listen:
             app = web.Application()
-            app.add_routes(routes(self.store))
+            app.add_routes(routes(self.store, self.engine.fetching))
             app.router.add_get("/peersync/v1/stats", self._stats)
             await self._serve(app, cfg.peer.listen, "peer exchange")
         if cfg.mirror.listen:

@@ -368,10 +368,12 @@ class SiteNode:
         cm = start_containerd(logs, extra_config=extra_config, prefix=self.prefix, **kwargs)
         return self.stack.enter_context(cm)
 
-    def start_peersync(self, *args: str, workdir: Path | None = None) -> PeerSyncDaemon:
+    def start_peersync(
+        self, *args: str, workdir: Path | None = None, config: str | None = None
+    ) -> PeerSyncDaemon:
         """`peersync daemon` inside this node's namespace; stopped with the node or the site."""
         work = workdir or Path(tempfile.mkdtemp(prefix="peersync-", dir=self.workdir))
-        return self.stack.enter_context(start_peersync(work, *args, prefix=self.prefix))
+        return self.stack.enter_context(start_peersync(work, *args, prefix=self.prefix, config=config))
 
     def stop_services(self) -> None:
         """Stop this node's containerd/peersync (reverse start order)."""

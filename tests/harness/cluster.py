@@ -1,0 +1,101 @@
+"""A PeerSync site: every node of a `netns.Site` runs `peersync daemon` and a containerd using it.
+
+    with Site(nodes=4, uplink_mbit=50) as site:
+        site.start_registry()
+        ref = site.push_image(image, "app")
+        cluster = Cluster(site, mode="full")
+        cluster.pull_all(ref)          # all nodes at once
+
+Modes: "full" (content + snapshotter proxy, lazy reads, pulls through the node's mirror) and
+"mirror" (containerd's builtin stores; only the mirror in hosts.toml is ours).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from peersync import hosts
+from peersync.containerd_config import render
+from tests.harness.containerd import Containerd
+from tests.harness.netns import REGISTRY_IP, Site, SiteNode
+from tests.harness.peersyncd import PeerSyncDaemon
+
+PEER_PORT = 5381
+MIRROR = "127.0.0.1:5380"
+REGISTRY = f"{REGISTRY_IP}:5000"
+
+
+def node_config(node: SiteNode, site: Site, extra: str = "") -> str:
+    peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node]
+    return (
+        f'[peer]\nlisten = "{node.ip}:{PEER_PORT}"\npeers = {json.dumps(peers)}\n'
+        f'[mirror]\nlisten = "{MIRROR}"\n'
+        f'[origin]\nplain_http = ["{REGISTRY}"]\n' + extra
+    )
+
+
+@dataclass
+class ClusterNode:
+    node: SiteNode
+    daemon: PeerSyncDaemon
+    containerd: Containerd
+    hosts_dir: Path
+    snapshotter: str
+
+    def pull(self, ref: str) -> float:
+        """`ctr images pull` through this node's mirror; returns the seconds it took."""
+        started = time.monotonic()
+        self.containerd.pull(
+            ref, snapshotter=self.snapshotter, extra_args=["--hosts-dir", str(self.hosts_dir)]
+        )
+        return time.monotonic() - started
+
+    def run(self, ref: str, cmd: tuple[str, ...] = ()) -> str:
+        return self.containerd.run(ref, list(cmd), snapshotter=self.snapshotter)
+
+    def stats(self) -> dict:
+        """The daemon's transfer counters (asked inside the node's namespace)."""
+        import urllib.request
+
+        def get() -> dict:
+            url = f"http://{self.node.ip}:{PEER_PORT}/peersync/v1/stats"
+            with urllib.request.urlopen(url, timeout=10) as resp:
+                return json.loads(resp.read())
+
+        return self.node.call(get)
+
+
+class Cluster:
+    """Daemons, containerds and hosts.toml on every node of `site`."""
+
+    def __init__(self, site: Site, mode: str = "full", extra_config: str = "") -> None:
+        if mode not in ("full", "mirror"):
+            raise ValueError(f"mode must be full or mirror, not {mode!r}")
+        self.site, self.mode = site, mode
+        self.nodes: list[ClusterNode] = []
+        for node in site.nodes:
+            self.nodes.append(self._start(node, extra_config))
+
+    def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
+        daemon = node.start_peersync(config=node_config(node, self.site, extra_config))
+        full = self.mode == "full"
+        ctrd = node.start_containerd(extra_config=render(daemon.socket, content=True) if full else None)
+        hosts_dir = node.workdir / "hosts.d"
+        hosts.install(REGISTRY, f"http://{MIRROR}", hosts_dir)
+        toml = hosts_dir / REGISTRY / "hosts.toml"
+        toml.write_text(toml.read_text().replace(f"https://{REGISTRY}", f"http://{REGISTRY}"))
+        return ClusterNode(node, daemon, ctrd, hosts_dir, "peersync" if full else "overlayfs")
+
+    def pull_all(self, ref: str, stagger: float = 0.0) -> list[float]:
+        """Every node pulls `ref` at once (or `stagger` seconds apart); seconds per node."""
+
+        def pull(i: int) -> float:
+            time.sleep(i * stagger)
+            return self.nodes[i].pull(ref)
+
+        with ThreadPoolExecutor(len(self.nodes)) as pool:
+            return list(pool.map(pull, range(len(self.nodes))))

@@ -1,0 +1,60 @@
+"""A 4-node edge site in network namespaces behind a tbf-shaped uplink: the issue-3 acceptance tests.
+
+Every node runs its own containerd and peersync daemon; the registry sits across the uplink.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.harness.cluster import Cluster
+from tests.harness.images import BuiltImage, build_sized_image, compare_manifests, snapshot_tree
+from tests.harness.netns import Site, missing_tools
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+if missing_tools():
+    pytestmark.append(pytest.mark.skip(reason=missing_tools()))
+
+UPLINK_MBIT = 80
+
+
+@pytest.fixture(scope="module")
+def image(tmp_path_factory: pytest.TempPathFactory) -> BuiltImage:
+    return build_sized_image(tmp_path_factory.mktemp("cluster-image"), 24 << 20, layers=4, tag="cluster")
+
+
+@pytest.fixture
+def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
+    with Site(nodes=4, uplink_mbit=UPLINK_MBIT, workdir=tmp_path_factory.mktemp("site")) as s:
+        s.start_registry()
+        yield s
+
+
+def check_node(cnode, ref: str, image: BuiltImage) -> None:
+    assert cnode.daemon.corrupt_blobs() == []
+    assert image.expected is not None
+    with cnode.containerd.mount_image(ref, snapshotter=cnode.snapshotter) as rootfs:
+        assert compare_manifests(image.expected, snapshot_tree(rootfs)) == []
+
+
+def test_simultaneous_pulls_cross_the_uplink_about_once(site: Site, image: BuiltImage) -> None:
+    ref = site.push_image(image, "edge/app")
+    cluster = Cluster(site, mode="full")
+    before = site.uplink_bytes()
+    started = time.monotonic()
+    times = cluster.pull_all(ref)
+    uplink = site.uplink_bytes() - before
+    size = image.compressed_size
+    print(
+        f"\n4 pulls: {[round(t, 2) for t in times]} s, uplink {uplink / size:.3f}x the image "
+        f"({size} B), peak {site.sampler.peak_mbit(since=started):.1f} Mbit/s"
+    )
+    for cnode in cluster.nodes:
+        print(cnode.node.name, cnode.stats())
+    assert uplink <= 1.15 * size
+    for cnode in cluster.nodes:
+        assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
+        check_node(cnode, ref, image)
