@@ -7,6 +7,7 @@ content store reaches it only through `node.blob_source` (a `snapshotter.content
 from __future__ import annotations
 
 import socket
+import time
 
 import aiohttp
 import structlog
@@ -66,7 +67,10 @@ class PeerNode:
         """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges)."""
         assert self.engine is not None
         active = [d for d, dl in self.engine.downloads.items() if not dl.task.done()]
-        return web.json_response({**self.engine.counters, "active_downloads": active})
+        now = time.monotonic()
+        dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
+        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
+        return web.json_response(body)
 
     @property
     def blob_source(self) -> LazyBlobs:

@@ -58,3 +58,30 @@ def test_simultaneous_pulls_cross_the_uplink_about_once(site: Site, image: Built
     for cnode in cluster.nodes:
         assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
         check_node(cnode, ref, image)
+
+
+def test_killing_a_serving_peer_mid_pull(site: Site, image: BuiltImage) -> None:
+    """SIGKILL one node's daemon while all four pull: the other three still end with a correct image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = site.push_image(image, "edge/app")
+    cluster = Cluster(site, mode="full")
+    victim, survivors = cluster.nodes[0], cluster.nodes[1:]
+    before = site.uplink_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(n.pull, ref) for n in cluster.nodes]
+        deadline = time.monotonic() + 60
+        # kill once the site has pulled a good part of the image (the victim is serving chunks by then)
+        while site.uplink_bytes() - before < 0.4 * image.compressed_size:
+            assert time.monotonic() < deadline, "the pull never got going"
+            time.sleep(0.02)
+        victim.daemon.kill()
+        with pytest.raises(Exception):  # noqa: B017 - the victim's own pull loses its plugin
+            futures[0].result(timeout=120)
+        for f in futures[1:]:
+            f.result(timeout=180)
+    for cnode in survivors:
+        stats = cnode.stats()
+        assert stats["corrupt_chunks"] == 0
+        assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
+        check_node(cnode, ref, image)

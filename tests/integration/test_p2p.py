@@ -7,8 +7,10 @@ Each node is a `peersync daemon` + its own containerd, pulling through the node'
 from __future__ import annotations
 
 import json
+import os
+import sys
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,9 +19,9 @@ import pytest
 
 from peersync import hosts
 from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.images import BuiltImage, compare_manifests, snapshot_tree
-from tests.harness.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
-from tests.harness.procs import free_port
+from tests.harness.images import BuiltImage, build_sized_image, compare_manifests, push_image, snapshot_tree
+from tests.harness.peersyncd import REPO, PeerSyncDaemon, loopback_config, start_peersync
+from tests.harness.procs import ManagedProcess, free_port, http_answers, running
 from tests.harness.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -33,54 +35,111 @@ class Node:
     peer_url: str
 
     def pull(self, ref: str) -> None:
-        self.containerd.pull(
-            ref, snapshotter="peersync", plain_http=True, extra_args=["--hosts-dir", str(self.hosts_dir)]
-        )
+        args = ["--hosts-dir", str(self.hosts_dir)]
+        self.containerd.pull(ref, snapshotter="peersync", plain_http=True, extra_args=args)
 
     def stats(self) -> dict:
         with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
             return json.loads(resp.read())
 
+    def check(self, ref: str, image: BuiltImage) -> None:
+        assert self.daemon.corrupt_blobs() == []
+        assert image.expected is not None
+        with self.containerd.mount_image(ref, snapshotter="peersync") as rootfs:
+            assert compare_manifests(image.expected, snapshot_tree(rootfs)) == []
+
+
+NodeFactory = Callable[[int, list[str]], Node]
+
 
 @pytest.fixture
-def nodes(tmp_path: Path, registry: Registry) -> Iterator[list[Node]]:
-    ports = [free_port() for _ in range(2)]
-    urls = [f"http://127.0.0.1:{p}" for p in ports]
+def make_node(tmp_path: Path, registry: Registry) -> Iterator[NodeFactory]:
+    """`make_node(port, peer_urls)`: a daemon whose peer exchange listens on 127.0.0.1:port."""
     with ExitStack() as stack:
-        result = []
-        for i, port in enumerate(ports):
-            peers = [u.removeprefix("http://") for j, u in enumerate(urls) if j != i]
-            config = loopback_config(plain_http=[registry.address], peers=peers)
-            config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
-            daemon = stack.enter_context(start_peersync(tmp_path / f"n{i}", config=config))
-            ctrd = stack.enter_context(
-                start_containerd(tmp_path / f"c{i}", extra_config=daemon.containerd_config())
+
+        def make(port: int, peers: list[str]) -> Node:
+            work = tmp_path / f"node-{port}"
+            config = loopback_config(
+                plain_http=[registry.address], peers=[p.removeprefix("http://") for p in peers]
             )
-            hosts_dir = tmp_path / f"hosts{i}"
+            config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
+            daemon = stack.enter_context(start_peersync(work, config=config))
+            ctrd = stack.enter_context(
+                start_containerd(work / "containerd", extra_config=daemon.containerd_config())
+            )
+            hosts_dir = work / "hosts.d"
             hosts.install(registry.address, f"http://{daemon.mirror}", hosts_dir)
             toml = hosts_dir / registry.address / "hosts.toml"
             toml.write_text(
                 toml.read_text().replace(f"https://{registry.address}", f"http://{registry.address}")
             )
-            result.append(Node(daemon, ctrd, hosts_dir, urls[i]))
-        yield result
+            return Node(daemon, ctrd, hosts_dir, f"http://127.0.0.1:{port}")
+
+        yield make
+
+
+@pytest.fixture(scope="module")
+def small_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> tuple[BuiltImage, str]:
+    """~12 MB in 2 layers: a dozen chunks, so a peer is asked for many of them."""
+    image = build_sized_image(tmp_path_factory.mktemp("p2p-image"), 12 << 20, layers=2, tag="p2p")
+    return image, push_image(image, registry, "peersync/p2p")
 
 
 def test_second_node_pulls_from_the_first(
-    nodes: list[Node], test_image: BuiltImage, test_image_ref: str
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
 ) -> None:
-    a, b = nodes
+    pa, pb = free_port(), free_port()
+    a = make_node(pa, [f"http://127.0.0.1:{pb}"])
+    b = make_node(pb, [f"http://127.0.0.1:{pa}"])
     a.pull(test_image_ref)
     assert a.containerd.run(test_image_ref, snapshotter="peersync") == test_image.expected_output
     layers = sum(layer.descriptor.size for layer in test_image.layers)
-    first = a.stats()
-    assert first["origin_bytes"] >= layers  # alone: everything came from the origin
+    assert a.stats()["origin_bytes"] >= layers  # alone: everything came from the origin
     b.pull(test_image_ref)
     assert b.containerd.run(test_image_ref, snapshotter="peersync") == test_image.expected_output
     second = b.stats()
     assert second["origin_bytes"] == 0, second
     assert second["peer_bytes"] >= layers
-    assert b.daemon.corrupt_blobs() == [] and a.daemon.corrupt_blobs() == []
-    assert test_image.expected is not None
-    with b.containerd.mount_image(test_image_ref, snapshotter="peersync") as rootfs:
-        assert compare_manifests(test_image.expected, snapshot_tree(rootfs)) == []
+    a.check(test_image_ref, test_image)
+    b.check(test_image_ref, test_image)
+
+
+@pytest.mark.parametrize("mode", ["flip", "liar"])
+def test_corrupt_peer_is_detected_and_dropped(
+    make_node: NodeFactory, tmp_path: Path, small_image: tuple[BuiltImage, str], mode: str
+) -> None:
+    """A peer serving corrupted chunks (with the honest hash, or with a hash of its own garbage)
+    is caught chunk by chunk against the verified table, dropped, and the image is still right."""
+    image, ref = small_image
+    pa, pe, pb = free_port(), free_port(), free_port()
+    a = make_node(pa, [])
+    a.pull(ref)  # A holds the complete, verified blobs
+    evil_url = f"http://127.0.0.1:{pe}"
+    evil = ManagedProcess(
+        [
+            sys.executable,
+            "-m",
+            "tests.harness.evilpeer",
+            "--listen",
+            f"127.0.0.1:{pe}",
+            "--upstream",
+            a.peer_url,
+            "--mode",
+            mode,
+        ],
+        tmp_path / "evil.log",
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    with running(evil, lambda: http_answers(f"{evil_url}/evil/served")):
+        b = make_node(pb, [a.peer_url, evil_url])
+        b.pull(ref)
+        with urllib.request.urlopen(f"{evil_url}/evil/served", timeout=10) as resp:
+            served = json.loads(resp.read())["chunks"]
+    stats = b.stats()
+    assert served >= 1, "the corrupt peer was never asked: the test proves nothing"
+    assert stats["corrupt_chunks"] >= 1
+    assert evil_url in stats["dropped_peers"]
+    assert a.peer_url not in stats["dropped_peers"]
+    assert stats["origin_bytes"] == 0  # everything still came from the honest peer
+    assert b.containerd.run(ref, ["sh", "-c", "ls /payload | wc -l"], snapshotter="peersync").strip() == "2"
+    b.check(ref, image)
