@@ -59,6 +59,9 @@ plain_http = []
 [origin.auth]
 
 [grpc]
+# "h2": PeerSync's own HTTP/2 gRPC server (~5x less CPU per small Read than grpcio, see
+# bench/RESULTS.md); "grpcio": grpcio's asyncio server. Both serve the same servicers.
+implementation = "h2"
 # Largest request message accepted from containerd (its own limit is 16 MiB).
 max_receive_message_size = 16777216
 # Largest data payload in one Read response message.
@@ -79,6 +82,7 @@ class StoreConfig:
 
 @dataclass(frozen=True)
 class GrpcConfig:
+    implementation: str = "h2"
     max_receive_message_size: int = 16 * MIB
     read_message_size: int = 1 * MIB
 
@@ -191,6 +195,8 @@ def _validate(config: Any, where: str) -> None:
     if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
     if isinstance(config, GrpcConfig):
+        if config.implementation not in ("h2", "grpcio"):
+            raise InvalidArgument(f"{where}: grpc.implementation must be h2 or grpcio")
         if not 64 * 1024 <= config.read_message_size <= 4 * MIB:
             raise InvalidArgument(f"{where}: grpc.read_message_size must be between 64 KiB and 4 MiB")
         if config.max_receive_message_size < 4 * MIB:

@@ -8,6 +8,7 @@ Write/Read protocol over the wire, message by message, the way containerd's prox
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import inspect
 import os
@@ -34,6 +35,7 @@ from snapshotter.api import content_pb2, content_pb2_grpc
 from snapshotter.content import READ_PIECE, ContentStore, Info, Status
 from snapshotter.grpc_content import ContentServicer
 from snapshotter.grpcerrors import CODES
+from snapshotter.server import new_server
 
 CHUNK = 64 * 1024
 ERRORS = {code: cls for cls, code in CODES.items()}
@@ -91,8 +93,9 @@ class WireWriter:
         return (await self.send(action=content_pb2.WRITE, offset=offset, data=data)).offset
 
     async def commit(self, size: int = 0, expected: str = "", labels: Mapping[str, str] | None = None) -> str:
-        resp = await self.send(action=content_pb2.COMMIT, total=size, offset=self.offset,
-                               expected=expected, labels=labels or {})
+        resp = await self.send(
+            action=content_pb2.COMMIT, total=size, offset=self.offset, expected=expected, labels=labels or {}
+        )
         return resp.digest
 
     async def close(self) -> None:
@@ -117,7 +120,8 @@ class WireContent:
     async def update(self, info: Info, fieldpaths: Sequence[str] = ()) -> Info:
         request = content_pb2.UpdateRequest(
             info=content_pb2.Info(digest=info.digest, labels=dict(info.labels)),
-            update_mask=field_mask_pb2.FieldMask(paths=list(fieldpaths)))
+            update_mask=field_mask_pb2.FieldMask(paths=list(fieldpaths)),
+        )
         return _info((await self._unary("Update", request)).info)
 
     async def walk(self, filters: Sequence[str] = ()) -> AsyncIterator[Info]:
@@ -133,8 +137,9 @@ class WireContent:
 
     async def read(self, digest: str, offset: int = 0, size: int = 0) -> AsyncIterator[tuple[int, bytes]]:
         try:
-            async for resp in self.stub.Read(content_pb2.ReadContentRequest(digest=digest, offset=offset,
-                                                                             size=size)):
+            async for resp in self.stub.Read(
+                content_pb2.ReadContentRequest(digest=digest, offset=offset, size=size)
+            ):
                 yield resp.offset, resp.data
         except grpc.aio.AioRpcError as exc:
             raise _error(exc) from None
@@ -165,31 +170,45 @@ def chunks(tmp_path: Path) -> Any:
     meta.close()
 
 
-@pytest.fixture
-async def stub(chunks: ChunkStore, tmp_path: Path) -> AsyncIterator[content_pb2_grpc.ContentStub]:
-    socket = tmp_path / "content.sock"
-    server = grpc.aio.server(options=[("grpc.max_send_message_length", READ_PIECE + 64 * 1024)])
+@contextlib.asynccontextmanager
+async def serve(
+    chunks: ChunkStore, tmp_path: Path, implementation: str
+) -> AsyncIterator[content_pb2_grpc.ContentStub]:
+    """A ContentServicer on a unix socket over the given gRPC server implementation."""
+    socket = tmp_path / f"content-{implementation}.sock"
+    server = new_server([("grpc.max_send_message_length", READ_PIECE + 64 * 1024)], implementation)
     content_pb2_grpc.add_ContentServicer_to_server(ContentServicer(ContentStore(chunks)), server)
     server.add_insecure_port(f"unix:{socket}")
     await server.start()
     channel = grpc.aio.insecure_channel(f"unix:{socket}")
-    yield content_pb2_grpc.ContentStub(channel)
-    await channel.close()
-    await server.stop(None)
+    try:
+        yield content_pb2_grpc.ContentStub(channel)
+    finally:
+        await channel.close()
+        await server.stop(None)
 
 
-@pytest.fixture(params=["direct", "wire"])
-def store(request: pytest.FixtureRequest, chunks: ChunkStore) -> Any:
+@pytest.fixture(params=["h2", "grpcio"])
+async def stub(request: pytest.FixtureRequest, chunks: ChunkStore, tmp_path: Path) -> AsyncIterator[Any]:
+    """A raw stub, over each gRPC server implementation (snapshotter.server.new_server)."""
+    async with serve(chunks, tmp_path, request.param) as s:
+        yield s
+
+
+@pytest.fixture(params=["direct", "wire-h2", "wire-grpcio"])
+async def store(request: pytest.FixtureRequest, chunks: ChunkStore, tmp_path: Path) -> AsyncIterator[Any]:
     if request.param == "direct":
-        return ContentStore(chunks)
-    return WireContent(request.getfixturevalue("stub"))
+        yield ContentStore(chunks)
+        return
+    async with serve(chunks, tmp_path, request.param.removeprefix("wire-")) as s:
+        yield WireContent(s)
 
 
 async def ingest(store: Any, ref: str, data: bytes, piece: int = 100_000, **labels: str) -> str:
     writer = await store.writer(ref, len(data))
     offset = 0
     for i in range(0, len(data), piece):
-        offset = await writer.write_at(offset, data[i:i + piece])
+        offset = await writer.write_at(offset, data[i : i + piece])
     return await writer.commit(len(data), sha(data), labels)
 
 
@@ -212,8 +231,9 @@ async def test_write_commit_info_read(store: Any, chunks: ChunkStore, blob: byte
     assert (info.digest, info.size) == (digest, len(blob))
     assert 0 < info.created_ns <= info.updated_ns
     assert await read_all(store, digest) == blob
-    assert chunks.chunk_hashes(digest) == [hashlib.sha256(blob[i:i + CHUNK]).digest()
-                                           for i in range(0, len(blob), CHUNK)]
+    assert chunks.chunk_hashes(digest) == [
+        hashlib.sha256(blob[i : i + CHUNK]).digest() for i in range(0, len(blob), CHUNK)
+    ]
     with pytest.raises(NotFound):
         await store.status("default/1/layer")
 
@@ -224,16 +244,19 @@ async def test_empty_blob(store: Any) -> None:
     assert await read_all(store, digest) == b""
 
 
-@pytest.mark.parametrize("offset,size,want", [
-    (0, 0, slice(None)),
-    (0, -1, slice(None)),
-    (-5, 10, slice(0, 10)),
-    (10, 0, slice(10, None)),
-    (4, 4, slice(4, 8)),
-    (512, 508, slice(512, 1020)),
-    ("end-3", 100, slice(-3, None)),
-    ("end", 0, slice(0, 0)),
-])
+@pytest.mark.parametrize(
+    "offset,size,want",
+    [
+        (0, 0, slice(None)),
+        (0, -1, slice(None)),
+        (-5, 10, slice(0, 10)),
+        (10, 0, slice(10, None)),
+        (4, 4, slice(4, 8)),
+        (512, 508, slice(512, 1020)),
+        ("end-3", 100, slice(-3, None)),
+        ("end", 0, slice(0, 0)),
+    ],
+)
 async def test_read_ranges(store: Any, blob: bytes, offset: Any, size: int, want: slice) -> None:
     digest = await ingest(store, "r", blob)
     offset = {"end": len(blob), "end-3": len(blob) - 3}.get(offset, offset)
@@ -403,6 +426,7 @@ async def test_status_list_abort(store: Any) -> None:
 # Over the wire, closing a writer cancels its stream and the server releases the ref a moment
 # later; containerd's client retries on UNAVAILABLE, and so do these helpers, briefly.
 
+
 async def _retry(fn: Any, *args: Any) -> Any:
     for _ in range(100):
         try:
@@ -433,7 +457,7 @@ class FakeSource:
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         self.reads.append((offset, size))
-        return self.blobs[digest][offset:offset + size]
+        return self.blobs[digest][offset : offset + size]
 
 
 async def test_blob_source_serves_missing_blobs(chunks: ChunkStore, blob: bytes) -> None:
@@ -456,8 +480,9 @@ async def test_blob_source_serves_missing_blobs(chunks: ChunkStore, blob: bytes)
 # -- the raw Write/Read protocol over the wire ---------------------------------------------
 
 
-async def lockstep(stub: content_pb2_grpc.ContentStub,
-                   requests: list[content_pb2.WriteContentRequest]) -> list[content_pb2.WriteContentResponse]:
+async def lockstep(
+    stub: content_pb2_grpc.ContentStub, requests: list[content_pb2.WriteContentRequest]
+) -> list[content_pb2.WriteContentResponse]:
     """Send each request and wait for its one response, as containerd's remoteWriter does."""
     call = stub.Write()
     responses = []
@@ -476,8 +501,9 @@ def req(action: int, **fields: Any) -> content_pb2.WriteContentRequest:
 STAT, WRITE, COMMIT = content_pb2.STAT, content_pb2.WRITE, content_pb2.COMMIT
 
 
-async def expect_code(code: grpc.StatusCode, stub: content_pb2_grpc.ContentStub,
-                      requests: list[content_pb2.WriteContentRequest]) -> int:
+async def expect_code(
+    code: grpc.StatusCode, stub: content_pb2_grpc.ContentStub, requests: list[content_pb2.WriteContentRequest]
+) -> int:
     """Run requests until the stream fails with `code`; returns how many responses came first."""
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         call = stub.Write()
@@ -492,13 +518,16 @@ async def expect_code(code: grpc.StatusCode, stub: content_pb2_grpc.ContentStub,
 
 async def test_wire_lockstep_session(stub: content_pb2_grpc.ContentStub) -> None:
     data = b"x" * 5000
-    responses = await lockstep(stub, [
-        req(STAT, ref="r", total=5000),
-        req(WRITE, offset=0, data=data[:2000]),
-        req(WRITE, offset=2000, data=data[2000:]),
-        req(STAT),
-        req(COMMIT, offset=5000, total=5000, expected=sha(data), labels={"k": "v"}),
-    ])
+    responses = await lockstep(
+        stub,
+        [
+            req(STAT, ref="r", total=5000),
+            req(WRITE, offset=0, data=data[:2000]),
+            req(WRITE, offset=2000, data=data[2000:]),
+            req(STAT),
+            req(COMMIT, offset=5000, total=5000, expected=sha(data), labels={"k": "v"}),
+        ],
+    )
     assert [r.action for r in responses] == [STAT, WRITE, WRITE, STAT, COMMIT]
     assert [r.offset for r in responses] == [0, 2000, 5000, 5000, 5000]
     first = responses[0]
@@ -516,11 +545,18 @@ async def test_wire_resume_truncate_and_out_of_range(stub: content_pb2_grpc.Cont
     await lockstep(stub, [req(STAT, ref="r", total=6), req(WRITE, offset=0, data=b"abc")])
     resumed = await lockstep(stub, [req(STAT, ref="r", total=6)])
     assert resumed[0].offset == 3 and resumed[0].total == 6
-    answered = await expect_code(grpc.StatusCode.OUT_OF_RANGE, stub,
-                                 [req(STAT, ref="r"), req(WRITE, offset=2, data=b"x")])
+    answered = await expect_code(
+        grpc.StatusCode.OUT_OF_RANGE, stub, [req(STAT, ref="r"), req(WRITE, offset=2, data=b"x")]
+    )
     assert answered == 1
-    responses = await lockstep(stub, [req(STAT, ref="r"), req(WRITE, offset=0, data=b"fresh!"),
-                                      req(COMMIT, offset=6, total=6, expected=sha(b"fresh!"))])
+    responses = await lockstep(
+        stub,
+        [
+            req(STAT, ref="r"),
+            req(WRITE, offset=0, data=b"fresh!"),
+            req(COMMIT, offset=6, total=6, expected=sha(b"fresh!")),
+        ],
+    )
     assert [r.offset for r in responses] == [3, 6, 6]
     assert responses[-1].digest == sha(b"fresh!")
 
@@ -550,16 +586,26 @@ async def test_wire_client_going_away_releases_ref(stub: content_pb2_grpc.Conten
     pytest.fail("ref still locked after the client went away")
 
 
-@pytest.mark.parametrize("commit,code", [
-    (req(COMMIT, offset=3, total=4, expected=sha(b"abc")), grpc.StatusCode.FAILED_PRECONDITION),
-    (req(COMMIT, offset=3, total=3, expected=sha(b"abd")), grpc.StatusCode.FAILED_PRECONDITION),
-    (req(COMMIT, offset=3, total=3, expected="sha256:bogus"), grpc.StatusCode.INVALID_ARGUMENT),
-    (req(COMMIT, offset=3, total=3, expected=sha(b"present")), grpc.StatusCode.ALREADY_EXISTS),
-])
-async def test_wire_commit_failures(stub: content_pb2_grpc.ContentStub, commit: Any,
-                                    code: grpc.StatusCode) -> None:
-    await lockstep(stub, [req(STAT, ref="p"), req(WRITE, data=b"present"),
-                          req(COMMIT, offset=7, total=7, expected=sha(b"present"))])
+@pytest.mark.parametrize(
+    "commit,code",
+    [
+        (req(COMMIT, offset=3, total=4, expected=sha(b"abc")), grpc.StatusCode.FAILED_PRECONDITION),
+        (req(COMMIT, offset=3, total=3, expected=sha(b"abd")), grpc.StatusCode.FAILED_PRECONDITION),
+        (req(COMMIT, offset=3, total=3, expected="sha256:bogus"), grpc.StatusCode.INVALID_ARGUMENT),
+        (req(COMMIT, offset=3, total=3, expected=sha(b"present")), grpc.StatusCode.ALREADY_EXISTS),
+    ],
+)
+async def test_wire_commit_failures(
+    stub: content_pb2_grpc.ContentStub, commit: Any, code: grpc.StatusCode
+) -> None:
+    await lockstep(
+        stub,
+        [
+            req(STAT, ref="p"),
+            req(WRITE, data=b"present"),
+            req(COMMIT, offset=7, total=7, expected=sha(b"present")),
+        ],
+    )
     await expect_code(code, stub, [req(STAT, ref="r", total=3), req(WRITE, data=b"abc"), commit])
 
 
@@ -569,12 +615,22 @@ async def test_wire_expected_on_open_of_present_blob(stub: content_pb2_grpc.Cont
 
 
 async def test_wire_reads(stub: content_pb2_grpc.ContentStub, blob: bytes) -> None:
-    await lockstep(stub, [req(STAT, ref="r", total=len(blob)),
-                          req(WRITE, data=blob), req(COMMIT, offset=len(blob), expected=sha(blob))])
+    await lockstep(
+        stub,
+        [
+            req(STAT, ref="r", total=len(blob)),
+            req(WRITE, data=blob),
+            req(COMMIT, offset=len(blob), expected=sha(blob)),
+        ],
+    )
 
     async def read(offset: int, size: int) -> list[content_pb2.ReadContentResponse]:
-        return [r async for r in stub.Read(content_pb2.ReadContentRequest(digest=sha(blob), offset=offset,
-                                                                           size=size))]
+        return [
+            r
+            async for r in stub.Read(
+                content_pb2.ReadContentRequest(digest=sha(blob), offset=offset, size=size)
+            )
+        ]
 
     tiny = await read(512, 4)
     assert [(r.offset, r.data) for r in tiny] == [(512, blob[512:516])]
@@ -592,7 +648,13 @@ async def test_wire_reads(stub: content_pb2_grpc.ContentStub, blob: bytes) -> No
 async def test_wire_list_batches(stub: content_pb2_grpc.ContentStub) -> None:
     for i in range(150):
         data = f"blob {i}".encode()
-        await lockstep(stub, [req(STAT, ref=f"r{i}"), req(WRITE, data=data),
-                              req(COMMIT, offset=len(data), expected=sha(data))])
+        await lockstep(
+            stub,
+            [
+                req(STAT, ref=f"r{i}"),
+                req(WRITE, data=data),
+                req(COMMIT, offset=len(data), expected=sha(data)),
+            ],
+        )
     batches = [r async for r in stub.List(content_pb2.ListContentRequest())]
     assert [len(b.info) for b in batches] == [100, 50]

@@ -31,6 +31,7 @@ from snapshotter import snapshots as snapshots_module
 from snapshotter import storage
 from snapshotter.api import snapshots_pb2, snapshots_pb2_grpc
 from snapshotter.grpc_snapshots import SnapshotsServicer
+from snapshotter.server import new_server
 from snapshotter.snapshots import Info, Kind, Mount, Snapshotter, Usage
 
 LIST_BATCH = 7  # small, so List batching is exercised with few snapshots
@@ -189,7 +190,8 @@ class DirectHarness:
 class WireHarness(DirectHarness):
     """The same Snapshotter behind SnapshotsServicer on a unix socket, reached by GrpcSnapshotter."""
 
-    name = "wire"
+    name = "wire-grpcio"
+    implementation = "grpcio"
 
     def __init__(self, root: Path) -> None:
         super().__init__(root)
@@ -198,7 +200,7 @@ class WireHarness(DirectHarness):
 
     async def start(self) -> None:
         self._open()
-        self.server = grpc.aio.server()
+        self.server = new_server([], self.implementation)
         servicer = SnapshotsServicer(self.snapshotter, list_batch=LIST_BATCH)
         snapshots_pb2_grpc.add_SnapshotsServicer_to_server(servicer, self.server)
         self.server.add_insecure_port(self.address)
@@ -215,7 +217,14 @@ class WireHarness(DirectHarness):
         shutil.rmtree(self.socket_dir, ignore_errors=True)
 
 
-@pytest.fixture(params=[DirectHarness, WireHarness], ids=lambda cls: cls.name)
+class H2WireHarness(WireHarness):
+    """The same, over PeerSync's own HTTP/2 gRPC server (the daemon's default)."""
+
+    name = "wire-h2"
+    implementation = "h2"
+
+
+@pytest.fixture(params=[DirectHarness, WireHarness, H2WireHarness], ids=lambda cls: cls.name)
 async def harness(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[DirectHarness]:
     h = request.param(tmp_path / "root")
     await h.start()

@@ -1,0 +1,216 @@
+"""Server CPU per content `Read` RPC: snapshotter.h2server vs grpc.aio, side by side in one run.
+
+Reproduces containerd's unpack pattern: one server-streaming Read(digest, offset, 32 KiB) per ReadAt,
+strictly sequential, each answered with a 32 KiB `os.pread` from a blob. The client (a separate
+process, identical for every server: grpcio's sync stub over a unix socket) warms up, then issues N
+Reads; the server's CPU (user+sys of the whole process, from /proc) is sampled around the measured
+window. Servers run in their own processes too. Rounds are interleaved to spread machine noise.
+
+    python bench/rpc_overhead.py [-n 5000] [--rounds 3] [--size 32768]
+
+Rows: h2server and grpc.aio on the default asyncio loop and on uvloop (if installed), plus h2server
+with the pread moved to `asyncio.to_thread` (what a servicer that keeps the loop free pays).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CLK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK  # utime, stime
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+def serve(kind: str, sock: str, blob: str, loop_kind: str) -> None:
+    import grpc
+
+    from snapshotter.api import content_pb2, content_pb2_grpc
+
+    fd = os.open(blob, os.O_RDONLY)
+    response = content_pb2.ReadContentResponse
+
+    class Content(content_pb2_grpc.ContentServicer):
+        async def Read(self, request, context):  # noqa: N802 - gRPC method name
+            yield response(offset=request.offset, data=os.pread(fd, request.size, request.offset))
+
+    class ThreadedContent(content_pb2_grpc.ContentServicer):
+        async def Read(self, request, context):  # noqa: N802
+            data = await asyncio.to_thread(os.pread, fd, request.size, request.offset)
+            yield response(offset=request.offset, data=data)
+
+    async def main() -> None:
+        options = [("grpc.max_receive_message_length", 16 << 20)]
+        if kind.startswith("h2"):
+            from snapshotter import h2server
+
+            server = h2server.server(options)
+        else:
+            server = grpc.aio.server(options=options)
+        servicer = ThreadedContent() if kind.endswith("thread") else Content()
+        content_pb2_grpc.add_ContentServicer_to_server(servicer, server)
+        server.add_insecure_port(f"unix:{sock}")
+        await server.start()
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.readline)
+        await server.stop(None)
+
+    if loop_kind == "uvloop":
+        import uvloop
+
+        uvloop.install()
+    asyncio.run(main())
+
+
+# ---------------------------------------------------------------------------------------------- client
+
+
+def client(sock: str, n: int, size: int, warmup: int) -> None:
+    import grpc
+
+    from snapshotter.api import content_pb2, content_pb2_grpc
+
+    channel = grpc.insecure_channel(f"unix:{sock}")
+    stub = content_pb2_grpc.ContentStub(channel)
+    span = 48 << 20
+
+    def run(count: int, base: int) -> int:
+        got = 0
+        for i in range(count):
+            off = (base + i) * size % span
+            for r in stub.Read(content_pb2.ReadContentRequest(digest="x", offset=off, size=size)):
+                got += len(r.data)
+        return got
+
+    run(warmup, 0)
+    print("warm", flush=True)
+    sys.stdin.readline()
+    r0 = resource.getrusage(resource.RUSAGE_SELF)
+    t0 = time.perf_counter()
+    got = run(n, warmup)
+    wall = time.perf_counter() - t0
+    r1 = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
+    assert got == n * size, got
+    print(json.dumps({"wall": wall, "cpu": cpu}), flush=True)
+    channel.close()
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+
+def measure(kind: str, loop_kind: str, blob: str, n: int, size: int, tmp: str) -> dict:
+    sock = os.path.join(tmp, f"{kind}-{loop_kind}.sock")
+    me = [sys.executable, __file__]
+    srv = subprocess.Popen(
+        [*me, "--serve", kind, "--sock", sock, "--blob", blob, "--loop", loop_kind],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert srv.stdout.readline().strip() == "ready"
+        cli = subprocess.Popen(
+            [*me, "--client", "--sock", sock, "-n", str(n), "--size", str(size)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert cli.stdout.readline().strip() == "warm"
+        s0 = proc_cpu(srv.pid)
+        cli.stdin.write("go\n")
+        cli.stdin.flush()
+        result = json.loads(cli.stdout.readline())
+        s1 = proc_cpu(srv.pid)
+        cli.wait(30)
+    finally:
+        try:
+            srv.stdin.write("stop\n")
+            srv.stdin.flush()
+            srv.wait(10)
+        except Exception:  # noqa: BLE001
+            srv.kill()
+    return {
+        "server_us": (s1 - s0) / n * 1e6,
+        "client_us": result["cpu"] / n * 1e6,
+        "wall_us": result["wall"] / n * 1e6,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-n", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--size", type=int, default=32768)
+    ap.add_argument("--warmup", type=int, default=300)
+    ap.add_argument("--serve")
+    ap.add_argument("--client", action="store_true")
+    ap.add_argument("--sock")
+    ap.add_argument("--blob")
+    ap.add_argument("--loop", default="asyncio")
+    ap.add_argument("--only", help="comma-separated subset of row names")
+    args = ap.parse_args()
+    if args.serve:
+        serve(args.serve, args.sock, args.blob, args.loop)
+        return
+    if args.client:
+        client(args.sock, args.n, args.size, args.warmup)
+        return
+
+    try:
+        import uvloop  # noqa: F401
+
+        loops = ["asyncio", "uvloop"]
+    except ImportError:
+        loops = ["asyncio"]
+    rows = [(k, lp) for k in ("h2", "grpc.aio") for lp in loops] + [("h2-thread", "asyncio")]
+    if args.only:
+        wanted = set(args.only.split(","))
+        rows = [r for r in rows if f"{r[0]}/{r[1]}" in wanted]
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = os.path.join(tmp, "blob")
+        with open(blob, "wb") as f:
+            f.write(os.urandom(48 << 20))
+        samples: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
+        for rnd in range(args.rounds):
+            for row in rows:
+                samples[row].append(measure(*row, blob, args.n, args.size, tmp))
+                print(f"round {rnd + 1}: {row[0]}/{row[1]}: {samples[row][-1]}", file=sys.stderr)
+
+    def med(row: tuple[str, str], key: str) -> float:
+        return statistics.median(s[key] for s in samples[row])
+
+    print(f"\n{args.n} sequential Read RPCs of {args.size} B per round, median of {args.rounds} rounds")
+    heads = ("server CPU µs/RPC", "client CPU µs/RPC", "wall µs/RPC")
+    print(f"{'server':<12} {'loop':<8} {heads[0]:>18} {heads[1]:>18} {heads[2]:>12}")
+    for row in rows:
+        print(
+            f"{row[0]:<12} {row[1]:<8} {med(row, 'server_us'):>18.1f} {med(row, 'client_us'):>18.1f} "
+            f"{med(row, 'wall_us'):>12.1f}"
+        )
+    for lp in loops:
+        a, b = ("grpc.aio", lp), ("h2", lp)
+        if a in samples and b in samples:
+            print(f"server CPU ratio grpc.aio/h2 ({lp}): {med(a, 'server_us') / med(b, 'server_us'):.2f}x")
+
+
+if __name__ == "__main__":
+    main()
