@@ -98,8 +98,13 @@ def test_daemon_restart_between_pull_and_run(
     containerd: Containerd, peersync: PeerSyncDaemon, test_image: BuiltImage, test_image_ref: str
 ) -> None:
     containerd.pull(test_image_ref, snapshotter=SNAPSHOTTER)
+    before = containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls")
     assert peersync.stop() == 0
     peersync.start()
+    # containerd's gRPC client reconnects to a restarted plugin after its backoff (about 1 s):
+    # until then its calls fail fast with UNAVAILABLE. Wait for it, then nothing must differ.
+    retry(lambda: containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls"), attempts=20, delay=0.5)
+    assert containerd.ctr("snapshots", "--snapshotter", SNAPSHOTTER, "ls") == before
     assert containerd.run(test_image_ref, snapshotter=SNAPSHOTTER) == test_image.expected_output
     assert test_image.expected is not None
     with containerd.mount_image(test_image_ref, snapshotter=SNAPSHOTTER) as rootfs:
