@@ -20,6 +20,7 @@ import hashlib
 import json
 import re
 import time
+from http import HTTPStatus
 
 import structlog
 from aiohttp import web
@@ -99,8 +100,8 @@ class Mirror:
             m = await self.origin.resolve(registry, repo, ref)
             body, media_type, digest = m.body, m.media_type, m.digest
             self._keep(digest, body, media_type, registry, repo)
-        if not DIGEST.match(ref):
-            self._tags[(registry, repo, ref)] = (time.monotonic(), digest)
+            if not DIGEST.match(ref):  # only an answer from the origin starts a tag's TTL, not a hit
+                self._tags[(registry, repo, ref)] = (time.monotonic(), digest)
         self._catalog_children(body, registry, repo)
         return body, media_type, digest
 
@@ -204,4 +205,7 @@ def _error(exc: errors.PeerSyncError, code: str) -> web.Response:
     status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)
     if status != 404:
         code = {400: "UNSUPPORTED", 403: "DENIED", 416: "RANGE_INVALID"}.get(status, "UNAVAILABLE")
-    return web.json_response({"errors": [{"code": code, "message": str(exc)}]}, status=status)
+    # containerd reports only the status line of a failed resolve, never the body: carry the why there too.
+    why = " ".join(str(exc).split())[:300].encode("ascii", "replace").decode()
+    reason = f"{HTTPStatus(status).phrase} ({why})"
+    return web.json_response({"errors": [{"code": code, "message": str(exc)}]}, status=status, reason=reason)
