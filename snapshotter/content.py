@@ -175,6 +175,22 @@ class ContentStore:
         parse_digest(digest)
         await asyncio.to_thread(self.chunks.delete, digest)
 
+    def read_once(
+        self, digest: str, offset: int, size: int, piece: int = READ_PIECE
+    ) -> tuple[int, bytes] | None:
+        """The whole answer to a small Read in one pread, when that is all it takes: the blob is
+        complete and its fd cached, 0 <= offset < size, 0 < size <= piece. Anything else is None
+        and goes through `read`, which owns every rule and error."""
+        if offset < 0 or not 0 < size <= piece:
+            return None
+        try:
+            got = self.chunks.read_cached(digest, offset, size)
+        except OSError:
+            return None
+        if got is None or offset >= got[0]:
+            return None
+        return offset, got[1]
+
     async def read(self, digest: str, offset: int = 0, size: int = 0,
                    piece: int = READ_PIECE) -> AsyncIterator[tuple[int, bytes]]:
         try:

@@ -658,3 +658,16 @@ async def test_wire_list_batches(stub: content_pb2_grpc.ContentStub) -> None:
         )
     batches = [r async for r in stub.List(content_pb2.ListContentRequest())]
     assert [len(b.info) for b in batches] == [100, 50]
+
+
+async def test_small_read_fast_path_matches_general_path(store: Any, chunks: ChunkStore) -> None:
+    """The one-pread fast path (cached fd) answers exactly like the general path, and never
+    serves a deleted blob from a stale fd."""
+    data = bytes(range(256)) * 1000
+    digest = await ingest(store, "fast-path", data)
+    assert await read_all(store, digest, 0, 10) == data[:10]  # opens and caches the fd
+    for offset, size in [(0, 4), (512, 508), (1000, 32 << 10), (len(data) - 3, 100)]:
+        assert await read_all(store, digest, offset, size) == data[offset : offset + size]
+    await store.delete(digest)
+    with pytest.raises(NotFound):
+        await read_all(store, digest, 0, 4)
