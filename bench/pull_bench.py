@@ -23,10 +23,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.harness.containerd import Containerd, start_containerd  # noqa: E402
-from tests.harness.images import build_sized_image, push_image  # noqa: E402
-from tests.harness.peersyncd import start_peersync  # noqa: E402
-from tests.harness.registry import start_registry  # noqa: E402
+from peersync.testbed.containerd import Containerd, start_containerd  # noqa: E402
+from peersync.testbed.images import build_sized_image, push_image  # noqa: E402
+from peersync.testbed.peersyncd import start_peersync  # noqa: E402
+from peersync.testbed.registry import start_registry  # noqa: E402
 
 CACHE = Path("/tmp/peersync-bench-images")
 
@@ -101,11 +101,15 @@ def main() -> int:
         "daemon_cpu_s_per_pull": round(cpu / args.rounds, 2),
     }
     print()
-    print("| image | compressed | builtin (median) | peersync (median) | ratio | daemon peak RSS | daemon CPU/pull |")
+    print(
+        "| image | compressed | builtin (median) | peersync (median) | ratio "
+        "| daemon peak RSS | daemon CPU/pull |"
+    )
     print("|---|---|---|---|---|---|---|")
     print(
-        f"| {args.size_mb} MB, {args.layers} layers | {result['compressed_mb']} MB | {med['builtin']:.2f} s | "
-        f"{med['peersync']:.2f} s | {result['ratio']:.2f}x | {rss:.0f} MB | {result['daemon_cpu_s_per_pull']} s |"
+        f"| {args.size_mb} MB, {args.layers} layers | {result['compressed_mb']} MB "
+        f"| {med['builtin']:.2f} s | {med['peersync']:.2f} s | {result['ratio']:.2f}x "
+        f"| {rss:.0f} MB | {result['daemon_cpu_s_per_pull']} s |"
     )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

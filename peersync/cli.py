@@ -46,6 +46,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cc.set_defaults(func=_containerd_config)
 
+    demo = sub.add_parser("demo", help="two nodes on loopback: pull, share chunks, run (needs root)")
+    demo.set_defaults(func=_demo)
+
     defaults = sub.add_parser("config-defaults", help="print the default daemon config, documented")
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
 
@@ -137,6 +140,12 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
+
+
+def _demo(_args: argparse.Namespace) -> int:
+    from peersync import demo
+
+    return demo.main()
 
 
 def _containerd_config(args: argparse.Namespace) -> int:

@@ -5,7 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static iproute2 python3-venv python3-pip ca-certificates)
+# pigz: containerd decompresses layers with unpigz when present, reading the blob concurrently
+# (bench/RESULTS.md shows what that is worth through the proxy plugin).
+APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static pigz iproute2 python3-venv python3-pip ca-certificates)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

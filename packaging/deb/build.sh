@@ -37,7 +37,7 @@ Version: $version
 Architecture: $arch
 Maintainer: PeerSync developers <dev@peersync.local>
 Depends: python3 (>= 3.11), containerd (>= 1.6)
-Recommends: runc
+Recommends: runc, pigz
 Section: admin
 Priority: optional
 Description: peer-to-peer container image distribution for containerd at the edge

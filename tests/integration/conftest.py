@@ -26,15 +26,15 @@ try:
 except ImportError:  # plain `pytest` (not `python -m pytest`) does not put the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.harness.containerd import (
+from peersync.testbed.containerd import (
     CONTAINERD_BINARY,
     CTR_BINARY,
     Containerd,
     ContainerdFactory,
     start_containerd,
 )
-from tests.harness.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
-from tests.harness.registry import REGISTRY_BINARY, Registry, start_registry
+from peersync.testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
+from peersync.testbed.registry import REGISTRY_BINARY, Registry, start_registry
 
 REQUIRED_BINARIES = (CONTAINERD_BINARY, CTR_BINARY, REGISTRY_BINARY, "skopeo", "runc", str(BUSYBOX), "umount")
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import Containerd, ContainerdFactory, merge_config, toml_dumps
-from tests.harness.images import (
+from peersync.testbed.containerd import Containerd, ContainerdFactory, merge_config, toml_dumps
+from peersync.testbed.images import (
     LISTING_FIELDS,
     LISTING_SCRIPT,
     RUNTIME_MOUNTPOINTS,
@@ -29,8 +29,8 @@ from tests.harness.images import (
     push_image,
     snapshot_tree,
 )
-from tests.harness.procs import ManagedProcess, ProcessError, free_port, running, tcp_port_accepts
-from tests.harness.registry import Credentials, Registry, start_registry
+from peersync.testbed.procs import ManagedProcess, ProcessError, free_port, running, tcp_port_accepts
+from peersync.testbed.registry import Credentials, Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from peersync import hosts
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.images import (
+from peersync.testbed.containerd import Containerd, start_containerd
+from peersync.testbed.images import (
     TEST_IMAGE_REPO,
     BuiltImage,
     build_sized_image,
@@ -37,9 +37,9 @@ from tests.harness.images import (
     push_image,
     snapshot_tree,
 )
-from tests.harness.peersyncd import PeerSyncDaemon, start_peersync
-from tests.harness.procs import CommandError, free_port, run_checked
-from tests.harness.registry import Credentials, Registry, start_registry
+from peersync.testbed.peersyncd import PeerSyncDaemon, start_peersync
+from peersync.testbed.procs import CommandError, free_port, run_checked
+from peersync.testbed.registry import Credentials, Registry, start_registry
 from tests.harness.tokenserver import TokenServer, start_token_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]

@@ -12,43 +12,20 @@ import sys
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from peersync import hosts
-from tests.harness.containerd import Containerd, start_containerd
-from tests.harness.images import BuiltImage, build_sized_image, compare_manifests, push_image, snapshot_tree
-from tests.harness.peersyncd import REPO, PeerSyncDaemon, loopback_config, start_peersync
-from tests.harness.procs import ManagedProcess, free_port, http_answers, running
-from tests.harness.registry import Registry
+from peersync.testbed.images import BuiltImage, build_sized_image, push_image
+from peersync.testbed.loopback import LoopbackNode, start_node
+from peersync.testbed.peersyncd import REPO
+from peersync.testbed.procs import ManagedProcess, free_port, http_answers, running
+from peersync.testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
 
-@dataclass
-class Node:
-    daemon: PeerSyncDaemon
-    containerd: Containerd
-    hosts_dir: Path
-    peer_url: str
-
-    def pull(self, ref: str) -> None:
-        args = ["--hosts-dir", str(self.hosts_dir)]
-        self.containerd.pull(ref, snapshotter="peersync", plain_http=True, extra_args=args)
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
-            return json.loads(resp.read())
-
-    def check(self, ref: str, image: BuiltImage) -> None:
-        assert self.daemon.corrupt_blobs() == []
-        assert image.expected is not None
-        with self.containerd.mount_image(ref, snapshotter="peersync") as rootfs:
-            assert compare_manifests(image.expected, snapshot_tree(rootfs)) == []
-
-
+Node = LoopbackNode
 NodeFactory = Callable[[int, list[str]], Node]
 
 
@@ -58,24 +35,14 @@ def make_node(tmp_path: Path, registry: Registry) -> Iterator[NodeFactory]:
     with ExitStack() as stack:
 
         def make(port: int, peers: list[str]) -> Node:
-            work = tmp_path / f"node-{port}"
-            config = loopback_config(
-                plain_http=[registry.address], peers=[p.removeprefix("http://") for p in peers]
-            )
-            config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
-            daemon = stack.enter_context(start_peersync(work, config=config))
-            ctrd = stack.enter_context(
-                start_containerd(work / "containerd", extra_config=daemon.containerd_config())
-            )
-            hosts_dir = work / "hosts.d"
-            hosts.install(registry.address, f"http://{daemon.mirror}", hosts_dir)
-            toml = hosts_dir / registry.address / "hosts.toml"
-            toml.write_text(
-                toml.read_text().replace(f"https://{registry.address}", f"http://{registry.address}")
-            )
-            return Node(daemon, ctrd, hosts_dir, f"http://127.0.0.1:{port}")
+            return stack.enter_context(start_node(tmp_path / f"node-{port}", port, peers, registry.address))
 
         yield make
+
+
+def check(node: Node, ref: str, image: BuiltImage) -> None:
+    assert node.daemon.corrupt_blobs() == []
+    assert node.rootfs_differences(ref, image) == []
 
 
 @pytest.fixture(scope="module")
@@ -100,8 +67,8 @@ def test_second_node_pulls_from_the_first(
     second = b.stats()
     assert second["origin_bytes"] == 0, second
     assert second["peer_bytes"] >= layers
-    a.check(test_image_ref, test_image)
-    b.check(test_image_ref, test_image)
+    check(a, test_image_ref, test_image)
+    check(b, test_image_ref, test_image)
 
 
 @pytest.mark.parametrize("mode", ["flip", "liar"])
@@ -141,5 +108,5 @@ def test_corrupt_peer_is_detected_and_dropped(
     assert evil_url in stats["dropped_peers"]
     assert a.peer_url not in stats["dropped_peers"]
     assert stats["origin_bytes"] == 0  # everything still came from the honest peer
-    assert b.containerd.run(ref, ["sh", "-c", "ls /payload | wc -l"], snapshotter="peersync").strip() == "2"
-    b.check(ref, image)
+    assert b.run(ref, ["sh", "-c", "ls /payload | wc -l"]).strip() == "2"
+    check(b, ref, image)

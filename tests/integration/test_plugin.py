@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.containerd import CTR_BINARY, Containerd, ContainerdFactory
-from tests.harness.images import (
+from peersync.testbed.containerd import CTR_BINARY, Containerd, ContainerdFactory
+from peersync.testbed.images import (
     LISTING_FIELDS,
     LISTING_SCRIPT,
     RUNTIME_MOUNTPOINTS,
@@ -27,9 +27,9 @@ from tests.harness.images import (
     push_image,
     snapshot_tree,
 )
-from tests.harness.peersyncd import PeerSyncDaemon, start_peersync
-from tests.harness.procs import CommandError
-from tests.harness.registry import Registry
+from peersync.testbed.peersyncd import PeerSyncDaemon, start_peersync
+from peersync.testbed.procs import CommandError
+from peersync.testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.harness.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
-from tests.harness.registry import REGISTRY_BINARY, Credentials, Registry, start_registry
+from peersync.testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
+from peersync.testbed.registry import REGISTRY_BINARY, Credentials, Registry, start_registry
 from tests.harness.tokenserver import TokenServer, start_token_server
 
 BASIC_USER = Credentials("alice", "basic-secret")

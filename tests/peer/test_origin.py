@@ -34,9 +34,9 @@ from peer.origin import (
     registry_host,
 )
 from peersync.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
-from tests.harness.images import TEST_IMAGE_REPO, BuiltImage
-from tests.harness.procs import free_port
-from tests.harness.registry import Credentials, Registry
+from peersync.testbed.images import TEST_IMAGE_REPO, BuiltImage
+from peersync.testbed.procs import free_port
+from peersync.testbed.registry import Credentials, Registry
 from tests.harness.tokenserver import TokenServer
 
 integration = pytest.mark.integration

@@ -20,9 +20,9 @@ from pathlib import Path
 
 from peersync import hosts
 from peersync.containerd_config import render
-from tests.harness.containerd import Containerd
-from tests.harness.netns import REGISTRY_IP, Site, SiteNode
-from tests.harness.peersyncd import PeerSyncDaemon
+from peersync.testbed.containerd import Containerd
+from peersync.testbed.netns import REGISTRY_IP, Site, SiteNode
+from peersync.testbed.peersyncd import PeerSyncDaemon
 
 PEER_PORT = 5381
 MIRROR = "127.0.0.1:5380"

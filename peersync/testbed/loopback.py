@@ -1,0 +1,61 @@
+"""One PeerSync node on loopback: a daemon, a containerd using it, and a hosts.toml pointing
+containerd at the daemon's registry mirror. Several of them, listing each other as peers, make a
+site on one machine without namespaces (the demo and the P2P tests)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import urllib.request
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peersync import hosts
+from peersync.testbed.containerd import Containerd, start_containerd
+from peersync.testbed.images import BuiltImage, compare_manifests, snapshot_tree
+from peersync.testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
+
+SNAPSHOTTER = "peersync"
+
+
+@dataclass
+class LoopbackNode:
+    daemon: PeerSyncDaemon
+    containerd: Containerd
+    hosts_dir: Path
+    peer_url: str
+
+    def pull(self, ref: str) -> str:
+        """`ctr images pull` through this node's mirror into the peersync snapshotter."""
+        args = ["--hosts-dir", str(self.hosts_dir)]
+        return self.containerd.pull(ref, snapshotter=SNAPSHOTTER, plain_http=True, extra_args=args)
+
+    def run(self, ref: str, cmd: Sequence[str] = ()) -> str:
+        return self.containerd.run(ref, list(cmd), snapshotter=SNAPSHOTTER)
+
+    def stats(self) -> dict:
+        """The daemon's transfer counters (`GET /peersync/v1/stats`)."""
+        with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
+            return json.loads(resp.read())
+
+    def rootfs_differences(self, ref: str, image: BuiltImage) -> list[str]:
+        """How the unpacked image differs from what its layers say (empty: identical)."""
+        assert image.expected is not None
+        with self.containerd.mount_image(ref, snapshotter=SNAPSHOTTER) as rootfs:
+            return compare_manifests(image.expected, snapshot_tree(rootfs))
+
+
+@contextlib.contextmanager
+def start_node(workdir: Path, port: int, peers: Sequence[str], registry: str) -> Iterator[LoopbackNode]:
+    """A node whose peer exchange listens on 127.0.0.1:`port`, pulling from the plain-HTTP
+    `registry` (host:port) through its mirror, with `peers` (URLs) as the other nodes."""
+    config = loopback_config(plain_http=[registry], peers=[p.removeprefix("http://") for p in peers])
+    config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
+    with start_peersync(workdir, config=config) as daemon:
+        with start_containerd(workdir / "containerd", extra_config=daemon.containerd_config()) as ctrd:
+            hosts_dir = workdir / "hosts.d"
+            hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
+            toml = hosts_dir / registry / "hosts.toml"  # the test registry speaks plain HTTP
+            toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))
+            yield LoopbackNode(daemon, ctrd, hosts_dir, f"http://127.0.0.1:{port}")
