@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from peersync.errors import FailedPrecondition, InvalidArgument, NotFound
+from peersync.store.fsutil import fsync_dir
 
 DEFAULT_DIR = Path("/etc/containerd/certs.d")
 DEFAULT_MIRROR = "http://127.0.0.1:5000"
@@ -85,7 +86,7 @@ def remove(registry: str, hosts_dir: Path = DEFAULT_DIR) -> Change:
         new = ""  # a link someone made to our file: keep the link, empty its target
     if new is None:
         path.unlink()
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
         with contextlib.suppress(OSError):  # the directory is ours too if nothing else is in it
             path.parent.rmdir()
         return Change(registry, path, "deleted")
@@ -352,15 +353,7 @@ def _write(path: Path, text: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(target.parent)
 
 
 def remove_all(hosts_dir: Path = DEFAULT_DIR) -> list[Change]:

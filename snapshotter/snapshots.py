@@ -102,6 +102,7 @@ from pathlib import Path
 import structlog
 
 from peersync.errors import Unavailable
+from peersync.store.fsutil import fsync_dir
 from peersync.store.meta import Meta
 from snapshotter import storage
 from snapshotter.storage import Info, Kind, Snapshot, Usage
@@ -347,13 +348,9 @@ def _rename(source: Path, target: Path) -> None:
     os.rename(source, target)
 
 
-def _sync_dir(path: Path) -> None:
-    """Make a rename durable before the metadata that points at it commits."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+# Make a rename durable before the metadata that points at it commits (a name of its own, so the
+# crash tests can interrupt exactly this step).
+_sync_dir = fsync_dir
 
 
 def _remove_tree(path: Path) -> None:
