@@ -19,6 +19,7 @@ import grpc
 import structlog
 
 from peer.node import PeerNode
+from peersync.activation import inherited_socket
 from peersync.config import Config
 from peersync.errors import FailedPrecondition
 from peersync.store.chunkstore import ChunkStore
@@ -44,7 +45,9 @@ class Service:
     async def start(self) -> None:
         cfg = self.config
         self._lock_fd = lock_root(cfg.root)
-        prepare_socket(cfg.socket)
+        listener = inherited_socket(cfg.socket)
+        if listener is None:
+            prepare_socket(cfg.socket)
         self.meta = Meta(cfg.root)
         chunks = ChunkStore(cfg.root, self.meta, cfg.store.chunk_size)
         await asyncio.to_thread(chunks.recover)
@@ -52,11 +55,18 @@ class Service:
         await self.peer.start()
         self.content = ContentStore(chunks, source=self.peer.blob_source)
         self.snapshotter = Snapshotter(cfg.root, self.meta)
-        self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc)
+        self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()
-        self._bound = True
-        restrict_socket(cfg.socket)
-        log.info("serving", socket=str(cfg.socket), root=str(cfg.root), chunk_size=cfg.store.chunk_size)
+        if listener is None:  # an inherited socket belongs to systemd: its mode, its path
+            self._bound = True
+            restrict_socket(cfg.socket)
+        log.info(
+            "serving",
+            socket=str(cfg.socket),
+            root=str(cfg.root),
+            chunk_size=cfg.store.chunk_size,
+            socket_from="systemd" if listener is not None else "self",
+        )
 
     async def stop(self, grace: float = 5.0) -> None:
         """Finish in-flight RPCs (up to `grace` seconds), then close the store."""

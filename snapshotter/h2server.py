@@ -44,6 +44,7 @@ import contextvars
 import logging
 import os
 import re
+import socket
 import stat
 import struct
 import types
@@ -1445,6 +1446,7 @@ class H2Server:
         self._methods: dict[str, _Method] = {}
         self._generic: list[grpc.GenericRpcHandler] = []
         self._paths: list[str] = []
+        self._sockets: list[socket.socket] = []  # inherited listening sockets (systemd activation)
         self._listeners: list[asyncio.AbstractServer] = []
         self._connections: set[_Connection] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -1494,6 +1496,14 @@ class H2Server:
         self._paths.append(path)
         return 1
 
+    def add_socket(self, sock: socket.socket) -> None:
+        """Serve an already bound, listening unix socket (e.g. passed by systemd). It is never
+        unlinked: whoever created it owns its path, and connections queue in its backlog while
+        no server runs, so a restart refuses nobody."""
+        if sock.family != socket.AF_UNIX:
+            raise ValueError("h2server serves unix sockets only")
+        self._sockets.append(sock)
+
     def add_secure_port(self, address: str, server_credentials: Any) -> int:  # noqa: ARG002
         raise NotImplementedError("h2server serves cleartext unix sockets only")
 
@@ -1509,6 +1519,9 @@ class H2Server:
             except FileNotFoundError:
                 pass
             srv = await self._loop.create_unix_server(lambda: _Connection(self), path)
+            self._listeners.append(srv)
+        for sock in self._sockets:
+            srv = await self._loop.create_unix_server(lambda: _Connection(self), sock=sock)
             self._listeners.append(srv)
         self._state = "started"
 

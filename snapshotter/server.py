@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import socket as socketlib
 from pathlib import Path
 
 import grpc
 
 from peersync.config import GrpcConfig
+from peersync.errors import FailedPrecondition
 from snapshotter import h2server
 from snapshotter.api import content_pb2_grpc, snapshots_pb2_grpc
 from snapshotter.content import ContentStore
@@ -17,9 +19,14 @@ from snapshotter.snapshots import Snapshotter
 
 
 def build_server(
-    socket: Path, snapshotter: Snapshotter, content: ContentStore, cfg: GrpcConfig
+    socket: Path,
+    snapshotter: Snapshotter,
+    content: ContentStore,
+    cfg: GrpcConfig,
+    listener: socketlib.socket | None = None,
 ) -> grpc.aio.Server:
-    """An unstarted asyncio gRPC server bound to `socket` (mode 0660: root and its group only)."""
+    """An unstarted asyncio gRPC server bound to `socket`, or serving `listener` (a listening
+    socket inherited from systemd; only our own HTTP/2 server can take one)."""
     options = [
         ("grpc.max_receive_message_length", cfg.max_receive_message_size),
         # Read answers carry at most read_message_size of data; leave room for the envelope.
@@ -28,7 +35,12 @@ def build_server(
     server = new_server(options, cfg.implementation)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
     content_pb2_grpc.add_ContentServicer_to_server(ContentServicer(content, cfg.read_message_size), server)
-    server.add_insecure_port(f"unix:{socket}")
+    if listener is None:
+        server.add_insecure_port(f"unix:{socket}")
+    elif isinstance(server, h2server.H2Server):
+        server.add_socket(listener)
+    else:
+        raise FailedPrecondition('socket activation needs grpc.implementation = "h2"')
     return server
 
 

@@ -27,6 +27,7 @@ install -d "$stage/usr/bin" "$stage/lib/systemd/system" "$stage/etc/containerd/c
   "$stage/usr/share/doc/peersync" "$stage/DEBIAN"
 ln -s /opt/peersync/bin/peersync "$stage/usr/bin/peersync"
 install -m 0644 packaging/systemd/peersync.service "$stage/lib/systemd/system/peersync.service"
+install -m 0644 packaging/systemd/peersync.socket "$stage/lib/systemd/system/peersync.socket"
 install -m 0644 packaging/containerd/peersync.toml "$stage/etc/containerd/conf.d/peersync.toml"
 "$stage/opt/peersync/bin/python" -m peersync.cli config-defaults > "$stage/etc/peersync/config.toml"
 install -m 0644 README.md "$stage/usr/share/doc/peersync/README.md"
@@ -56,7 +57,7 @@ if [ "$1" = configure ]; then
   fi
   if [ -d /run/systemd/system ]; then
     systemctl daemon-reload >/dev/null || true
-    systemctl enable --now peersync.service >/dev/null || true
+    systemctl enable --now peersync.socket peersync.service >/dev/null || true
   fi
 fi
 POSTINST
@@ -64,7 +65,7 @@ cat > "$stage/DEBIAN/prerm" <<'PRERM'
 #!/bin/sh
 set -e
 if [ -d /run/systemd/system ] && [ "$1" = remove ]; then
-  systemctl disable --now peersync.service >/dev/null || true
+  systemctl disable --now peersync.service peersync.socket >/dev/null || true
 fi
 PRERM
 chmod 0755 "$stage/DEBIAN/postinst" "$stage/DEBIAN/prerm"

@@ -58,6 +58,7 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
     for path in (
         "./usr/bin/peersync",
         "./lib/systemd/system/peersync.service",
+        "./lib/systemd/system/peersync.socket",
         "./etc/containerd/conf.d/peersync.toml",
         "./etc/peersync/config.toml",
         "./opt/peersync/bin/peersync",

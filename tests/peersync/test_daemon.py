@@ -136,7 +136,9 @@ def test_containerd_config_cli(tmp_path: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run(
         [sys.executable, "-m", "peersync.cli", "containerd-config", "--socket", str(tmp_path / "x.sock")],
-        capture_output=True, check=True, env=env,
+        capture_output=True,
+        check=True,
+        env=env,
     ).stdout.decode()
     import tomllib
 
@@ -154,3 +156,73 @@ def test_packaged_dropin_matches_cli() -> None:
     text = (ROOT / "packaging" / "containerd" / "peersync.toml").read_text()
     body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
     assert body == render(Path("/run/peersync/peersync.sock"))
+
+
+def start_activated(listener: socket.socket, root: Path, sock: Path) -> subprocess.Popen[bytes]:
+    """Start the daemon the way systemd does with socket activation: the listening socket as fd 3,
+    LISTEN_FDS=1 and LISTEN_PID = the daemon's own pid (set just before exec, which keeps the pid)."""
+    code = (
+        "import os, sys; os.dup2(int(sys.argv[1]), 3); "
+        "os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS='1'); "
+        "os.execv(sys.executable, [sys.executable, '-m', 'peersync.cli', *sys.argv[2:]])"
+    )
+    args = [
+        sys.executable,
+        "-c",
+        code,
+        str(listener.fileno()),
+        "daemon",
+        "--root",
+        str(root),
+        "--socket",
+        str(sock),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.Popen(args, pass_fds=(listener.fileno(),), env=env, stderr=subprocess.PIPE)
+
+
+def test_socket_activation_keeps_clients_waiting_across_a_restart(tmp_path: Path) -> None:
+    """With a socket held by 'systemd' (this test), a call made while the daemon is down waits in
+    the backlog and is answered by the next daemon: no connection refused, nothing lost."""
+    sock = tmp_path / "act.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(sock))
+    listener.listen(64)
+    root = tmp_path / "root"
+    first = start_activated(listener, root, sock)
+    try:
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
+            snaps.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="peersync", key="k"), timeout=30)
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=20) == 0
+        assert sock.is_socket(), "the daemon must not remove a socket systemd owns"
+        with grpc.insecure_channel(f"unix:{sock}") as channel:  # connects at once: the backlog takes it
+            snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
+            pending = snaps.Stat.future(
+                snapshots_pb2.StatSnapshotRequest(snapshotter="peersync", key="k"), timeout=30
+            )
+            time.sleep(0.5)
+            assert not pending.done(), "answered while no daemon was running?"
+            second = start_activated(listener, root, sock)
+            try:
+                assert pending.result().info.kind == snapshots_pb2.ACTIVE
+            finally:
+                second.send_signal(signal.SIGTERM)
+                assert second.wait(timeout=20) == 0
+    finally:
+        for proc in (first,):
+            if proc.poll() is None:
+                proc.kill()
+        listener.close()
+
+
+def test_socket_activation_refuses_a_socket_for_another_path(tmp_path: Path) -> None:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(tmp_path / "other.sock"))
+    listener.listen(1)
+    proc = start_activated(listener, tmp_path / "root", tmp_path / "configured.sock")
+    _out, err = proc.communicate(timeout=30)
+    listener.close()
+    assert proc.returncode == 2
+    assert b"systemd passed socket" in err
