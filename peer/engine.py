@@ -59,7 +59,9 @@ class EngineConfig:
     owner_grace: float = 3.0  # an owner whose holdings have not grown for this long is stalled
     gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
     hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
-    drop_for: float = 300.0  # seconds a misbehaving peer is ignored
+    drop_for: float = 300.0  # seconds a misbehaving peer (bad chunks) is ignored
+    unreachable_for: float = 20.0  # seconds an unresponsive peer is left alone before it is retried
+    max_inflight: int = 24  # chunk requests to peers in flight over all blobs: bounds buffer memory
     read_timeout: float = 600.0  # a reader blocked this long without progress gets an error
     max_attempts: int = 3  # full-blob attempts before a download fails
 
@@ -117,6 +119,7 @@ class Engine:
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
         self.counters = {"peer_bytes": 0, "origin_bytes": 0, "corrupt_chunks": 0, "hedges": 0}
+        self.inflight = 0  # chunk requests to peers in flight, all blobs together
 
     # -- public API --------------------------------------------------------------------------
 
@@ -228,10 +231,14 @@ class Engine:
     def stat(self, peer: str) -> PeerStats:
         return self.stats.setdefault(peer, PeerStats())
 
-    def drop(self, peer: str, why: str) -> None:
+    def drop(self, peer: str, why: str, seconds: float | None = None) -> None:
+        """Ignore `peer` for a while: not polled, not asked for chunks, not counted as interested."""
         st = self.stat(peer)
-        st.dropped_until = time.monotonic() + self.config.drop_for
-        log.warning("peer dropped", peer=peer, why=why, seconds=self.config.drop_for)
+        seconds = self.config.drop_for if seconds is None else seconds
+        st.dropped_until = time.monotonic() + seconds
+        for views in self.views.values():
+            views.pop(peer, None)
+        log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
 
     def usable_peers(self) -> list[str]:
         now = time.monotonic()
@@ -259,7 +266,11 @@ class Engine:
                 st.failures += 1
                 for d in digests:
                     self.views.setdefault(d, {}).pop(peer, None)
+                if st.failures >= 2:  # dead or partitioned: stop waiting for it on every refresh
+                    st.failures = 0
+                    self.drop(peer, f"not answering: {res}", self.config.unreachable_for)
                 continue
+            self.stat(peer).failures = 0
             for d in digests:
                 if d in res:
                     self.views.setdefault(d, {})[peer] = res[d]
@@ -441,7 +452,7 @@ class Download:
         window = self._window()
         busy = sum(len(fl) for fl in self.flights.values())
         for i in peer_todo:
-            if busy >= window:
+            if busy >= window or self.engine.inflight >= self.engine.config.max_inflight:
                 break
             peer = self._best_peer(holders[i])
             if peer:
@@ -545,12 +556,16 @@ class Download:
     # -- fetching ----------------------------------------------------------------------------
 
     def _launch(self, index: int, peer: str, hedge: bool = False) -> None:
+        self.engine.inflight += 1
         flight = _Flight(index, peer, time.monotonic(), asyncio.create_task(self._from_peer(index, peer)))
         flight.hedged = hedge
         self.flights.setdefault(index, []).append(flight)
         flight.task.add_done_callback(lambda _t, f=flight: self._landed(f))
 
     def _landed(self, flight: _Flight) -> None:
+        self.engine.inflight -= 1
+        for dl in self.engine.downloads.values():  # a slot is free: any blob may use it
+            dl.wake.set()
         flights = self.flights.get(flight.index, [])
         if flight in flights:
             flights.remove(flight)

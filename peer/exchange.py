@@ -195,7 +195,7 @@ class PeerClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
-        body = await self._request("POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=3.0)
+        body = await self._request("POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=2.0)
         import json
 
         return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}

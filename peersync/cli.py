@@ -49,6 +49,12 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="two nodes on loopback: pull, share chunks, run (needs root)")
     demo.set_defaults(func=_demo)
 
+    testbed = sub.add_parser(
+        "testbed", help="emulated edge site benchmark: PeerSync vs registry, cache, BitTorrent (needs root)"
+    )
+    _testbed_arguments(testbed)
+    testbed.set_defaults(func=_testbed)
+
     defaults = sub.add_parser("config-defaults", help="print the default daemon config, documented")
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
 
@@ -146,6 +152,18 @@ def _demo(_args: argparse.Namespace) -> int:
     from peersync import demo
 
     return demo.main()
+
+
+def _testbed_arguments(p: argparse.ArgumentParser) -> None:
+    from peersync.testbed import bench
+
+    bench.add_arguments(p)
+
+
+def _testbed(args: argparse.Namespace) -> int:
+    from peersync.testbed import bench
+
+    return bench.main_from_args(args)
 
 
 def _containerd_config(args: argparse.Namespace) -> int:
