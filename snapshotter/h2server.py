@@ -1351,11 +1351,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             st.task = None
             self._flush()
-            if gen is not None and getattr(gen, "ag_frame", None) is not None and hasattr(gen, "aclose"):
-                try:
-                    await gen.aclose()
-                except BaseException:  # noqa: BLE001 - best effort cleanup of an abandoned stream
-                    pass
+            await _aclose(gen)
 
     async def _pace(self, st: _Stream) -> None:
         """After queueing a message from a Task: write it, then wait while flow control holds it back."""
@@ -1403,11 +1399,7 @@ class _Connection(asyncio.BufferedProtocol):
         finally:
             st.task = None
             self._flush()
-            if gen is not None and getattr(gen, "ag_frame", None) is not None and hasattr(gen, "aclose"):
-                try:
-                    await gen.aclose()
-                except BaseException:  # noqa: BLE001
-                    pass
+            await _aclose(gen)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1579,6 +1571,15 @@ class H2Server:
         except TimeoutError:
             return False
         return True
+
+
+async def _aclose(gen: Any) -> None:
+    """Close a response generator a stream abandoned mid-way (best effort: the stream is over)."""
+    if gen is not None and getattr(gen, "ag_frame", None) is not None and hasattr(gen, "aclose"):
+        try:
+            await gen.aclose()
+        except BaseException:  # noqa: BLE001
+            pass
 
 
 def server(options: Sequence[tuple[str, Any]] | None = None, **kwargs: Any) -> H2Server:
