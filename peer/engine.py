@@ -652,7 +652,7 @@ class Download:
             run.append(run[-1] + 1)
         self.origin_chunks = set(run)
         views = self._views()
-        log.info(
+        log.debug(
             "origin fetch",
             digest=self.digest[:19],
             chunks=f"{run[0]}-{run[-1]}",
