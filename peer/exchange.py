@@ -24,6 +24,7 @@ always re-checks (see `peer.engine`).
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -196,8 +197,6 @@ class PeerClient:
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
         body = await self._request("POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=2.0)
-        import json
-
         return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
 
     async def table(self, peer: str, digest: str, chunks: int) -> list[bytes]:
