@@ -36,6 +36,14 @@ format = "console"
 # 1 MiB was chosen by measurement (bench/chunksize.py, see bench/RESULTS.md).
 chunk_size = 1048576
 
+[snapshotter]
+# Unpack layers in the daemon when containerd's CRI plugin (kubelet's pulls) names the layer it
+# wants (the remote-snapshot handshake; needs disable_snapshot_annotations = false in the CRI
+# config, which `peersync containerd-config --cri` prints): the layer streams from peers into the
+# snapshot as it downloads, instead of containerd reading it back through 32 KiB Read RPCs.
+# `ctr images pull` never names layers and is unaffected.
+unpack_layers = true
+
 [peer]
 # Where the peer exchange listens (other nodes fetch chunks here); "" disables it.
 listen = "0.0.0.0:5381"
@@ -81,6 +89,11 @@ class StoreConfig:
 
 
 @dataclass(frozen=True)
+class SnapshotterConfig:
+    unpack_layers: bool = True
+
+
+@dataclass(frozen=True)
 class GrpcConfig:
     implementation: str = "h2"
     max_receive_message_size: int = 16 * MIB
@@ -113,6 +126,7 @@ class Config:
     socket: Path = Path("/run/peersync/peersync.sock")
     log: LogConfig = field(default_factory=LogConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
+    snapshotter: SnapshotterConfig = field(default_factory=SnapshotterConfig)
     grpc: GrpcConfig = field(default_factory=GrpcConfig)
     peer: PeerConfig = field(default_factory=PeerConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
@@ -166,7 +180,11 @@ def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
         return value
     if isinstance(default, dict):
         return _auth_table(value, where)
-    if isinstance(default, bool) or not isinstance(value, type(default)) or isinstance(value, bool):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise InvalidArgument(f"{where} must be true or false, got {value!r}")
+        return value
+    if not isinstance(value, type(default)) or isinstance(value, bool):
         raise InvalidArgument(f"{where} must be of type {type(default).__name__}, got {value!r}")
     return value
 

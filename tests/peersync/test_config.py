@@ -18,8 +18,13 @@ def test_no_file_means_defaults() -> None:
 
 def test_file_values_and_overrides(tmp_path: Path) -> None:
     path = tmp_path / "c.toml"
-    path.write_text('root = "/srv/ps"\n[store]\nchunk_size = 4194304\n[log]\nformat = "json"\n')
+    path.write_text(
+        'root = "/srv/ps"\n[store]\nchunk_size = 4194304\n[log]\nformat = "json"\n'
+        "[snapshotter]\nunpack_layers = false\n"
+    )
     cfg = config.load(path)
+    assert cfg.snapshotter.unpack_layers is False
+    assert config.Config().snapshotter.unpack_layers is True
     assert cfg.root == Path("/srv/ps")
     assert cfg.store.chunk_size == 4 << 20
     assert cfg.log.format == "json"
@@ -37,6 +42,8 @@ def test_file_values_and_overrides(tmp_path: Path) -> None:
         ("[store]\nchunk_size = 1000\n", "power of two"),
         ("[log]\nlevel = 'loud'\n", "log.level"),
         ("store = 3\n", "must be a table"),
+        ("[snapshotter]\nunpack_layers = 1\n", "unpack_layers must be true or false"),
+        ("[store]\nchunk_size = true\n", "chunk_size must be of type int"),
         ("root = ''\n", "non-empty path"),
         ("[grpc]\nread_message_size = 16\n", "read_message_size"),
         ("root = \n", "not valid TOML"),
