@@ -56,6 +56,7 @@ class EngineConfig:
     poll_interval: float = 0.25  # how often peers' holdings are refreshed while downloading
     stripe_chunks: int = 4  # origin work is split among downloading nodes in stripes of this size
     origin_batch_chunks: int = 4  # chunks per origin Range request (one stripe: re-plan often)
+    solo_batch_chunks: int = 32  # ... when no other node is filling the blob: nothing to re-plan
     owner_grace: float = 3.0  # an owner whose holdings have not grown for this long is stalled
     gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
     hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
@@ -64,6 +65,7 @@ class EngineConfig:
     max_inflight: int = 24  # chunk requests to peers in flight over all blobs: bounds buffer memory
     read_timeout: float = 600.0  # a reader blocked this long without progress gets an error
     max_attempts: int = 3  # full-blob attempts before a download fails
+    plan_wait: float = 1.0  # how long an origin plan waits for peers' fresh holdings (late ones still count)
 
 
 @dataclass
@@ -118,8 +120,18 @@ class Engine:
         self.downloads: dict[str, Download] = {}
         self._poller: asyncio.Task[None] | None = None
         self._closed = False
-        self.counters = {"peer_bytes": 0, "origin_bytes": 0, "corrupt_chunks": 0, "hedges": 0}
+        self.counters = {
+            "peer_bytes": 0,
+            "origin_bytes": 0,
+            "corrupt_chunks": 0,
+            "hedges": 0,
+            # why origin chunks were ours to fetch: nobody else was filling the blob (solo), or
+            # we inherited the stripe of an owner that stalled (heir); the rest were our stripes
+            "origin_solo_chunks": 0,
+            "origin_heir_chunks": 0,
+        }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
+        self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
 
     # -- public API --------------------------------------------------------------------------
 
@@ -211,6 +223,7 @@ class Engine:
     async def close(self) -> None:
         self._closed = True
         tasks = [d.task for d in self.downloads.values() if not d.task.done()]
+        tasks += [t for t in self._asking if not t.done()]
         if self._poller:
             tasks.append(self._poller)
         for t in tasks:
@@ -257,26 +270,38 @@ class Engine:
             await self.refresh(active)
             await asyncio.sleep(self.config.poll_interval)
 
-    async def refresh(self, digests: list[str]) -> None:
-        peers = self.usable_peers()
-        results = await asyncio.gather(*(self.client.have(p, digests) for p in peers), return_exceptions=True)
-        for peer, res in zip(peers, results, strict=True):
-            if isinstance(res, BaseException):
-                st = self.stat(peer)
-                st.failures += 1
+    async def refresh(self, digests: list[str], wait: float | None = None) -> None:
+        """Ask every usable peer what it holds of `digests`; wait at most `wait` seconds (None:
+        for all answers). Answers that come later still update the views when they arrive: a
+        peer slowed down by a busy CPU must not hold up planning."""
+        tasks = [asyncio.create_task(self._ask(peer, digests)) for peer in self.usable_peers()]
+        if not tasks:
+            return
+        self._asking.update(tasks)
+        for t in tasks:
+            t.add_done_callback(self._asking.discard)
+        await asyncio.wait(tasks, timeout=wait)
+
+    async def _ask(self, peer: str, digests: list[str]) -> None:
+        """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
+        failures in a row suspend the peer (dead or partitioned), which drops its views."""
+        st = self.stat(peer)
+        try:
+            res = await self.client.have(peer, digests)
+        except (PeerError, ValueError, KeyError, TypeError) as exc:
+            st.failures += 1
+            if st.failures >= 2:
+                st.failures = 0
                 for d in digests:
                     self.views.setdefault(d, {}).pop(peer, None)
-                if st.failures >= 2:  # dead or partitioned: stop waiting for it on every refresh
-                    st.failures = 0
-                    self.drop(peer, f"not answering: {res}", self.config.unreachable_for)
-                continue
-            self.stat(peer).failures = 0
-            for d in digests:
-                if d in res:
-                    self.views.setdefault(d, {})[peer] = res[d]
-                else:
-                    self.views.setdefault(d, {}).pop(peer, None)
+                self.drop(peer, f"not answering: {exc}", self.config.unreachable_for)
+            return
+        st.failures = 0
         for d in digests:
+            if d in res:
+                self.views.setdefault(d, {})[peer] = res[d]
+            else:
+                self.views.setdefault(d, {}).pop(peer, None)
             dl = self.downloads.get(d)
             if dl:
                 dl.wake.set()
@@ -341,7 +366,8 @@ class Download:
                 return
             rec = store.partials.record(self.digest)
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
-            if attempt == 1:  # let the nodes of a burst see each other before dealing out stripes
+            if attempt == 1 and self.engine.peer_source.peers():
+                # let the nodes of a burst see each other before dealing out stripes
                 await self.engine.refresh([self.digest])
                 await asyncio.sleep(self.engine.config.gather_delay)
                 await self.engine.refresh([self.digest])
@@ -464,7 +490,7 @@ class Download:
         if not self._origin_candidates(time.monotonic()):
             return
         if not self.origin_only:
-            await self.engine.refresh([self.digest])
+            await self.engine.refresh([self.digest], wait=self.engine.config.plan_wait)
         take = self._origin_candidates(time.monotonic())
         if take and self.origin_task is None:
             take.sort(key=lambda i: (i not in self.wanted, i))
@@ -644,10 +670,18 @@ class Download:
         first = candidates[0]
         run = [first]
         cand = set(candidates)
-        while len(run) < self.engine.config.origin_batch_chunks and run[-1] + 1 in cand:
+        views = self._views()
+        cfg = self.engine.config
+        interested = self._interested(views)
+        limit = cfg.origin_batch_chunks if len(interested) > 1 else cfg.solo_batch_chunks
+        while len(run) < limit and run[-1] + 1 in cand:
             run.append(run[-1] + 1)
         self.origin_chunks = set(run)
-        views = self._views()
+        if len(interested) == 1:
+            self.engine.counters["origin_solo_chunks"] += len(run)
+        else:
+            heir = sum(self._owner(i, interested) != self.engine.self_url for i in run)
+            self.engine.counters["origin_heir_chunks"] += heir
         log.debug(
             "origin fetch",
             digest=self.digest[:19],
@@ -661,32 +695,54 @@ class Download:
         self.origin_task.add_done_callback(lambda _t: self.wake.set())
 
     async def _from_origin(self, first: int, last: int) -> None:
+        """Read the Range and store its chunks while the next ones arrive: each store (one
+        fdatasync and one LMDB commit) takes every chunk that came in during the previous one."""
         engine, src, cs = self.engine, self.source, self.chunk_size
         start = first * cs
         end = min(src.size, (last + 1) * cs)
         buf = bytearray()
         index = first
-        async with contextlib.aclosing(
-            engine.origin.read_blob(src.registry, src.repository, self.digest, start, end - start)
-        ) as pieces:
-            async for piece in pieces:
-                buf += piece
-                while index <= last and len(buf) >= min(cs, src.size - index * cs):
-                    n = min(cs, src.size - index * cs)
-                    data = bytes(buf[:n])
-                    del buf[:n]
-                    await self._store_origin_chunk(index, data)
-                    index += 1
+        batch: list[tuple[int, bytes]] = []
+        storing: asyncio.Task[None] | None = None
+        try:
+            async with contextlib.aclosing(
+                engine.origin.read_blob(src.registry, src.repository, self.digest, start, end - start)
+            ) as pieces:
+                async for piece in pieces:
+                    buf += piece
+                    while index <= last and len(buf) >= min(cs, src.size - index * cs):
+                        n = min(cs, src.size - index * cs)
+                        batch.append((index, bytes(buf[:n])))
+                        del buf[:n]
+                        index += 1
+                    if batch and (storing is None or storing.done()):
+                        if storing is not None:
+                            await storing  # raises what the previous store raised
+                        storing = asyncio.create_task(self._store_origin_chunks(batch))
+                        batch = []
+            if storing is not None:
+                await storing
+                storing = None
+            if batch:
+                await self._store_origin_chunks(batch)
+        finally:
+            if storing is not None and not storing.done():
+                storing.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await storing
         if index <= last:
             raise Unavailable(f"origin ended early for {self.digest} at chunk {index}")
 
-    async def _store_origin_chunk(self, index: int, data: bytes) -> None:
+    async def _store_origin_chunks(self, chunks: list[tuple[int, bytes]]) -> None:
         engine = self.engine
-        self.origin_chunks.discard(index)
-        if index not in self._missing_set():
+        for index, _ in chunks:
+            self.origin_chunks.discard(index)
+        missing = self._missing_set()
+        todo = [(i, data) for i, data in chunks if i in missing]
+        if not todo:
             return
         try:
-            await engine.store.partials.aput_chunks(self.digest, [(index, data)])
+            await engine.store.partials.aput_chunks(self.digest, todo)
         except ChunkCorrupt:
             # The origin is the authority: a table that disagrees with it is wrong.
             for peer in self.table_from:
@@ -694,11 +750,12 @@ class Download:
             raise DigestMismatch(f"chunk table for {self.digest} disagrees with the origin") from None
         except (NotFound, AlreadyExists):
             return
-        engine.counters["origin_bytes"] += len(data)
-        self.provenance.pop(index, None)
-        self._progress(index)
-        for f in self.flights.pop(index, []):
-            f.task.cancel()
+        for index, data in todo:
+            engine.counters["origin_bytes"] += len(data)
+            self.provenance.pop(index, None)
+            self._progress(index)
+            for f in self.flights.pop(index, []):
+                f.task.cancel()
 
     async def _maybe_fetch_table(self) -> None:
         """Adopt the verified chunk table of peers holding the complete blob (two must agree when

@@ -184,6 +184,11 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
 # -- client --------------------------------------------------------------------------------------
 
 
+# A node unpacking layers on a small, shared CPU can take seconds to answer; a slow answer is not
+# a dead peer (two failures in a row suspend it, see Engine._ask).
+HAVE_TIMEOUT = 5.0
+
+
 class PeerError(Unavailable):
     """A peer could not answer (connection, timeout, HTTP error)."""
 
@@ -196,7 +201,9 @@ class PeerClient:
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
-        body = await self._request("POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=2.0)
+        body = await self._request(
+            "POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=HAVE_TIMEOUT
+        )
         return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
 
     async def table(self, peer: str, digest: str, chunks: int) -> list[bytes]:
