@@ -1,7 +1,7 @@
 """The `peersync` command: parse flags and config, set up logging, build the service, run it.
 
     peersync daemon --root DIR --socket PATH [--config FILE]
-    peersync containerd-config [--socket PATH] [--config FILE] [--no-content]
+    peersync containerd-config [--socket PATH] [--config FILE] [--no-content] [--cri [--hosts-dir DIR]]
     peersync config-defaults
     peersync hosts install [--dir DIR] [--mirror URL] REGISTRY...
     peersync hosts remove [--dir DIR] (REGISTRY... | --all)
@@ -43,6 +43,17 @@ def _parser() -> argparse.ArgumentParser:
     _common(cc)
     cc.add_argument(
         "--no-content", action="store_true", help="register only the snapshotter (mirror-only mode)"
+    )
+    cc.add_argument(
+        "--cri",
+        action="store_true",
+        help="also point the CRI plugin (kubelet) at peersync, with layer annotations on",
+    )
+    cc.add_argument(
+        "--hosts-dir",
+        type=Path,
+        default=containerd_config.DEFAULT_HOSTS_DIR,
+        help="with --cri: the registry hosts dir CRI reads (default %(default)s)",
     )
     cc.set_defaults(func=_containerd_config)
 
@@ -168,7 +179,10 @@ def _testbed(args: argparse.Namespace) -> int:
 
 def _containerd_config(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    print(containerd_config.render(cfg.socket.absolute(), content=not args.no_content), end="")
+    text = containerd_config.render(
+        cfg.socket.absolute(), content=not args.no_content, cri=args.cri, hosts_dir=args.hosts_dir
+    )
+    print(text, end="")
     return 0
 
 

@@ -22,7 +22,9 @@ from peer.node import PeerNode
 from peersync.activation import inherited_socket
 from peersync.config import Config
 from peersync.errors import FailedPrecondition
+from peersync.layers import DaemonLayers
 from peersync.store.chunkstore import ChunkStore
+from peersync.store.holds import Holds
 from peersync.store.meta import Meta
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
@@ -53,8 +55,13 @@ class Service:
         await asyncio.to_thread(chunks.recover)
         self.peer = PeerNode(cfg, chunks, self.meta)
         await self.peer.start()
-        self.content = ContentStore(chunks, source=self.peer.blob_source)
-        self.snapshotter = Snapshotter(cfg.root, self.meta)
+        holds = Holds(self.meta)
+        self.content = ContentStore(chunks, source=self.peer.blob_source, holds=holds)
+        layers = None
+        if cfg.snapshotter.unpack_layers:
+            assert self.peer.engine is not None
+            layers = DaemonLayers(self.content, self.peer.engine, holds)
+        self.snapshotter = Snapshotter(cfg.root, self.meta, layers=layers)
         self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path

@@ -9,6 +9,9 @@ client-chosen *ref*; its *status* is (ref, offset = bytes stored so far, total, 
 started, updated). Committing an ingest turns it into a blob and removes it.
 
 Blobs
+- Held blobs (`peersync.store.holds`: layers the snapshotter unpacked itself, which containerd never
+  fetched) are left out of `walk`, so containerd's GC cannot delete them under their snapshots;
+  `info`, or a writer expecting one, hands the blob to containerd (the hold is dropped).
 - `info(digest)` -> Info. A malformed digest is InvalidArgument; a blob that is neither here nor
   offered by the BlobSource is NotFound.
 - `update(info, fieldpaths)` changes labels only. Paths: `labels` (replace all labels with
@@ -56,6 +59,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from peersync.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
 from peersync.store.chunkstore import BlobRecord, ChunkStore, parse_digest
+from peersync.store.holds import Holds
 from peersync.store.ingest import IngestStatus, IngestWriter
 from snapshotter.filters import compile_filters
 
@@ -126,6 +130,7 @@ class Writer:
         """AlreadyExists (and the ingest removed) if `digest` is already present."""
         parse_digest(digest)
         if self._store.chunks.exists(digest):
+            self._store.adopt(digest)
             await asyncio.to_thread(self._store.chunks.ingests.discard, self.ref)
             self.close()  # after the discard: the ref stays ours until its ingest is gone
             raise AlreadyExists(f"blob with expected digest {digest} exists")
@@ -143,13 +148,22 @@ class Writer:
 class ContentStore:
     """containerd's content store over a ChunkStore (the module docstring is the spec)."""
 
-    def __init__(self, chunks: ChunkStore, source: BlobSource | None = None) -> None:
+    def __init__(
+        self, chunks: ChunkStore, source: BlobSource | None = None, holds: Holds | None = None
+    ) -> None:
         self.chunks = chunks
         self.source = source
+        self.holds = holds
+
+    def adopt(self, digest: str) -> None:
+        """containerd is taking `digest` into its metadata: a hold on it ends."""
+        if self.holds is not None and digest in self.holds:
+            self.holds.adopt(digest)
 
     # -- blobs -------------------------------------------------------------------------------
 
     async def info(self, digest: str) -> Info:
+        self.adopt(digest)
         try:
             return _info(self.chunks.record(digest))
         except NotFound:
@@ -166,6 +180,8 @@ class ContentStore:
         after = ""
         while batch := self.chunks.iter_records(after):
             for rec in batch:
+                if self.holds is not None and rec.digest in self.holds:
+                    continue
                 if match(_fields(rec)):
                     yield _info(rec)
             after = batch[-1].digest
@@ -191,8 +207,9 @@ class ContentStore:
             return None
         return offset, got[1]
 
-    async def read(self, digest: str, offset: int = 0, size: int = 0,
-                   piece: int = READ_PIECE) -> AsyncIterator[tuple[int, bytes]]:
+    async def read(
+        self, digest: str, offset: int = 0, size: int = 0, piece: int = READ_PIECE
+    ) -> AsyncIterator[tuple[int, bytes]]:
         try:
             handle = self.chunks.open_blob(digest)
         except NotFound:
@@ -210,8 +227,9 @@ class ContentStore:
                 yield start, data
                 start += n
 
-    async def _read_remote(self, digest: str, offset: int, size: int,
-                           piece: int) -> AsyncIterator[tuple[int, bytes]]:
+    async def _read_remote(
+        self, digest: str, offset: int, size: int, piece: int
+    ) -> AsyncIterator[tuple[int, bytes]]:
         blob_size = await self._remote_size(digest)
         assert self.source is not None  # _remote_size raised otherwise
         start, end = _read_range(digest, blob_size, offset, size)
@@ -234,6 +252,7 @@ class ContentStore:
         if expected:
             parse_digest(expected)
             if self.chunks.exists(expected):
+                self.adopt(expected)
                 raise AlreadyExists(f"content {expected}: already exists")
         ingest = await asyncio.to_thread(self.chunks.ingests.open, ref, total, expected)
         return Writer(self, ingest)
@@ -273,7 +292,7 @@ def _label_update(info: Info, fieldpaths: Sequence[str]) -> tuple[dict[str, str]
             replace_all = True
             labels.update(info.labels)
         elif path.startswith("labels.") and len(path) > len("labels."):
-            key = path[len("labels."):]
+            key = path[len("labels.") :]
             labels[key] = info.labels.get(key, "")
         else:
             raise InvalidArgument(f"cannot update {path!r} field on content info {info.digest!r}")

@@ -83,9 +83,15 @@ unreferenced `<id>`); `commit` changes metadata only. `cleanup` holds the write 
 picks garbage and renames it to `rm-*`, so no prepare can be half-way through, and an id it
 found unused can be handed out again at once without losing the new directory.
 
-Remote snapshots (later): on `prepare` with label `containerd.io/snapshot.ref=<chainID>` a
-remote snapshotter builds and commits the layer itself under that name and answers
-AlreadyExists. Today the label is stored like any other; see the marked seam in `prepare`.
+Remote snapshots (`snapshotter.remote`): given a `LayerSource`, a `prepare` that carries the CRI
+labels naming a layer (`containerd.io/snapshot.ref=<chain ID>` and `.../cri.layer-digest`) builds
+that layer itself: an active snapshot under `key` as usual, the blob streamed into it
+(`snapshotter.apply`, diff ID checked), then committed as `<chain ID>` with the label
+`peersync.io/unpacked-layer=<digest>`, and the answer is AlreadyExists, which tells containerd to
+use the committed snapshot instead of fetching and applying the layer. If the snapshot already
+exists the answer is AlreadyExists at once. If the layer cannot be provided, or unpacking fails,
+the active snapshot is removed and `prepare` proceeds as without labels: containerd then fetches
+and applies the layer itself. Removing the last snapshot unpacked from a blob releases the blob.
 """
 
 from __future__ import annotations
@@ -101,10 +107,12 @@ from pathlib import Path
 
 import structlog
 
-from peersync.errors import Unavailable
+from peersync.errors import AlreadyExists, NotFound, Unavailable
 from peersync.store.fsutil import fsync_dir
 from peersync.store.meta import Meta
-from snapshotter import storage
+from snapshotter import remote, storage
+from snapshotter.apply import apply_layer
+from snapshotter.remote import Layer, LayerSource
 from snapshotter.storage import Info, Kind, Snapshot, Usage
 
 __all__ = ["Snapshotter", "Mount", "Info", "Kind", "Usage", "disk_usage", "supports_index_off"]
@@ -129,22 +137,27 @@ class Mount:
 class Snapshotter:
     """containerd's overlay snapshotter over `<root>/snapshots` and the LMDB in `meta`.
 
-    `index_off` adds `index=off` to overlay mounts; None detects it as containerd does."""
+    `index_off` adds `index=off` to overlay mounts; None detects it as containerd does.
+    `layers`, if given, lets `prepare` unpack layers itself (see "Remote snapshots" above)."""
 
-    def __init__(self, root: Path, meta: Meta, *, index_off: bool | None = None) -> None:
+    def __init__(
+        self, root: Path, meta: Meta, *, index_off: bool | None = None, layers: LayerSource | None = None
+    ) -> None:
         self.root = Path(root).absolute()
         self.meta = meta
         self.snapshots_dir = self.root / "snapshots"
         self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index_off = supports_index_off() if index_off is None else index_off
+        self.layers = layers
 
     async def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
     ) -> list[Mount]:
         """Create an active snapshot on `parent` and return how to mount it."""
-        # Seam for remote snapshots: with label `containerd.io/snapshot.ref`, this is where a
-        # layer already fetched from peers would be committed under that name and AlreadyExists
-        # returned (containerd-api.md, "Remote-snapshot handshake"). Until then it is a label.
+        if self.layers is not None and labels is not None and remote.wants_layer(labels):
+            target = labels[remote.REF_LABEL]
+            if await self._provide(key, parent, labels):
+                raise AlreadyExists(f"target snapshot {target!r}: provided by peersync")
         return await self._create(Kind.ACTIVE, key, parent, labels)
 
     async def view(self, key: str, parent: str = "", labels: Mapping[str, str] | None = None) -> list[Mount]:
@@ -168,8 +181,13 @@ class Snapshotter:
 
     async def remove(self, key: str) -> None:
         """Forget `key`, then delete its directory (leftovers are cleanup's)."""
+        with self.meta.txn() as txn:
+            _, info, _ = storage.get_info(txn, self.meta, key)
         snap_id = await asyncio.to_thread(self._remove_metadata, key)
         await asyncio.to_thread(_remove_tree, self._dir(snap_id))
+        layer = info.labels.get(remote.UNPACKED_LABEL)
+        if layer and self.layers is not None and not await self._unpacked_from(layer):
+            await self.layers.release(layer)
 
     async def stat(self, key: str) -> Info:
         with self.meta.txn() as txn:
@@ -197,6 +215,68 @@ class Snapshotter:
         doomed = await asyncio.to_thread(self._claim_garbage)
         for path in doomed:
             await asyncio.to_thread(_remove_tree, path)
+
+    # --- remote snapshots
+
+    async def _provide(self, key: str, parent: str, labels: Mapping[str, str]) -> bool:
+        """Build the layer snapshot the labels ask for; True if it now exists (see module doc)."""
+        assert self.layers is not None
+        target = labels[remote.REF_LABEL]
+        if self._committed_on(target, parent):
+            return True
+        layer = await self.layers.describe(target, labels)
+        if layer is None:
+            return False
+        self.layers.prefetch(remote.upcoming(labels))
+        snap = await asyncio.to_thread(self._create_snapshot, Kind.ACTIVE, key, parent, labels)
+        try:
+            await self._unpack(snap, layer)
+            await self.commit(target, key, {**labels, remote.UNPACKED_LABEL: layer.digest})
+        except AlreadyExists:  # another prepare for the same target committed first
+            await self._discard(key)
+            return self._committed_on(target, parent)
+        except Exception as exc:
+            log.warning(
+                "unpacking a layer in the daemon failed; containerd will fetch and apply it",
+                layer=layer.digest,
+                target=target,
+                error=f"{type(exc).__name__}: {exc}",
+            )
+            await self._discard(key)
+            return False
+        log.info("unpacked layer", layer=layer.digest, target=target, size=layer.size)
+        return True
+
+    async def _unpack(self, snap: Snapshot, layer: Layer) -> None:
+        """Stream the blob into the snapshot's upper dir in a worker thread."""
+        assert self.layers is not None
+        reader = remote.BlobReader(self.layers, layer, asyncio.get_running_loop())
+        parents = [self._upper(parent_id) for parent_id in snap.parent_ids]
+        await asyncio.to_thread(
+            apply_layer, reader, layer.media_type, self._upper(snap.id), parents, layer.diff_id
+        )
+
+    def _committed_on(self, name: str, parent: str) -> bool:
+        """Whether committed snapshot `name` exists on exactly `parent`."""
+        try:
+            with self.meta.txn() as txn:
+                _, info, _ = storage.get_info(txn, self.meta, name)
+        except NotFound:
+            return False
+        return info.kind is Kind.COMMITTED and info.parent == parent
+
+    async def _discard(self, key: str) -> None:
+        try:
+            await self.remove(key)
+        except Exception as exc:  # cleanup (or containerd's GC) gets it later
+            log.warning("could not remove a failed unpack snapshot", key=key, error=str(exc))
+
+    async def _unpacked_from(self, layer: str) -> bool:
+        """Whether any snapshot left was unpacked from blob `layer`."""
+        with self.meta.txn() as txn:
+            return any(
+                i.labels.get(remote.UNPACKED_LABEL) == layer for i in storage.walk_info(txn, self.meta, ())
+            )
 
     # --- metadata transactions (each runs whole in one worker thread: LMDB write locks are per thread)
 

@@ -30,6 +30,7 @@ from peersync.errors import FailedPrecondition
 SCHEMA_VERSION = 1
 DATABASES = (
     "schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters", "sources",
+    "holds",
 )
 DEFAULT_MAP_SIZE = 1 << 34  # 16 GiB of address space; LMDB only uses what it writes
 

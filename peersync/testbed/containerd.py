@@ -96,13 +96,16 @@ def toml_dumps(config: Mapping[str, Any], path: tuple[str, ...] = ()) -> str:
     return "\n".join(line for line in lines if line is not None).strip("\n") + "\n"
 
 
-def base_config(root: Path, state: Path, address: Path, log_level: str = "info") -> dict[str, Any]:
-    """containerd config version 2 with private paths and sockets, CRI disabled, prompt GC."""
+def base_config(
+    root: Path, state: Path, address: Path, log_level: str = "info", cri: bool = False
+) -> dict[str, Any]:
+    """containerd config version 2 with private paths and sockets, prompt GC; CRI only if asked."""
+    disabled = [p for p in DEFAULT_DISABLED_PLUGINS if not (cri and p == "io.containerd.grpc.v1.cri")]
     return {
         "version": 2,
         "root": str(root),
         "state": str(state),
-        "disabled_plugins": list(DEFAULT_DISABLED_PLUGINS),
+        "disabled_plugins": disabled,
         "grpc": {"address": str(address)},
         "ttrpc": {"address": f"{address}.ttrpc"},
         "debug": {"level": log_level},
@@ -249,6 +252,34 @@ class Containerd:
             self.ctr("images", "unmount", "--rm", str(target))
             target.rmdir()
 
+    @contextlib.contextmanager
+    def mount_snapshot(self, name: str, snapshotter: str = "overlayfs") -> Iterator[Path]:
+        """Mount a read-only view of committed snapshot `name` on the host; removed on exit.
+
+        Unlike `mount_image` this touches no content: it works for images whose layers the
+        snapshotter unpacked itself (CRI pulls with peersync), which containerd never fetched."""
+        key = f"view-{uuid.uuid4().hex[:12]}"
+        # An unreferenced snapshot is garbage, and ctr cannot label it as it creates it: run the GC
+        # pass that earlier deletions scheduled now, then root the view before another can start.
+        self.gc()
+        out = self.ctr("snapshots", "--snapshotter", snapshotter, "view", "--mounts", key, name)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.ctr("snapshots", "--snapshotter", snapshotter, "label", key, f"containerd.io/gc.root={stamp}")
+        target = Path(tempfile.mkdtemp(prefix="snapmnt-", dir=self.state.parent))
+        try:
+            for m in json.loads(out):
+                options = ",".join(m.get("options") or m.get("Options") or [])
+                kind, source = m.get("type") or m.get("Type"), m.get("source") or m.get("Source")
+                args = ["-o", options, source] if kind == "bind" else ["-t", kind, "-o", options, source]
+                run_checked(["mount", *args, str(target)], timeout=30)
+            try:
+                yield target
+            finally:
+                run_checked(["umount", str(target)], timeout=30)
+        finally:
+            target.rmdir()
+            self.ctr("snapshots", "--snapshotter", snapshotter, "rm", key)
+
     def cleanup_tasks(self) -> None:
         """Kill and delete leftover tasks and containers so shims exit and mounts go away."""
         for ns in self.ctr("namespaces", "ls", "-q").split():
@@ -271,6 +302,7 @@ def start_containerd(
     log_level: str = "info",
     ready_timeout: float = 30.0,
     prefix: Sequence[str] = (),
+    cri: bool = False,
 ) -> Iterator[Containerd]:
     """Run a private containerd; on exit kill its tasks, stop it, its shims and unmount its dirs.
 
@@ -281,10 +313,11 @@ def start_containerd(
     to put it (and the shims and containers it starts) in a network namespace; it must exec
     containerd (nsenter without --fork does) so the PID we stop is containerd's. `ctr` helpers run
     under the same prefix: `ctr images pull` resolves and fetches from the ctr process itself.
+    `cri` keeps the CRI plugin enabled (configure it with `cri.cri_config` in `extra_config`).
     """
     base = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
     root, state, address = base / "root", base / "state", base / "containerd.sock"
-    config = merge_config(base_config(root, state, address, log_level), parse_extra_config(extra_config))
+    config = merge_config(base_config(root, state, address, log_level, cri), parse_extra_config(extra_config))
     config_path = base / "config.toml"
     config_path.write_text(toml_dumps(config))
     log_dir = Path(workdir) if workdir is not None else base

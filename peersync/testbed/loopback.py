@@ -12,9 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peersync import hosts
-from peersync.testbed.containerd import Containerd, start_containerd
+from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd
+from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config
 from peersync.testbed.images import BuiltImage, compare_manifests, snapshot_tree
 from peersync.testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
+from snapshotter.remote import chain_ids
 
 SNAPSHOTTER = "peersync"
 
@@ -31,6 +33,17 @@ class LoopbackNode:
         args = ["--hosts-dir", str(self.hosts_dir)]
         return self.containerd.pull(ref, snapshotter=SNAPSHOTTER, plain_http=True, extra_args=args)
 
+    def cri_pull(self, ref: str) -> str:
+        """Pull as kubelet does (CRI PullImage, needs `start_node(cri=True)`); the image ID."""
+        with CriClient(self.containerd.address) as cri:
+            return cri.pull(ref)
+
+    def cri_remove(self, ref: str) -> None:
+        """CRI RemoveImage, then a GC pass that frees the image's content and snapshots."""
+        with CriClient(self.containerd.address) as cri:
+            cri.remove(ref)
+        self.containerd.gc()
+
     def run(self, ref: str, cmd: Sequence[str] = ()) -> str:
         return self.containerd.run(ref, list(cmd), snapshotter=SNAPSHOTTER)
 
@@ -42,19 +55,34 @@ class LoopbackNode:
     def rootfs_differences(self, ref: str, image: BuiltImage) -> list[str]:
         """How the unpacked image differs from what its layers say (empty: identical)."""
         assert image.expected is not None
-        with self.containerd.mount_image(ref, snapshotter=SNAPSHOTTER) as rootfs:
+        if self.containerd.namespace == CRI_NAMESPACE:  # layers may never have been fetched
+            top = chain_ids([layer.diff_id for layer in image.layers])[-1]
+            mount = self.containerd.mount_snapshot(top, snapshotter=SNAPSHOTTER)
+        else:
+            mount = self.containerd.mount_image(ref, snapshotter=SNAPSHOTTER)
+        with mount as rootfs:
             return compare_manifests(image.expected, snapshot_tree(rootfs))
 
 
 @contextlib.contextmanager
-def start_node(workdir: Path, port: int, peers: Sequence[str], registry: str) -> Iterator[LoopbackNode]:
+def start_node(
+    workdir: Path, port: int, peers: Sequence[str], registry: str, cri: bool = False, extra: str = ""
+) -> Iterator[LoopbackNode]:
     """A node whose peer exchange listens on 127.0.0.1:`port`, pulling from the plain-HTTP
-    `registry` (host:port) through its mirror, with `peers` (URLs) as the other nodes."""
-    config = loopback_config(plain_http=[registry], peers=[p.removeprefix("http://") for p in peers])
+    `registry` (host:port) through its mirror, with `peers` (URLs) as the other nodes. With `cri`
+    its containerd also serves CRI (snapshotter peersync, layer labels on) in namespace k8s.io.
+    `extra` is appended to the daemon's config."""
+    config = loopback_config(
+        plain_http=[registry], peers=[p.removeprefix("http://") for p in peers], extra=extra
+    )
     config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
+    hosts_dir = workdir / "hosts.d"
     with start_peersync(workdir, config=config) as daemon:
-        with start_containerd(workdir / "containerd", extra_config=daemon.containerd_config()) as ctrd:
-            hosts_dir = workdir / "hosts.d"
+        ctrd_config = parse_extra_config(daemon.containerd_config())
+        if cri:
+            ctrd_config = merge_config(ctrd_config, cri_config(SNAPSHOTTER, hosts_dir, workdir))
+        namespace = {"namespace": CRI_NAMESPACE} if cri else {}
+        with start_containerd(workdir / "containerd", extra_config=ctrd_config, cri=cri, **namespace) as ctrd:
             hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
             toml = hosts_dir / registry / "hosts.toml"  # the test registry speaks plain HTTP
             toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))

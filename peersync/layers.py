@@ -1,0 +1,124 @@
+"""`snapshotter.remote.LayerSource` over the node's content store and download engine.
+
+This is where the two halves meet for the remote-snapshot handshake: the snapshotter asks for the
+layer a chain ID is made of; we read the image's manifest and config (from the content store,
+which serves them locally or from peers), check that the chain ID really is that layer on top of
+its parents, and stream the blob through the download engine, so the layer is unpacked while its
+chunks arrive from peers or the origin. A blob fetched for this is *held* (`peersync.store.holds`)
+until the last snapshot made from it is removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import structlog
+
+from peer.engine import Engine
+from peersync.errors import NotFound, PeerSyncError
+from peersync.store.holds import Holds
+from snapshotter import remote
+from snapshotter.apply import MEDIA_TYPES
+from snapshotter.content import ContentStore
+from snapshotter.remote import Layer
+
+log = structlog.get_logger(__name__)
+
+MAX_JSON = 4 << 20  # manifests and configs are small; refuse to buffer anything bigger
+PREFETCH_CONCURRENT = 2  # layer downloads at once: the uplink stays busy, the next layer is early
+
+
+class DaemonLayers:
+    """Layers for the snapshotter, from this node's store and the download engine."""
+
+    def __init__(self, content: ContentStore, engine: Engine, holds: Holds) -> None:
+        self.content = content
+        self.engine = engine
+        self.holds = holds
+        self._queue: list[str] = []  # layers to download, in image order
+        self._active: set[str] = set()  # layers downloading because we asked
+
+    async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
+        digest = labels[remote.LAYER_DIGEST_LABEL]
+        manifest_digest = labels.get(remote.MANIFEST_LABEL, "")
+        try:
+            layer = await self._verified_layer(target, digest, manifest_digest)
+        except (PeerSyncError, ValueError, KeyError, TypeError) as exc:
+            log.info("layer not provided; containerd unpacks it", layer=digest, reason=str(exc))
+            return None
+        if not self.content.chunks.exists(digest):
+            if self.engine.known_size(digest) is None:
+                log.info("layer not provided: no source known for it", layer=digest)
+                return None
+            self.holds.hold(digest)
+        return layer
+
+    def prefetch(self, digests: Sequence[str]) -> None:
+        """Queue the layers in order; `_pump` keeps PREFETCH_CONCURRENT of them downloading, and
+        starts the next one when one completes, not when its turn to be unpacked comes, so a slow
+        unpack never leaves the uplink idle. (A layer being unpacked is always downloading: its
+        reads start it.)"""
+        for digest in digests:
+            if digest not in self._queue and digest not in self._active:
+                self._queue.append(digest)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self._queue and len(self._active) < PREFETCH_CONCURRENT:
+            digest = self._queue.pop(0)
+            try:
+                download = self.engine.ensure(digest)
+            except PeerSyncError:
+                continue  # not catalogued: containerd will fetch it
+            if download is None:
+                continue  # here already
+            self._active.add(digest)
+            download.task.add_done_callback(lambda _task, d=digest: self._finished(d))
+
+    def _finished(self, digest: str) -> None:
+        self._active.discard(digest)
+        self._pump()
+
+    async def read(self, digest: str, offset: int, size: int) -> bytes:
+        parts = [data async for _, data in self.content.read(digest, offset, size)]
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def release(self, digest: str) -> None:
+        if digest not in self.holds:
+            return  # containerd adopted it: its GC decides
+        self.holds.release(digest)
+        with contextlib.suppress(NotFound):
+            await asyncio.to_thread(self.content.chunks.delete, digest)
+        log.info("released layer blob", layer=digest)
+
+    async def _verified_layer(self, target: str, digest: str, manifest_digest: str) -> Layer:
+        """The manifest's entry for `digest`, with the diff ID from the config, if the chain ID
+        of that layer on its parents is `target`; ValueError otherwise."""
+        if not manifest_digest:
+            raise ValueError("no manifest digest label")
+        manifest = await self._json(manifest_digest)
+        layers = manifest["layers"]
+        index = next((i for i, d in enumerate(layers) if d["digest"] == digest), None)
+        if index is None:
+            raise ValueError(f"manifest {manifest_digest} does not name layer {digest}")
+        config = await self._json(manifest["config"]["digest"])
+        diff_ids = config["rootfs"]["diff_ids"]
+        if len(diff_ids) != len(layers):
+            raise ValueError("config has a different number of diff IDs than the manifest has layers")
+        if remote.chain_ids(diff_ids)[index] != target:
+            raise ValueError(f"chain ID of layer {index} is not {target}")
+        media_type = layers[index]["mediaType"]
+        if media_type not in MEDIA_TYPES:
+            raise ValueError(f"media type {media_type} not supported")
+        return Layer(digest, media_type, int(layers[index]["size"]), diff_ids[index])
+
+    async def _json(self, digest: str) -> Any:
+        info = await self.content.info(digest)
+        if info.size > MAX_JSON:
+            raise ValueError(f"{digest} is {info.size} bytes, too big for a manifest or config")
+        data = b"".join([d async for _, d in self.content.read(digest)])
+        return json.loads(data)

@@ -1,0 +1,138 @@
+"""Pulls the way kubelet makes them: containerd's CRI plugin, with the daemon unpacking layers.
+
+With `disable_snapshot_annotations = false`, CRI's Prepare names each layer; the daemon streams the
+blob (from peers or the origin, through its engine) into the snapshot, commits it under the chain
+ID and answers AlreadyExists (snapshotter/remote.py). containerd then never fetches the layers.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from pathlib import Path
+
+import pytest
+
+from peersync.testbed.cri import CRI_NAMESPACE
+from peersync.testbed.images import BuiltImage
+from peersync.testbed.loopback import LoopbackNode, start_node
+from peersync.testbed.procs import free_port
+from peersync.testbed.registry import Registry
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+UNPACKED = "peersync.io/unpacked-layer"
+NodeFactory = Callable[..., LoopbackNode]
+
+
+@pytest.fixture
+def make_node(tmp_path: Path, registry: Registry) -> Iterator[NodeFactory]:
+    """`make_node(peer_urls, extra="")`: a loopback node whose containerd serves CRI."""
+    with ExitStack() as stack:
+
+        def make(peers: list[str] | None = None, extra: str = "", port: int | None = None) -> LoopbackNode:
+            port = port or free_port()
+            workdir = tmp_path / f"node-{port}"
+            return stack.enter_context(
+                start_node(workdir, port, peers or [], registry.address, cri=True, extra=extra)
+            )
+
+        yield make
+
+
+def snapshot_labels(node: LoopbackNode) -> dict[str, dict[str, str]]:
+    """Committed peersync snapshots in the k8s.io namespace -> their labels."""
+    ctrd = node.containerd
+    lines = ctrd.ctr("snapshots", "--snapshotter", "peersync", "ls").splitlines()[1:]
+    out = {}
+    for line in lines:
+        name = line.split()[0]
+        info = json.loads(ctrd.ctr("snapshots", "--snapshotter", "peersync", "info", name))
+        out[name] = info.get("Labels") or {}
+    return out
+
+
+def layer_digests(image: BuiltImage) -> set[str]:
+    return {layer.descriptor.digest for layer in image.layers}
+
+
+def test_cri_pull_unpacks_layers_in_the_daemon(
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
+) -> None:
+    node = make_node()
+    assert node.containerd.namespace == CRI_NAMESPACE
+    image_id = node.cri_pull(test_image_ref)
+    assert image_id == test_image.config_digest
+    labels = snapshot_labels(node)
+    assert {v.get(UNPACKED) for v in labels.values()} == layer_digests(test_image), labels
+    # containerd never fetched a layer: its content store knows the manifest and config only
+    assert not layer_digests(test_image) & node.containerd.content_digests()
+    assert layer_digests(test_image) <= node.daemon.blob_files()  # held by the daemon for peers
+    assert node.run(test_image_ref) == test_image.expected_output
+    assert node.rootfs_differences(test_image_ref, test_image) == []
+    assert node.daemon.corrupt_blobs() == []
+
+
+def test_held_layers_survive_gc_and_go_with_the_image(
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
+) -> None:
+    node = make_node()
+    node.cri_pull(test_image_ref)
+    node.containerd.gc()  # containerd deletes every blob of ours it does not reference...
+    assert layer_digests(test_image) <= node.daemon.blob_files()  # ...but held layers are hidden
+    node.cri_remove(test_image_ref)
+    assert node.containerd.images() == []
+    assert node.daemon.snapshot_dirs() == set()
+    assert node.daemon.blob_files() == set()
+
+
+def test_second_node_unpacks_from_the_first_without_the_origin(
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
+) -> None:
+    pa, pb = free_port(), free_port()
+    a = make_node([f"127.0.0.1:{pb}"], port=pa)
+    b = make_node([f"127.0.0.1:{pa}"], port=pb)
+    a.cri_pull(test_image_ref)
+    b.cri_pull(test_image_ref)
+    stats = b.stats()
+    assert stats["origin_bytes"] == 0, stats
+    assert stats["peer_bytes"] >= sum(layer.descriptor.size for layer in test_image.layers)
+    assert b.rootfs_differences(test_image_ref, test_image) == []
+    assert b.run(test_image_ref) == test_image.expected_output
+
+
+def test_unpack_layers_off_leaves_it_to_containerd(
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
+) -> None:
+    node = make_node(extra="[snapshotter]\nunpack_layers = false\n")
+    node.cri_pull(test_image_ref)
+    assert not any(UNPACKED in v for v in snapshot_labels(node).values())
+    assert node.run(test_image_ref) == test_image.expected_output
+    assert node.rootfs_differences(test_image_ref, test_image) == []
+
+
+def test_ctr_pull_of_the_same_image_adopts_held_layers(
+    make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
+) -> None:
+    """After a CRI pull, `ctr pull` in another namespace takes the held blobs into containerd's
+    metadata; removing the CRI image must then not delete them from under the other image."""
+    node = make_node()
+    node.cri_pull(test_image_ref)
+    ctrd = node.containerd
+    ctrd.ctr(
+        "images",
+        "pull",
+        "--snapshotter",
+        "peersync",
+        "--hosts-dir",
+        str(node.hosts_dir),
+        test_image_ref,
+        namespace="default",
+    )
+    node.cri_remove(test_image_ref)
+    assert layer_digests(test_image) <= node.daemon.blob_files()
+    out = ctrd.ctr("run", "--rm", "--snapshotter", "peersync", test_image_ref, "t-adopt", namespace="default")
+    assert out == test_image.expected_output
+    ctrd.ctr("images", "rm", "--sync", test_image_ref, namespace="default")
+    assert node.daemon.blob_files() == set()
