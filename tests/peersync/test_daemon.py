@@ -226,3 +226,16 @@ def test_socket_activation_refuses_a_socket_for_another_path(tmp_path: Path) -> 
     listener.close()
     assert proc.returncode == 2
     assert b"systemd passed socket" in err
+
+
+def test_containerd_config_cri_points_kubelet_pulls_at_peersync(tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args = ["containerd-config", "--socket", str(tmp_path / "x.sock"), "--cri", "--hosts-dir", "/etc/hosts.d"]
+    out = subprocess.run(
+        [sys.executable, "-m", "peersync.cli", *args], capture_output=True, check=True, env=env
+    ).stdout.decode()
+    import tomllib
+
+    cri = tomllib.loads(out)["plugins"]["io.containerd.grpc.v1.cri"]
+    assert cri["containerd"] == {"snapshotter": "peersync", "disable_snapshot_annotations": False}
+    assert cri["registry"] == {"config_path": "/etc/hosts.d"}
