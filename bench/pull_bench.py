@@ -23,18 +23,44 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peersync.testbed.containerd import Containerd, start_containerd  # noqa: E402
+from peersync import hosts  # noqa: E402
+from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd  # noqa: E402
+from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config  # noqa: E402
 from peersync.testbed.images import build_sized_image, push_image  # noqa: E402
-from peersync.testbed.peersyncd import start_peersync  # noqa: E402
+from peersync.testbed.peersyncd import loopback_config, start_peersync  # noqa: E402
 from peersync.testbed.registry import start_registry  # noqa: E402
 
 CACHE = Path("/tmp/peersync-bench-images")
 
 
-def timed_pull(ctrd: Containerd, ref: str, snapshotter: str) -> float:
+def timed_pull(ctrd: Containerd, ref: str, snapshotter: str, client: str) -> float:
     start = time.perf_counter()
-    ctrd.pull(ref, snapshotter=snapshotter)
+    if client == "cri":
+        with CriClient(ctrd.address) as cri:
+            cri.pull(ref)
+    else:
+        ctrd.pull(ref, snapshotter=snapshotter)
     return time.perf_counter() - start
+
+
+def remove(ctrd: Containerd, ref: str, client: str) -> None:
+    """Remove the image and wait for GC to empty the stores."""
+    if client == "cri":
+        with CriClient(ctrd.address) as cri:
+            cri.remove(ref)
+        ctrd.gc()
+    else:
+        ctrd.rmi(ref)
+
+
+def plain_http_hosts(hosts_dir: Path, registry: str) -> Path:
+    """A hosts.toml that reaches `registry` over plain HTTP (CRI has no --plain-http flag)."""
+    (hosts_dir / registry).mkdir(parents=True, exist_ok=True)
+    # containerd 1.6 ignores a hosts.toml without a [host] table, so the server is listed as one
+    (hosts_dir / registry / "hosts.toml").write_text(
+        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    return hosts_dir
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -58,6 +84,12 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--compressibility", type=float, default=0.5)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument(
+        "--client",
+        choices=("ctr", "cri"),
+        default="ctr",
+        help="ctr images pull (fetch all, then unpack) or the CRI PullImage kubelet uses (pipelined)",
+    )
     args = ap.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="pullbench-"))
@@ -69,21 +101,46 @@ def main() -> int:
     compressed = sum(layer.descriptor.size for layer in image.layers)
     with start_registry(work / "registry") as registry:
         ref = push_image(image, registry, "bench/pull")
+        cri = args.client == "cri"
+        namespace = CRI_NAMESPACE if cri else "peersync-test"
+        # CRI: builtin pulls straight from the registry; ours through the daemon's mirror, as
+        # `peersync hosts install` deploys it (the daemon needs the manifests to unpack layers).
+        hosts_dirs = {
+            "overlayfs": plain_http_hosts(work / "hosts-builtin", registry.address),
+            "peersync": work / "hosts-ours",
+        }
+
+        def extra(snapshotter: str, base: dict) -> dict:
+            if not cri:
+                return base
+            return merge_config(base, cri_config(snapshotter, hosts_dirs[snapshotter], work / snapshotter))
+
+        config = loopback_config(plain_http=[registry.address])
         with (
-            start_peersync(work / "ps") as daemon,
-            start_containerd(work / "builtin") as builtin,
-            start_containerd(work / "ours", extra_config=daemon.containerd_config()) as ours,
+            start_peersync(work / "ps", config=config) as daemon,
+            start_containerd(
+                work / "builtin", extra_config=extra("overlayfs", {}), cri=cri, namespace=namespace
+            ) as builtin,
+            start_containerd(
+                work / "ours",
+                extra_config=extra("peersync", parse_extra_config(daemon.containerd_config())),
+                cri=cri,
+                namespace=namespace,
+            ) as ours,
         ):
+            hosts.install(registry.address, f"http://{daemon.mirror}", hosts_dirs["peersync"])
+            toml = hosts_dirs["peersync"] / registry.address / "hosts.toml"
+            toml.write_text(toml.read_text().replace("https://", "http://"))
             times: dict[str, list[float]] = {"builtin": [], "peersync": []}
             cpu0 = cpu_seconds(daemon.process.pid)
             for rnd in range(args.rounds):
                 order = [("builtin", builtin, "overlayfs"), ("peersync", ours, "peersync")]
                 for name, ctrd, snap in order if rnd % 2 == 0 else reversed(order):
-                    t = timed_pull(ctrd, ref, snap)
+                    t = timed_pull(ctrd, ref, snap, args.client)
                     times[name].append(t)
                     print(f"round {rnd + 1}: {name:8s} {t:6.2f} s", flush=True)
                 for ctrd in (builtin, ours):
-                    ctrd.rmi(ref)
+                    remove(ctrd, ref, args.client)
             rss = peak_rss_mb(daemon.process.pid)
             cpu = cpu_seconds(daemon.process.pid) - cpu0
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -3,6 +3,7 @@
     peersync testbed [--nodes 8] [--image-mb 200] [--layers 6] [--uplink-mbit 100]
                      [--systems baseline,cache,bittorrent,peersync-full,peersync-mirror]
                      [--scenarios burst,staggered,varying,node-death] [--out DIR] [--quick]
+                     [--client cri|ctr]
 
 For every (system, scenario) of the plan: a fresh `netns.Site` (N node namespaces, a tbf-shaped
 uplink both ways), the origin registry on the WAN side holding the image, the system set up on the
@@ -10,6 +11,9 @@ nodes (`systems.py`), the scenario driven and measured (`scenarios.py`), and the
 whatever happened. Before the runs, the unpack time of the image is measured on one idle node (for
 the physical limit). Results go to `--out` (default bench/results/<timestamp>/) as results.json,
 results.md and chart.png (`report.py`); results.json is rewritten after every run.
+
+Nodes pull through containerd's CRI plugin by default, as kubelet does on a Kubernetes edge node
+(`--client ctr` uses `ctr images pull` instead, which fetches the whole image before unpacking).
 
 The plan: `burst` for every system; the other scenarios only for `--scenario-systems` (default
 peersync-full), unless `--full-matrix`. That default fits the 15-minute budget on a 2-core machine
@@ -65,6 +69,7 @@ class BenchConfig:
     vary: list[tuple[float, float]] = field(default_factory=lambda: [(5.0, 0.3), (20.0, 1.0)])
     kill_fraction: float = 0.4
     timeout_s: float = 420.0
+    client: str = "cri"
     out: Path = Path("bench/results")
     quick: bool = False
     cache: Path = CACHE
@@ -121,6 +126,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--quick", action="store_true", help="CI size: 3 nodes, 16 MB, baseline+peersync-full, burst"
     )
+    p.add_argument(
+        "--client",
+        choices=("cri", "ctr"),
+        default="cri",
+        help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
+        "ctr = `ctr images pull` (fetch all, then unpack)",
+    )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")
     p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
@@ -164,6 +176,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         vary=vary,
         kill_fraction=args.kill_fraction,
         timeout_s=args.timeout or (120.0 if args.quick else 420.0),
+        client=args.client,
         out=args.out or root / "bench" / "results" / stamp,
         quick=args.quick,
         cache=args.cache_dir,
@@ -324,7 +337,7 @@ def run_one(
     try:
         site.start()
         ref = origin.start(site)
-        system = make_system(system_name, site, image, ref, run_dir / "system", check_cmd)
+        system = make_system(system_name, site, image, ref, run_dir / "system", check_cmd, cfg.client)
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)

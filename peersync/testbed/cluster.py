@@ -8,6 +8,9 @@
 
 Modes: "full" (content + snapshotter proxy, lazy reads, pulls through the node's mirror) and
 "mirror" (containerd's builtin stores; only the mirror in hosts.toml is ours).
+
+Clients: "ctr" (`ctr images pull`: fetch everything, then unpack) or "cri" (containerd's CRI
+plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them).
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ from pathlib import Path
 
 from peersync import hosts
 from peersync.containerd_config import render
-from peersync.testbed.containerd import Containerd
+from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config
+from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config
 from peersync.testbed.netns import REGISTRY_IP, Site, SiteNode
 from peersync.testbed.peersyncd import PeerSyncDaemon
 
@@ -45,13 +49,17 @@ class ClusterNode:
     containerd: Containerd
     hosts_dir: Path
     snapshotter: str
+    client: str = "ctr"
 
-    def pull(self, ref: str) -> float:
-        """`ctr images pull` through this node's mirror; returns the seconds it took."""
+    def pull(self, ref: str, timeout: float = 600.0) -> float:
+        """Pull through this node's mirror (ctr or CRI); returns the seconds it took."""
         started = time.monotonic()
-        self.containerd.pull(
-            ref, snapshotter=self.snapshotter, extra_args=["--hosts-dir", str(self.hosts_dir)]
-        )
+        if self.client == "cri":
+            with CriClient(self.containerd.address) as cri:
+                cri.pull(ref, timeout=timeout)
+        else:
+            extra = ["--hosts-dir", str(self.hosts_dir)]
+            self.containerd.pull(ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
         return time.monotonic() - started
 
     def run(self, ref: str, cmd: tuple[str, ...] = ()) -> str:
@@ -72,10 +80,12 @@ class ClusterNode:
 class Cluster:
     """Daemons, containerds and hosts.toml on every node of `site`."""
 
-    def __init__(self, site: Site, mode: str = "full", extra_config: str = "") -> None:
+    def __init__(self, site: Site, mode: str = "full", extra_config: str = "", client: str = "ctr") -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
-        self.site, self.mode = site, mode
+        if client not in ("ctr", "cri"):
+            raise ValueError(f"client must be ctr or cri, not {client!r}")
+        self.site, self.mode, self.client = site, mode, client
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
@@ -83,12 +93,18 @@ class Cluster:
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
         daemon = node.start_peersync(config=node_config(node, self.site, extra_config))
         full = self.mode == "full"
-        ctrd = node.start_containerd(extra_config=render(daemon.socket, content=True) if full else None)
+        snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"
         hosts.install(REGISTRY, f"http://{MIRROR}", hosts_dir)
         toml = hosts_dir / REGISTRY / "hosts.toml"
         toml.write_text(toml.read_text().replace(f"https://{REGISTRY}", f"http://{REGISTRY}"))
-        return ClusterNode(node, daemon, ctrd, hosts_dir, "peersync" if full else "overlayfs")
+        config = parse_extra_config(render(daemon.socket, content=True) if full else None)
+        if self.client == "cri":
+            config = merge_config(config, cri_config(snapshotter, hosts_dir, node.workdir))
+            ctrd = node.start_containerd(extra_config=config, cri=True, namespace=CRI_NAMESPACE)
+        else:
+            ctrd = node.start_containerd(extra_config=config)
+        return ClusterNode(node, daemon, ctrd, hosts_dir, snapshotter, self.client)
 
     def pull_all(self, ref: str, stagger: float = 0.0) -> list[float]:
         """Every node pulls `ref` at once (or `stagger` seconds apart); seconds per node."""

@@ -92,6 +92,13 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Image: {image.get('description', image['kind'])}; {size / 1e6:.1f} MB compressed "
         f"({image['layers']} layers), {image['uncompressed_bytes'] / 1e6:.1f} MB unpacked.",
     ]
+    if cfg.get("client", "ctr") == "cri":
+        lines.append(
+            "- Pulls: containerd's CRI plugin (PullImage, as kubelet pulls; layers unpacked as they arrive); "
+            "bittorrent imports with `ctr images import`."
+        )
+    else:
+        lines.append("- Pulls: `ctr images pull` (all blobs fetched, then unpacked).")
     if image.get("fallback_reason"):
         lines.append(f"- **The Debian image could not be built**: {image['fallback_reason'][:500]}")
     unpack = results.get("unpack", {})

@@ -18,6 +18,10 @@ Systems:
   the image's OCI layout as fetched from the registry; every node downloads it with aria2c (and keeps
   seeding), then `ctr images import` (tar streamed from the downloaded layout) unpacks it.
 - peersync-full / peersync-mirror: `cluster.Cluster` in the two integration modes.
+
+Clients (`client`): "cri" pulls as kubelet does, through containerd's CRI plugin (layers are
+unpacked as they arrive; PeerSync's full mode unpacks them in the daemon); "ctr" uses
+`ctr images pull` (everything fetched, then unpacked). BitTorrent always imports with ctr.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from typing import Any, TypeVar
 from . import torrent
 from .cluster import Cluster, ClusterNode
 from .containerd import CTR_BINARY, Containerd
+from .cri import CRI_NAMESPACE, CriClient, cri_config
 from .images import BuiltImage
 from .netns import REGISTRY_IP, REGISTRY_PORT, Site, SiteNode
 from .procs import ManagedProcess, http_answers, tcp_port_accepts
@@ -65,11 +70,19 @@ class System:
     snapshotter = "overlayfs"
 
     def __init__(
-        self, site: Site, image: BuiltImage, ref: str, workdir: Path, check_cmd: Sequence[str]
+        self,
+        site: Site,
+        image: BuiltImage,
+        ref: str,
+        workdir: Path,
+        check_cmd: Sequence[str],
+        client: str = "cri",
     ) -> None:
         self.site, self.image, self.ref, self.workdir = site, image, ref, workdir
         self.check_cmd = list(check_cmd)
+        self.client = client
         self.ctrds: list[Containerd] = []
+        self.hosts_dir: Path | None = None  # registry hosts (hosts.toml) the nodes pull with
         workdir.mkdir(parents=True, exist_ok=True)
 
     @property
@@ -77,10 +90,26 @@ class System:
         return self.site.nodes
 
     def setup(self) -> None:
-        self.ctrds = pmap(lambda n: n.start_containerd(), self.nodes)
+        if self.hosts_dir is None and self.client == "cri":  # CRI has no --plain-http flag
+            self.hosts_dir = write_plain_hosts(self.workdir / "hosts.d", f"{REGISTRY_IP}:{REGISTRY_PORT}")
+        self.ctrds = pmap(self._start_containerd, self.nodes)
+
+    def _start_containerd(self, node: SiteNode) -> Containerd:
+        if self.client != "cri":
+            return node.start_containerd()
+        assert self.hosts_dir is not None
+        config = cri_config(self.snapshotter, self.hosts_dir, node.workdir)
+        return node.start_containerd(extra_config=config, cri=True, namespace=CRI_NAMESPACE)
 
     def pull(self, i: int, timeout: float) -> None:
-        raise NotImplementedError
+        """Node i pulls the image (ctr or CRI), through `hosts_dir` if the system set one."""
+        ctrd = self.ctrds[i]
+        if self.client == "cri":
+            with CriClient(ctrd.address) as cri:
+                cri.pull(self.ref, timeout=timeout)
+            return
+        extra = ["--hosts-dir", str(self.hosts_dir)] if self.hosts_dir else []
+        ctrd.pull(self.ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
 
     def run_check(self, i: int, timeout: float = 120.0) -> str:
         return self.ctrds[i].run(self.ref, self.check_cmd, snapshotter=self.snapshotter, timeout=timeout)
@@ -109,8 +138,16 @@ class Baseline(System):
 
     name = "baseline"
 
-    def pull(self, i: int, timeout: float) -> None:
-        self.ctrds[i].pull(self.ref, snapshotter=self.snapshotter, timeout=timeout)
+
+def write_plain_hosts(hosts_dir: Path, registry: str) -> Path:
+    """A containerd hosts dir that reaches `registry` over plain HTTP; returns the dir."""
+    path = hosts_dir / registry / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # containerd 1.6 ignores a hosts.toml without a [host] table, so the server is listed as one
+    path.write_text(
+        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
+    )
+    return hosts_dir
 
 
 def write_mirror_hosts(hosts_dir: Path, registry: str, mirror_url: str) -> Path:
@@ -142,10 +179,6 @@ class Cache(System):
         self.hosts_dir = self.workdir / "hosts.d"
         write_mirror_hosts(self.hosts_dir, f"{REGISTRY_IP}:{REGISTRY_PORT}", url)
         super().setup()
-
-    def pull(self, i: int, timeout: float) -> None:
-        extra = ["--hosts-dir", str(self.hosts_dir)]
-        self.ctrds[i].pull(self.ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
 
     def processes(self) -> list[tuple[str, int, int]]:
         return [*super().processes(), ("proxy-registry", 0, self.proxy.pid)]
@@ -256,7 +289,7 @@ class PeerSync(System):
         self.name = f"peersync-{mode}"
 
     def setup(self) -> None:
-        self.cluster = Cluster(self.site, mode=self.mode)
+        self.cluster = Cluster(self.site, mode=self.mode, client=self.client)
         self.ctrds = [cn.containerd for cn in self.cluster.nodes]
         self.snapshotter = self.cluster.nodes[0].snapshotter
 
@@ -264,9 +297,7 @@ class PeerSync(System):
         return self.cluster.nodes[i]
 
     def pull(self, i: int, timeout: float) -> None:
-        cn = self._cn(i)
-        extra = ["--hosts-dir", str(cn.hosts_dir)]
-        cn.containerd.pull(self.ref, snapshotter=cn.snapshotter, extra_args=extra, timeout=timeout)
+        self._cn(i).pull(self.ref, timeout=timeout)
 
     def kill_node(self, i: int) -> None:
         cn = self._cn(i)
@@ -286,9 +317,15 @@ class PeerSync(System):
 
 
 def make_system(
-    name: str, site: Site, image: BuiltImage, ref: str, workdir: Path, check_cmd: Sequence[str]
+    name: str,
+    site: Site,
+    image: BuiltImage,
+    ref: str,
+    workdir: Path,
+    check_cmd: Sequence[str],
+    client: str = "cri",
 ) -> System:
-    args = (site, image, ref, workdir, check_cmd)
+    args = (site, image, ref, workdir, check_cmd, client)
     if name == "baseline":
         return Baseline(*args)
     if name == "cache":
