@@ -59,6 +59,7 @@ class EngineConfig:
     solo_batch_chunks: int = 32  # ... when no other node is filling the blob: nothing to re-plan
     owner_grace: float = 3.0  # an owner whose holdings have not grown for this long is stalled
     gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
+    gather_max: float = 2.0  # ... and how long at most to wait for the rest of the site to join
     hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
     drop_for: float = 300.0  # seconds a misbehaving peer (bad chunks) is ignored
     unreachable_for: float = 20.0  # seconds an unresponsive peer is left alone before it is retried
@@ -367,10 +368,7 @@ class Download:
             rec = store.partials.record(self.digest)
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
             if attempt == 1 and self.engine.peer_source.peers():
-                # let the nodes of a burst see each other before dealing out stripes
-                await self.engine.refresh([self.digest])
-                await asyncio.sleep(self.engine.config.gather_delay)
-                await self.engine.refresh([self.digest])
+                await self._gather()
             try:
                 await self._fill()
                 await store.partials.acomplete(self.digest)
@@ -403,6 +401,22 @@ class Download:
                     "download attempt failed; retrying", digest=self.digest, error=str(exc), attempt=attempt
                 )
                 await asyncio.sleep(min(2.0 * attempt, 10.0))
+
+    async def _gather(self) -> None:
+        """Let the nodes of a burst see each other before dealing out stripes: wait at least
+        `gather_delay`, then until every usable peer is filling or holds this blob, at most
+        `gather_max`. Stripes dealt while nodes are still joining differ from node to node, and
+        two nodes that both believe they own a stripe fetch it twice over the uplink."""
+        cfg = self.engine.config
+        deadline = time.monotonic() + cfg.gather_max
+        await self.engine.refresh([self.digest])
+        await asyncio.sleep(cfg.gather_delay)
+        while True:
+            await self.engine.refresh([self.digest], wait=cfg.poll_interval)
+            seen = self.engine.views.get(self.digest, {})
+            if all(p in seen for p in self.engine.usable_peers()) or time.monotonic() >= deadline:
+                return
+            await asyncio.sleep(cfg.poll_interval)
 
     def _fail(self, exc: BaseException) -> None:
         self.error = DownloadFailed(f"blob {self.digest} could not be fetched: {exc}")
