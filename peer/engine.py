@@ -57,7 +57,7 @@ class EngineConfig:
     stripe_chunks: int = 4  # origin work is split among downloading nodes in stripes of this size
     origin_batch_chunks: int = 4  # chunks per origin Range request (one stripe: re-plan often)
     solo_batch_chunks: int = 32  # ... when no other node is filling the blob: nothing to re-plan
-    owner_grace: float = 3.0  # an owner whose holdings have not grown for this long is stalled
+    owner_grace: float = 6.0  # an owner whose holdings have not grown for this long is stalled
     gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
     gather_max: float = 2.0  # ... and how long at most to wait for the rest of the site to join
     hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
@@ -403,10 +403,12 @@ class Download:
                 await asyncio.sleep(min(2.0 * attempt, 10.0))
 
     async def _gather(self) -> None:
-        """Let the nodes of a burst see each other before dealing out stripes: wait at least
-        `gather_delay`, then until every usable peer is filling or holds this blob, at most
-        `gather_max`. Stripes dealt while nodes are still joining differ from node to node, and
-        two nodes that both believe they own a stripe fetch it twice over the uplink."""
+        """Let the nodes of a burst see each other before dealing out stripes: wait
+        `gather_delay`; then, if other nodes are filling this blob too (a burst) and none holds
+        it whole, until every usable peer has joined, at most `gather_max`. Stripes dealt while
+        nodes are still joining differ from node to node, and two nodes that both believe they
+        own a stripe fetch it twice over the uplink. A node pulling alone, or behind a node that
+        has the blob, does not wait for peers that will never come."""
         cfg = self.engine.config
         deadline = time.monotonic() + cfg.gather_max
         await self.engine.refresh([self.digest])
@@ -414,6 +416,8 @@ class Download:
         while True:
             await self.engine.refresh([self.digest], wait=cfg.poll_interval)
             seen = self.engine.views.get(self.digest, {})
+            if not seen or any(v.complete for v in seen.values()):
+                return
             if all(p in seen for p in self.engine.usable_peers()) or time.monotonic() >= deadline:
                 return
             await asyncio.sleep(cfg.poll_interval)
