@@ -6,7 +6,10 @@
 3. node A pulls (everything comes from the origin) and runs the image;
 4. node B pulls: every chunk comes from node A, none from the origin; it runs the image too, and
    its unpacked filesystem is compared with what the layers say, attribute by attribute;
-5. B removes the image; containerd's garbage collector empties B's store through the plugin.
+5. B removes the image; containerd's garbage collector empties B's store through the plugin;
+6. node C pulls the way kubelet does (containerd's CRI plugin): the daemon itself streams each layer
+   from A into its snapshot (containerd downloads and applies nothing), and the filesystem is
+   compared again; removing the image through CRI empties C's store too.
 
 Needs root and the Debian packages `scripts/setup.sh` installs. Everything stays on loopback and is
 stopped (by PID) and removed at the end.
@@ -66,16 +69,20 @@ def _run(work: Path) -> None:
             f"pushing it to a local registry at {registry.address}",
             lambda: push_image(image, registry, "demo/app"),
         )
-        ports = [free_port(), free_port()]
+        ports = [free_port(), free_port(), free_port()]
         urls = [f"http://127.0.0.1:{p}" for p in ports]
-        a, b = (
+        a, b, c = (
             stack.enter_context(
-                start_node(work / name, port, [u for u in urls if u != url], registry.address)
+                start_node(work / name, port, [u for u in urls if u != url], registry.address, cri=cri)
             )
-            for name, port, url in (("node-a", ports[0], urls[0]), ("node-b", ports[1], urls[1]))
+            for name, port, url, cri in (
+                ("node-a", ports[0], urls[0], False),
+                ("node-b", ports[1], urls[1], False),
+                ("node-c", ports[2], urls[2], True),
+            )
         )
-        print(f"  node A: peer exchange {a.peer_url}, mirror http://{a.daemon.mirror}")
-        print(f"  node B: peer exchange {b.peer_url}, mirror http://{b.daemon.mirror}")
+        for name, node in (("A", a), ("B", b), ("C (CRI)", c)):
+            print(f"  node {name}: peer exchange {node.peer_url}, mirror http://{node.daemon.mirror}")
         layers = sum(layer.descriptor.size for layer in image.layers)
 
         took = _timed("node A pulls (alone: from the origin)", lambda: a.pull(ref))
@@ -98,7 +105,24 @@ def _run(work: Path) -> None:
             f"  node B's store: {before} blobs before, {len(b.daemon.blob_files())} after; "
             f"{len(b.daemon.snapshot_dirs())} snapshots left"
         )
-        print("\ndone: the second node never touched the origin; everything is stopped and removed.")
+
+        took = _timed(
+            "node C pulls as kubelet does (CRI PullImage; the daemon unpacks)", lambda: c.cri_pull(ref)
+        )
+        _report(c, layers, took)
+        fetched = set(c.containerd.content_digests()) & {layer.descriptor.digest for layer in image.layers}
+        print(f"  layers containerd downloaded itself: {len(fetched)} of {len(image.layers)}")
+        print(f"  node C runs it: {c.run(ref).strip()!r}")
+        diffs = c.rootfs_differences(ref, image)
+        verdict = "identical" if not diffs else f"{len(diffs)} DIFFERENCES: {diffs[:5]}"
+        print(f"  node C's unpacked filesystem vs the layers: {verdict}")
+        before = len(c.daemon.blob_files())
+        _step("node C removes the image through CRI (then containerd GC)", lambda: c.cri_remove(ref))
+        print(
+            f"  node C's store: {before} blobs before, {len(c.daemon.blob_files())} after; "
+            f"{len(c.daemon.snapshot_dirs())} snapshots left"
+        )
+        print("\ndone: nodes B and C never touched the origin; everything is stopped and removed.")
 
 
 def _report(node: LoopbackNode, layers: int, seconds: float) -> None:
