@@ -46,6 +46,8 @@ from peersync.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 
 log = structlog.get_logger(__name__)
 
+MAX_STORE_BATCH = 4  # origin chunks held in memory while the previous batch is being stored
+
 
 @dataclass
 class EngineConfig:
@@ -733,6 +735,8 @@ class Download:
                         batch.append((index, bytes(buf[:n])))
                         del buf[:n]
                         index += 1
+                    if storing is not None and len(batch) >= MAX_STORE_BATCH:
+                        await storing  # back-pressure: bounded memory when the disk lags
                     if batch and (storing is None or storing.done()):
                         if storing is not None:
                             await storing  # raises what the previous store raised
