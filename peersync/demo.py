@@ -1,7 +1,7 @@
-"""`peersync demo`: a two-node site on loopback, end to end, with real parts only.
+"""`peersync demo`: a three-node site on loopback, end to end, with real parts only.
 
 1. a `docker-registry` on 127.0.0.1 (the origin) and a generated 5-layer image pushed to it;
-2. two nodes, each a `peersync daemon` plus its own containerd configured by
+2. three nodes, each a `peersync daemon` plus its own containerd configured by
    `peersync containerd-config`, listing each other as peers, pulling through their own mirror;
 3. node A pulls (everything comes from the origin) and runs the image;
 4. node B pulls: every chunk comes from node A, none from the origin; it runs the image too, and

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set everything up and run the demo: two PeerSync nodes on loopback, a local registry, real
+# Set everything up and run the demo: three PeerSync nodes on loopback, a local registry, real
 # containerd and runc. Needs root on Debian 12.
 set -euo pipefail
 cd "$(dirname "$0")/.."
