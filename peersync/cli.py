@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     cc.set_defaults(func=_containerd_config)
 
-    demo = sub.add_parser("demo", help="three nodes on loopback: pull, share chunks, run, the kubelet way too (needs root)")
+    demo = sub.add_parser(
+        "demo", help="three nodes on loopback: pull, share chunks, run, the kubelet way too (needs root)"
+    )
     demo.set_defaults(func=_demo)
 
     testbed = sub.add_parser(
