@@ -8,14 +8,17 @@ ID and answers AlreadyExists (snapshotter/remote.py). containerd then never fetc
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from pathlib import Path
 
+import grpc
 import pytest
 
 from peersync.testbed.cri import CRI_NAMESPACE
-from peersync.testbed.images import BuiltImage
+from peersync.testbed.images import BuiltImage, build_sized_image, push_image
 from peersync.testbed.loopback import LoopbackNode, start_node
 from peersync.testbed.procs import free_port
 from peersync.testbed.registry import Registry
@@ -136,3 +139,50 @@ def test_ctr_pull_of_the_same_image_adopts_held_layers(
     assert out == test_image.expected_output
     ctrd.ctr("images", "rm", "--sync", test_image_ref, namespace="default")
     assert node.daemon.blob_files() == set()
+
+
+@pytest.fixture(scope="module")
+def big_image(tmp_path_factory: pytest.TempPathFactory, registry: Registry) -> tuple[BuiltImage, str]:
+    """~64 MB in 4 layers: a CRI pull is still unpacking when the daemon is killed."""
+    image = build_sized_image(tmp_path_factory.mktemp("cri-big"), 64 << 20, layers=4, tag="cri-crash")
+    return image, push_image(image, registry, "peersync/cri-crash")
+
+
+def test_sigkill_during_daemon_unpack_then_pull_again(
+    make_node: NodeFactory, big_image: tuple[BuiltImage, str]
+) -> None:
+    image, ref = big_image
+    node = make_node()
+    log = node.daemon.process.log_path
+    failed: list[BaseException] = []
+
+    def pull() -> None:
+        try:
+            node.cri_pull(ref)
+        except grpc.RpcError as exc:
+            failed.append(exc)
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    deadline = time.monotonic() + 60
+    while "unpacked layer" not in log.read_text():  # the first (busybox) layer is in; more follow
+        assert time.monotonic() < deadline, "the daemon never unpacked a layer"
+        time.sleep(0.01)
+    node.daemon.kill()
+    puller.join(timeout=120)
+    assert failed, "the pull cannot succeed with its snapshotter killed"
+    assert node.daemon.corrupt_blobs() == []
+    node.daemon.start()
+    for attempt in range(10):  # containerd reconnects to a restarted plugin with backoff
+        try:
+            node.cri_pull(ref)
+            break
+        except grpc.RpcError:
+            if attempt == 9:
+                raise
+            time.sleep(1.0)
+    assert node.daemon.corrupt_blobs() == []
+    assert node.rootfs_differences(ref, image) == []
+    node.cri_remove(ref)
+    assert node.daemon.blob_files() == set()
+    assert node.daemon.snapshot_dirs() == set()
