@@ -1320,24 +1320,11 @@ class _Connection(asyncio.BufferedProtocol):
                 gen = st.method.fn(req, st.ctx)
             if hasattr(gen, "__await__") and not hasattr(gen, "__anext__"):
                 gen = await gen  # a coroutine returning an iterable
-            if not hasattr(gen, "__anext__"):
-                for msg in gen:
-                    self._send_message(st, msg if ser is None else ser(msg))
-                    await self._pace(st)
-                self._complete(st)
-                return
-            if resumed is not None:
+            if resumed is not None:  # only ever set for an async generator
                 msg = await resumed
                 self._send_message(st, msg if ser is None else ser(msg))
                 await self._pace(st)
-            anext = gen.__anext__
-            while not st.closed:
-                try:
-                    msg = await anext()
-                except StopAsyncIteration:
-                    break
-                self._send_message(st, msg if ser is None else ser(msg))
-                await self._pace(st)
+            await self._send_all(st, gen)
             self._complete(st)
         except StopAsyncIteration:
             self._complete(st)
@@ -1353,6 +1340,24 @@ class _Connection(asyncio.BufferedProtocol):
             self._flush()
             await _aclose(gen)
 
+    async def _send_all(self, st: _Stream, gen: Any) -> None:
+        """Send a handler's response messages, from an async generator (until the stream closes)
+        or a plain iterable, writing each and waiting while flow control holds it back."""
+        ser = st.method.serialize
+        if hasattr(gen, "__anext__"):
+            anext = gen.__anext__
+            while not st.closed:
+                try:
+                    msg = await anext()
+                except StopAsyncIteration:
+                    return
+                self._send_message(st, msg if ser is None else ser(msg))
+                await self._pace(st)
+            return
+        for msg in gen:
+            self._send_message(st, msg if ser is None else ser(msg))
+            await self._pace(st)
+
     async def _pace(self, st: _Stream) -> None:
         """After queueing a message from a Task: write it, then wait while flow control holds it back."""
         self._flush()
@@ -1361,7 +1366,6 @@ class _Connection(asyncio.BufferedProtocol):
 
     async def _run_request_streaming(self, st: _Stream) -> None:
         m = st.method
-        ser = m.serialize
         it = _RequestIterator(st)
         gen = None
         try:
@@ -1373,21 +1377,9 @@ class _Connection(asyncio.BufferedProtocol):
                     self._respond_unary(st, res)
             else:
                 gen = m.fn(it, st.ctx)
-                if hasattr(gen, "__anext__"):
-                    anext = gen.__anext__
-                    while not st.closed:
-                        try:
-                            msg = await anext()
-                        except StopAsyncIteration:
-                            break
-                        self._send_message(st, msg if ser is None else ser(msg))
-                        await self._pace(st)
-                else:
-                    if hasattr(gen, "__await__"):
-                        gen = await gen
-                    for msg in gen or ():
-                        self._send_message(st, msg if ser is None else ser(msg))
-                        await self._pace(st)
+                if hasattr(gen, "__await__") and not hasattr(gen, "__anext__"):
+                    gen = await gen  # a coroutine returning an iterable (or None: no messages)
+                await self._send_all(st, gen if hasattr(gen, "__anext__") else gen or ())
                 self._complete(st)
         except asyncio.CancelledError:
             if not st.closed:
