@@ -379,13 +379,8 @@ class Partials:
         """Bytes [offset, offset+size) clipped to the blob's end, if every chunk they touch is
         present (else ChunksMissing); offset past the end is OutOfRange. Works on a complete
         blob too (and on one promoted while the call runs)."""
-        if offset < 0 or size < 0:
-            raise InvalidArgument(f"read of {digest}: negative offset or size ({offset}, {size})")
-        st = self._acquire(digest)
+        st = self._acquire_range("read of", digest, offset, size)
         if st is None:
-            rec = self._store.record(digest)
-            if offset > rec.size:
-                raise OutOfRange(f"read of {digest} at {offset} past object length {rec.size} bytes")
             return self._store.read(digest, offset, size)
         try:
             first, last, end = _span(st.rec, offset, size)
@@ -424,13 +419,8 @@ class Partials:
 
         Woken by `put_chunks` from any thread. Timeout: ChunksMissing (an Unavailable); the blob
         abandoned meanwhile: NotFound; promoted meanwhile: returns."""
-        if offset < 0 or size < 0:
-            raise InvalidArgument(f"wait on {digest}: negative offset or size ({offset}, {size})")
-        st = self._acquire(digest)
+        st = self._acquire_range("wait on", digest, offset, size)
         if st is None:
-            rec = self._store.record(digest)
-            if offset > rec.size:
-                raise OutOfRange(f"wait on {digest} at {offset} past object length {rec.size} bytes")
             return
         try:
             first, last, _ = _span(st.rec, offset, size)
@@ -625,6 +615,19 @@ class Partials:
         if st is None:
             raise NotFound(f"partial content {digest}: not found")
         self._release(st)  # the table's own reference keeps it open while it is live
+        return st
+
+    def _acquire_range(self, what: str, digest: str, offset: int, size: int) -> _Partial | None:
+        """`_acquire` for a range operation: negative offset or size is InvalidArgument; for a
+        blob that is complete (None returned) an offset past its end is OutOfRange, and an
+        unknown blob NotFound. `what` starts the messages ("read of", "wait on")."""
+        if offset < 0 or size < 0:
+            raise InvalidArgument(f"{what} {digest}: negative offset or size ({offset}, {size})")
+        st = self._acquire(digest)
+        if st is None:
+            rec = self._store.record(digest)
+            if offset > rec.size:
+                raise OutOfRange(f"{what} {digest} at {offset} past object length {rec.size} bytes")
         return st
 
     def _acquire(self, digest: str) -> _Partial | None:
