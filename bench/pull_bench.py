@@ -30,12 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peersync import hosts  # noqa: E402
 from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd  # noqa: E402
-from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config  # noqa: E402
+from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove  # noqa: E402
 from peersync.testbed.images import build_sized_image, push_image  # noqa: E402
 from peersync.testbed.peersyncd import loopback_config, start_peersync  # noqa: E402
 from peersync.testbed.registry import start_registry  # noqa: E402
+from peersync.testbed.systems import write_mirror_hosts, write_plain_hosts  # noqa: E402
 
 CACHE = Path("/tmp/peersync-bench-images")
 
@@ -43,8 +43,7 @@ CACHE = Path("/tmp/peersync-bench-images")
 def timed_pull(ctrd: Containerd, ref: str, snapshotter: str, client: str) -> float:
     start = time.perf_counter()
     if client == "cri":
-        with CriClient(ctrd.address) as cri:
-            cri.pull(ref)
+        cri_pull(ctrd, ref)
     else:
         ctrd.pull(ref, snapshotter=snapshotter)
     return time.perf_counter() - start
@@ -53,21 +52,9 @@ def timed_pull(ctrd: Containerd, ref: str, snapshotter: str, client: str) -> flo
 def remove(ctrd: Containerd, ref: str, client: str) -> None:
     """Remove the image and wait for GC to empty the stores."""
     if client == "cri":
-        with CriClient(ctrd.address) as cri:
-            cri.remove(ref)
-        ctrd.gc()
+        cri_remove(ctrd, ref)
     else:
         ctrd.rmi(ref)
-
-
-def plain_http_hosts(hosts_dir: Path, registry: str) -> Path:
-    """A hosts.toml that reaches `registry` over plain HTTP (CRI has no --plain-http flag)."""
-    (hosts_dir / registry).mkdir(parents=True, exist_ok=True)
-    # containerd 1.6 ignores a hosts.toml without a [host] table, so the server is listed as one
-    (hosts_dir / registry / "hosts.toml").write_text(
-        f'server = "http://{registry}"\n\n[host."http://{registry}"]\n  capabilities = ["pull", "resolve"]\n'
-    )
-    return hosts_dir
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -114,7 +101,7 @@ def main() -> int:
         # CRI: builtin pulls straight from the registry; ours through the daemon's mirror, as
         # `peersync hosts install` deploys it (the daemon needs the manifests to unpack layers).
         hosts_dirs = {
-            "overlayfs": plain_http_hosts(work / "hosts-builtin", registry.address),
+            "overlayfs": write_plain_hosts(work / "hosts-builtin", registry.address),
             "peersync": work / "hosts-ours",
         }
 
@@ -136,9 +123,7 @@ def main() -> int:
                 namespace=namespace,
             ) as ours,
         ):
-            hosts.install(registry.address, f"http://{daemon.mirror}", hosts_dirs["peersync"])
-            toml = hosts_dirs["peersync"] / registry.address / "hosts.toml"
-            toml.write_text(toml.read_text().replace("https://", "http://"))
+            write_mirror_hosts(hosts_dirs["peersync"], registry.address, f"http://{daemon.mirror}")
             times: dict[str, list[float]] = {"builtin": [], "peersync": []}
             cpu0 = cpu_seconds(daemon.process.pid)
             for rnd in range(args.rounds):

@@ -88,9 +88,8 @@ class DaemonLayers:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def release(self, digest: str) -> None:
-        if digest not in self.holds:
+        if not self.holds.release(digest):
             return  # containerd adopted it: its GC decides
-        self.holds.release(digest)
         with contextlib.suppress(NotFound):
             await asyncio.to_thread(self.content.chunks.delete, digest)
         log.info("released layer blob", layer=digest)

@@ -157,7 +157,7 @@ class ContentStore:
 
     def adopt(self, digest: str) -> None:
         """containerd is taking `digest` into its metadata: a hold on it ends."""
-        if self.holds is not None and digest in self.holds:
+        if self.holds is not None:
             self.holds.adopt(digest)
 
     # -- blobs -------------------------------------------------------------------------------

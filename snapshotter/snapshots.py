@@ -181,11 +181,8 @@ class Snapshotter:
 
     async def remove(self, key: str) -> None:
         """Forget `key`, then delete its directory (leftovers are cleanup's)."""
-        with self.meta.txn() as txn:
-            _, info, _ = storage.get_info(txn, self.meta, key)
-        snap_id = await asyncio.to_thread(self._remove_metadata, key)
+        snap_id, layer = await asyncio.to_thread(self._remove_metadata, key)
         await asyncio.to_thread(_remove_tree, self._dir(snap_id))
-        layer = info.labels.get(remote.UNPACKED_LABEL)
         if layer and self.layers is not None and not await self._unpacked_from(layer):
             await self.layers.release(layer)
 
@@ -314,10 +311,12 @@ class Snapshotter:
                 raise Unavailable(f"snapshot {key!r} was replaced while its usage was measured; retry")
             storage.commit_active(txn, self.meta, key, name, usage, labels)
 
-    def _remove_metadata(self, key: str) -> str:
+    def _remove_metadata(self, key: str) -> tuple[str, str]:
+        """Forget `key`; its directory id and the layer it was unpacked from ("" if none)."""
         with self.meta.txn(write=True) as txn:
+            _, info, _ = storage.get_info(txn, self.meta, key)
             snap_id, _ = storage.remove(txn, self.meta, key)
-        return snap_id
+        return snap_id, info.labels.get(remote.UNPACKED_LABEL, "")
 
     def _update_metadata(self, info: Info, fieldpaths: tuple[str, ...]) -> Info:
         with self.meta.txn(write=True) as txn:

@@ -24,7 +24,7 @@ from pathlib import Path
 from peersync import hosts
 from peersync.containerd_config import render
 from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config
-from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config
+from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
 from peersync.testbed.netns import REGISTRY_IP, Site, SiteNode
 from peersync.testbed.peersyncd import PeerSyncDaemon
 
@@ -55,8 +55,7 @@ class ClusterNode:
         """Pull through this node's mirror (ctr or CRI); returns the seconds it took."""
         started = time.monotonic()
         if self.client == "cri":
-            with CriClient(self.containerd.address) as cri:
-                cri.pull(ref, timeout=timeout)
+            cri_pull(self.containerd, ref, timeout=timeout)
         else:
             extra = ["--hosts-dir", str(self.hosts_dir)]
             self.containerd.pull(ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)

@@ -11,11 +11,14 @@ lets a snapshotter provide the layer itself. Images pulled this way live in the 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from snapshotter.api import cri_pb2, cri_pb2_grpc
+
+if TYPE_CHECKING:
+    from peersync.testbed.containerd import Containerd
 
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 CRI_NAMESPACE = "k8s.io"
@@ -77,3 +80,16 @@ class CriClient:
         """Remove the image (all its references); a missing image is not an error (as in CRI)."""
         request = cri_pb2.RemoveImageRequest(image=cri_pb2.ImageSpec(image=ref))
         self._images.RemoveImage(request, timeout=timeout)
+
+
+def cri_pull(ctrd: Containerd, ref: str, timeout: float = 600.0) -> str:
+    """Pull `ref` through `ctrd`'s CRI plugin, as kubelet does; the image ID."""
+    with CriClient(ctrd.address) as cri:
+        return cri.pull(ref, timeout=timeout)
+
+
+def cri_remove(ctrd: Containerd, ref: str) -> None:
+    """CRI RemoveImage, then a GC pass that frees the image's content and snapshots."""
+    with CriClient(ctrd.address) as cri:
+        cri.remove(ref)
+    ctrd.gc()

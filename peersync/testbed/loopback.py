@@ -13,7 +13,7 @@ from pathlib import Path
 
 from peersync import hosts
 from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd
-from peersync.testbed.cri import CRI_NAMESPACE, CriClient, cri_config
+from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove
 from peersync.testbed.images import BuiltImage, compare_manifests, snapshot_tree
 from peersync.testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
 from snapshotter.remote import chain_ids
@@ -35,14 +35,11 @@ class LoopbackNode:
 
     def cri_pull(self, ref: str) -> str:
         """Pull as kubelet does (CRI PullImage, needs `start_node(cri=True)`); the image ID."""
-        with CriClient(self.containerd.address) as cri:
-            return cri.pull(ref)
+        return cri_pull(self.containerd, ref)
 
     def cri_remove(self, ref: str) -> None:
         """CRI RemoveImage, then a GC pass that frees the image's content and snapshots."""
-        with CriClient(self.containerd.address) as cri:
-            cri.remove(ref)
-        self.containerd.gc()
+        cri_remove(self.containerd, ref)
 
     def run(self, ref: str, cmd: Sequence[str] = ()) -> str:
         return self.containerd.run(ref, list(cmd), snapshotter=SNAPSHOTTER)

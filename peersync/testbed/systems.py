@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 from . import torrent
 from .cluster import Cluster, ClusterNode
 from .containerd import CTR_BINARY, Containerd
-from .cri import CRI_NAMESPACE, CriClient, cri_config
+from .cri import CRI_NAMESPACE, cri_config, cri_pull
 from .images import BuiltImage
 from .netns import REGISTRY_IP, REGISTRY_PORT, Site, SiteNode
 from .procs import ManagedProcess, http_answers, tcp_port_accepts
@@ -105,8 +105,7 @@ class System:
         """Node i pulls the image (ctr or CRI), through `hosts_dir` if the system set one."""
         ctrd = self.ctrds[i]
         if self.client == "cri":
-            with CriClient(ctrd.address) as cri:
-                cri.pull(self.ref, timeout=timeout)
+            cri_pull(ctrd, self.ref, timeout=timeout)
             return
         extra = ["--hosts-dir", str(self.hosts_dir)] if self.hosts_dir else []
         ctrd.pull(self.ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
