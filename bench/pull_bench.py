@@ -30,12 +30,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd  # noqa: E402
-from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove  # noqa: E402
-from peersync.testbed.images import build_sized_image, push_image  # noqa: E402
-from peersync.testbed.peersyncd import loopback_config, start_peersync  # noqa: E402
-from peersync.testbed.registry import start_registry  # noqa: E402
-from peersync.testbed.systems import write_mirror_hosts, write_plain_hosts  # noqa: E402
+from testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd  # noqa: E402
+from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove  # noqa: E402
+from testbed.images import build_sized_image, push_image  # noqa: E402
+from testbed.peersyncd import loopback_config, start_peersync  # noqa: E402
+from testbed.registry import start_registry  # noqa: E402
+from testbed.systems import write_mirror_hosts, write_plain_hosts  # noqa: E402
 
 CACHE = Path("/tmp/peersync-bench-images")
 

@@ -2,5 +2,5 @@
 origin registry client (`peer.origin`).
 
 Everything here speaks HTTP (aiohttp) and never imports grpc; network and HTTP errors are translated
-into `peersync.errors` at this package's boundary.
+into `kernel.errors` at this package's boundary.
 """

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peersync.store.meta import Meta, dumps, loads
+from kernel.store.meta import Meta, dumps, loads
 
 
 @dataclass(frozen=True)

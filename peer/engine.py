@@ -36,13 +36,13 @@ from dataclasses import dataclass, field
 
 import structlog
 
+from kernel.errors import AlreadyExists, NotFound, PeerSyncError, Unavailable
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 from peer.catalog import Catalog, Source
 from peer.exchange import BlobView, PeerClient, PeerError
 from peer.origin import OriginClient
 from peer.peers import PeerSource
-from peersync.errors import AlreadyExists, NotFound, PeerSyncError, Unavailable
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 
 log = structlog.get_logger(__name__)
 

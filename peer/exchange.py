@@ -33,9 +33,9 @@ import aiohttp
 import structlog
 from aiohttp import web
 
-from peersync.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.fsutil import HASH_LEN
+from kernel.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.fsutil import HASH_LEN
 
 log = structlog.get_logger(__name__)
 

@@ -25,11 +25,11 @@ from http import HTTPStatus
 import structlog
 from aiohttp import web
 
+from kernel import errors
+from kernel.store.chunkstore import ChunkStore
 from peer.catalog import Catalog, Source
 from peer.engine import Engine
 from peer.origin import OriginClient
-from peersync import errors
-from peersync.store.chunkstore import ChunkStore
 
 log = structlog.get_logger(__name__)
 

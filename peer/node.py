@@ -1,7 +1,8 @@
 """Assembly of the network side: origin client, peer exchange, download engine, registry mirror.
 
 `PeerNode(config, store, meta)` is what `peersync.service` starts next to the gRPC server; the
-content store reaches it only through `node.blob_source` (a `snapshotter.content.BlobSource`).
+content store reaches its engine only through the daemon's adapter (`peersync.blobs`), never
+directly: `peer/` and `snapshotter/` do not import each other.
 """
 
 from __future__ import annotations
@@ -13,17 +14,16 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from kernel.config import Config, hostport
+from kernel.errors import FailedPrecondition
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
 from peer.catalog import Catalog
 from peer.engine import Engine
 from peer.exchange import PeerClient, routes
-from peer.lazy import LazyBlobs
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import StaticPeers
-from peersync.config import Config, hostport
-from peersync.errors import FailedPrecondition
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.meta import Meta
 
 log = structlog.get_logger(__name__)
 
@@ -71,11 +71,6 @@ class PeerNode:
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
         body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
         return web.json_response(body)
-
-    @property
-    def blob_source(self) -> LazyBlobs:
-        assert self.engine is not None, "start() first"
-        return LazyBlobs(self.engine)
 
     async def stop(self) -> None:
         if self.engine is not None:

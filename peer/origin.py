@@ -26,7 +26,7 @@ challenged, later requests authenticate up front, and concurrent requests share 
 Redirects (registries send blob GETs to storage backends) are followed here, not by aiohttp, at most
 `MAX_REDIRECTS` hops; the Authorization header never leaves the registry's origin (scheme, host, port).
 
-Errors are translated once, at this boundary, into `peersync.errors`:
+Errors are translated once, at this boundary, into `kernel.errors`:
 
     404, NAME_UNKNOWN, MANIFEST_UNKNOWN, BLOB_UNKNOWN     -> NotFound
     401 / 403 after authenticating, token refused         -> FailedPrecondition("unauthorized: ...")
@@ -56,7 +56,7 @@ import aiohttp
 import structlog
 from yarl import URL
 
-from peersync.errors import (
+from kernel.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,

@@ -1,8 +1,9 @@
 """PeerSync: peer-to-peer container image distribution for containerd at the network edge.
 
-This package holds what both halves of the daemon share: the error vocabulary, the store
-(LMDB metadata and chunked blob files), configuration, logging, service assembly and the CLI.
-`snapshotter/` (containerd-facing, gRPC) and `peer/` (network-facing, HTTP) build on it.
+This package is the daemon assembly, the top layer: `service` builds the store (`kernel.store`),
+the containerd-facing side (`snapshotter`) and the network side (`peer`) and joins them through
+the two seam adapters (`blobs`, `layers`); `cli` is the `peersync` command. Nothing below imports
+it (ARCHITECTURE.md).
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ import os
 import socket
 from pathlib import Path
 
-from peersync.errors import FailedPrecondition
+from kernel.errors import FailedPrecondition
 
 SD_LISTEN_FDS_START = 3
 

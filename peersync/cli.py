@@ -16,8 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from peersync import __version__, config, containerd_config
-from peersync.errors import PeerSyncError
+from kernel import config
+from kernel.errors import PeerSyncError
+from peersync import __version__, containerd_config
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +57,6 @@ def _parser() -> argparse.ArgumentParser:
         help="with --cri: the registry hosts dir CRI reads (default %(default)s)",
     )
     cc.set_defaults(func=_containerd_config)
-
-    demo = sub.add_parser(
-        "demo", help="three nodes on loopback: pull, share chunks, run, the kubelet way too (needs root)"
-    )
-    demo.set_defaults(func=_demo)
-
-    testbed = sub.add_parser(
-        "testbed", help="emulated edge site benchmark: PeerSync vs registry, cache, BitTorrent (needs root)"
-    )
-    _testbed_arguments(testbed)
-    testbed.set_defaults(func=_testbed)
 
     defaults = sub.add_parser("config-defaults", help="print the default daemon config, documented")
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
@@ -143,7 +133,7 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _daemon(args: argparse.Namespace) -> int:
     cfg = _load(args)
-    from peersync import logging as pslogging
+    from kernel import logging as pslogging
     from peersync.service import Service, run_until_signal
 
     pslogging.setup(cfg.log.level, cfg.log.format)
@@ -159,24 +149,6 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     except ImportError:
         return None
     return uvloop.new_event_loop
-
-
-def _demo(_args: argparse.Namespace) -> int:
-    from peersync import demo
-
-    return demo.main()
-
-
-def _testbed_arguments(p: argparse.ArgumentParser) -> None:
-    from peersync.testbed import bench
-
-    bench.add_arguments(p)
-
-
-def _testbed(args: argparse.Namespace) -> int:
-    from peersync.testbed import bench
-
-    return bench.main_from_args(args)
 
 
 def _containerd_config(args: argparse.Namespace) -> int:

@@ -37,8 +37,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from peersync.errors import FailedPrecondition, InvalidArgument, NotFound
-from peersync.store.fsutil import fsync_dir
+from kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from kernel.store.fsutil import fsync_dir
 
 DEFAULT_DIR = Path("/etc/containerd/certs.d")
 DEFAULT_MIRROR = "http://127.0.0.1:5000"

@@ -4,7 +4,7 @@ This is where the two halves meet for the remote-snapshot handshake: the snapsho
 layer a chain ID is made of; we read the image's manifest and config (from the content store,
 which serves them locally or from peers), check that the chain ID really is that layer on top of
 its parents, and stream the blob through the download engine, so the layer is unpacked while its
-chunks arrive from peers or the origin. A blob fetched for this is *held* (`peersync.store.holds`)
+chunks arrive from peers or the origin. A blob fetched for this is *held* (`kernel.store.holds`)
 until the last snapshot made from it is removed.
 """
 
@@ -18,9 +18,9 @@ from typing import Any
 
 import structlog
 
+from kernel.errors import NotFound, PeerSyncError
+from kernel.store.holds import Holds
 from peer.engine import Engine
-from peersync.errors import NotFound, PeerSyncError
-from peersync.store.holds import Holds
 from snapshotter import remote
 from snapshotter.apply import MEDIA_TYPES
 from snapshotter.content import ContentStore

@@ -18,14 +18,15 @@ from pathlib import Path
 import grpc
 import structlog
 
+from kernel.config import Config
+from kernel.errors import FailedPrecondition
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.holds import Holds
+from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync.activation import inherited_socket
-from peersync.config import Config
-from peersync.errors import FailedPrecondition
+from peersync.blobs import LazyBlobs
 from peersync.layers import DaemonLayers
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.holds import Holds
-from peersync.store.meta import Meta
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
@@ -56,11 +57,12 @@ class Service:
         self.peer = PeerNode(cfg, chunks, self.meta)
         await self.peer.start()
         holds = Holds(self.meta)
-        self.content = ContentStore(chunks, source=self.peer.blob_source, holds=holds)
+        engine = self.peer.engine
+        assert engine is not None
+        self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
         layers = None
         if cfg.snapshotter.unpack_layers:
-            assert self.peer.engine is not None
-            layers = DaemonLayers(self.content, self.peer.engine, holds)
+            layers = DaemonLayers(self.content, engine, holds)
         self.snapshotter = Snapshotter(cfg.root, self.meta, layers=layers)
         self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()

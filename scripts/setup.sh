@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # pigz: containerd decompresses layers with unpigz when present, reading the blob concurrently
 # (bench/RESULTS.md shows what that is worth through the proxy plugin).
 # opentracker, aria2, mktorrent, debootstrap: the BitTorrent reference system and the Debian image of
-# `peersync testbed`.
+# `peersync-testbed site`.
 APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static pigz iproute2 python3-venv python3-pip
   ca-certificates opentracker aria2 mktorrent debootstrap)
 
@@ -30,5 +30,5 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-.venv/bin/python -m pip install -q -e '.[dev,bench]'
+.venv/bin/python -m pip install -q -e '.[dev,bench]' -e ./testbed
 echo "setup: done ($(.venv/bin/peersync --version))"

@@ -41,7 +41,7 @@ from typing import BinaryIO
 
 import zstandard
 
-from peersync.errors import FailedPrecondition, InvalidArgument
+from kernel.errors import FailedPrecondition, InvalidArgument
 
 __all__ = ["Applied", "apply_layer", "MEDIA_TYPES"]
 

@@ -9,7 +9,7 @@ client-chosen *ref*; its *status* is (ref, offset = bytes stored so far, total, 
 started, updated). Committing an ingest turns it into a blob and removes it.
 
 Blobs
-- Held blobs (`peersync.store.holds`: layers the snapshotter unpacked itself, which containerd never
+- Held blobs (`kernel.store.holds`: layers the snapshotter unpacked itself, which containerd never
   fetched) are left out of `walk`, so containerd's GC cannot delete them under their snapshots;
   `info`, or a writer expecting one, hands the blob to containerd (the hold is dropped).
 - `info(digest)` -> Info. A malformed digest is InvalidArgument; a blob that is neither here nor
@@ -57,10 +57,10 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from peersync.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from peersync.store.chunkstore import BlobRecord, ChunkStore, parse_digest
-from peersync.store.holds import Holds
-from peersync.store.ingest import IngestStatus, IngestWriter
+from kernel.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
+from kernel.store.chunkstore import BlobRecord, ChunkStore, parse_digest
+from kernel.store.holds import Holds
+from kernel.store.ingest import IngestStatus, IngestWriter
 from snapshotter.filters import compile_filters
 
 READ_PIECE = 1 << 20  # largest data payload of one Read message (containerd's limit is 16 MiB)

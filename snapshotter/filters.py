@@ -42,7 +42,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from peersync.errors import InvalidArgument
+from kernel.errors import InvalidArgument
 
 Filter = Callable[[Mapping[str, Any]], bool]
 

@@ -13,7 +13,7 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
-from peersync.errors import InvalidArgument
+from kernel.errors import InvalidArgument
 from snapshotter.api import content_pb2, content_pb2_grpc
 from snapshotter.content import READ_PIECE, ContentStore, Info, Status, Writer
 from snapshotter.grpcerrors import translate

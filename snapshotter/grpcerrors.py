@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from peersync import errors
+from kernel import errors
 
 log = structlog.get_logger(__name__)
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import grpc
 
-from peersync.config import GrpcConfig
-from peersync.errors import FailedPrecondition
+from kernel.config import GrpcConfig
+from kernel.errors import FailedPrecondition
 from snapshotter import h2server
 from snapshotter.api import content_pb2_grpc, snapshots_pb2_grpc
 from snapshotter.content import ContentStore

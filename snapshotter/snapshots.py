@@ -37,7 +37,7 @@ gives a read-only mount of the same tree. When the container goes, containerd `r
 key; when the image goes, it removes `L2` then `L1` (children before parents) and calls
 `cleanup`.
 
-Methods and their failures (the errors are `peersync.errors`, mapped to gRPC codes once)
+Methods and their failures (the errors are `kernel.errors`, mapped to gRPC codes once)
 -----------------------------------------------------------------------------------------
 - `prepare` / `view(key, parent="", labels=None) -> list[Mount]`: parent missing -> NotFound;
   parent not committed -> InvalidArgument; key taken -> AlreadyExists; empty or over-long key
@@ -66,7 +66,7 @@ one parent: `bind` of the parent's `fs`, `ro,rbind`. Otherwise `overlay` (source
 
 Disk layout and crash safety
 ----------------------------
-`<root>/snapshots/<id>/fs` (+ `work` for active snapshots); LMDB in `peersync.store.meta`.
+`<root>/snapshots/<id>/fs` (+ `work` for active snapshots); LMDB in `kernel.store.meta`.
 A new snapshot is built as `snapshots/new-*` and renamed to `snapshots/<id>` inside the write
 transaction that creates its record, just before that transaction commits (containerd's
 order). Whatever step a crash interrupts:
@@ -107,9 +107,9 @@ from pathlib import Path
 
 import structlog
 
-from peersync.errors import AlreadyExists, NotFound, Unavailable
-from peersync.store.fsutil import fsync_dir
-from peersync.store.meta import Meta
+from kernel.errors import AlreadyExists, NotFound, Unavailable
+from kernel.store.fsutil import fsync_dir
+from kernel.store.meta import Meta
 from snapshotter import remote, storage
 from snapshotter.apply import apply_layer
 from snapshotter.remote import Layer, LayerSource

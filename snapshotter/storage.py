@@ -7,7 +7,7 @@ commits together and does all filesystem work; nothing here touches the disk out
         snap = storage.create_snapshot(txn, meta, Kind.ACTIVE, key, parent, labels)
         ...  # build <root>/snapshots/<snap.id>, then the block commits
 
-Layout (schema version 1, see `peersync.store.meta`):
+Layout (schema version 1, see `kernel.store.meta`):
 - db `snapshots`: key = the snapshot's key or name (UTF-8, as the client sent it: an opaque
   string, never a path), value = JSON `{"id", "kind", "parent", "labels", "created",
   "updated", "size", "inodes"}`; timestamps in Unix nanoseconds (UTC); size and inodes are the
@@ -35,8 +35,8 @@ from typing import Any
 
 import lmdb
 
-from peersync.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from peersync.store.meta import Meta, dumps, loads
+from kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from kernel.store.meta import Meta, dumps, loads
 from snapshotter.filters import compile_filters
 
 __all__ = [

@@ -22,19 +22,19 @@ from typing import Any
 import pytest
 
 try:
-    import tests.harness  # noqa: F401
+    import testbed  # noqa: F401
 except ImportError:  # plain `pytest` (not `python -m pytest`) does not put the repo root on sys.path
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from peersync.testbed.containerd import (
+from testbed.containerd import (
     CONTAINERD_BINARY,
     CTR_BINARY,
     Containerd,
     ContainerdFactory,
     start_containerd,
 )
-from peersync.testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
-from peersync.testbed.registry import REGISTRY_BINARY, Registry, start_registry
+from testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
+from testbed.registry import REGISTRY_BINARY, Registry, start_registry
 
 REQUIRED_BINARIES = (CONTAINERD_BINARY, CTR_BINARY, REGISTRY_BINARY, "skopeo", "runc", str(BUSYBOX), "umount")
 

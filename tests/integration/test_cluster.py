@@ -10,9 +10,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from peersync.testbed.cluster import Cluster
-from peersync.testbed.images import BuiltImage, build_sized_image, compare_manifests, snapshot_tree
-from peersync.testbed.netns import Site, missing_tools
+from testbed.cluster import Cluster
+from testbed.images import BuiltImage, build_sized_image, compare_manifests, snapshot_tree
+from testbed.netns import Site, missing_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 if missing_tools():

@@ -17,11 +17,11 @@ from pathlib import Path
 import grpc
 import pytest
 
-from peersync.testbed.cri import CRI_NAMESPACE
-from peersync.testbed.images import BuiltImage, build_sized_image, push_image
-from peersync.testbed.loopback import LoopbackNode, start_node
-from peersync.testbed.procs import free_port
-from peersync.testbed.registry import Registry
+from testbed.cri import CRI_NAMESPACE
+from testbed.images import BuiltImage, build_sized_image, push_image
+from testbed.loopback import LoopbackNode, start_node
+from testbed.procs import free_port
+from testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

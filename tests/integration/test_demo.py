@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_demo() -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     done = subprocess.run(
-        [sys.executable, "-m", "peersync.cli", "demo"], capture_output=True, text=True, timeout=280, env=env
+        [sys.executable, "-m", "testbed", "demo"], capture_output=True, text=True, timeout=280, env=env
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     out = done.stdout

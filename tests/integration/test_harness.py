@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from peersync.testbed.containerd import Containerd, ContainerdFactory, merge_config, toml_dumps
-from peersync.testbed.images import (
+from testbed.containerd import Containerd, ContainerdFactory, merge_config, toml_dumps
+from testbed.images import (
     LISTING_FIELDS,
     LISTING_SCRIPT,
     RUNTIME_MOUNTPOINTS,
@@ -29,8 +29,8 @@ from peersync.testbed.images import (
     push_image,
     snapshot_tree,
 )
-from peersync.testbed.procs import ManagedProcess, ProcessError, free_port, running, tcp_port_accepts
-from peersync.testbed.registry import Credentials, Registry, start_registry
+from testbed.procs import ManagedProcess, ProcessError, free_port, running, tcp_port_accepts
+from testbed.registry import Credentials, Registry, start_registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -1,4 +1,4 @@
-"""The emulated edge site (peersync/testbed/netns.py): real namespaces, a tbf-shaped uplink, real pulls.
+"""The emulated edge site (testbed/netns.py): real namespaces, a tbf-shaped uplink, real pulls.
 
 Three nodes pull and run the conformance image from a registry across a 50 Mbit/s uplink with
 containerd's builtin stores (containerd, ctr and the shims all inside the node namespaces); the
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from peersync.testbed.images import TEST_IMAGE_REPO, BuiltImage
-from peersync.testbed.netns import (
+from testbed.images import TEST_IMAGE_REPO, BuiltImage
+from testbed.netns import (
     REGISTRY_IP,
     Site,
     cleanup_prefix,
@@ -30,7 +30,7 @@ from peersync.testbed.netns import (
     netns_pids,
     site_processes_alive,
 )
-from peersync.testbed.procs import run_checked
+from testbed.procs import run_checked
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -151,7 +151,7 @@ def test_teardown_leaves_nothing(tmp_path: Path, test_image: BuiltImage) -> None
 def _crash_a_site(tmp_path: Path, prefix: str) -> tuple[str, int]:
     """A child process builds a site, starts a process in it and dies by SIGKILL (no teardown)."""
     code = (
-        "import os, signal, sys; from pathlib import Path; from peersync.testbed.netns import Site\n"
+        "import os, signal, sys; from pathlib import Path; from testbed.netns import Site\n"
         "s = Site(nodes=1, prefix=sys.argv[1] or None, workdir=Path(sys.argv[2])).start()\n"
         "p = s.nodes[0].spawn(['sleep', '600'])\n"
         "print(s.prefix, p.pid, flush=True)\n"

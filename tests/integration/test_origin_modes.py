@@ -28,8 +28,8 @@ from pathlib import Path
 import pytest
 
 from peersync import hosts
-from peersync.testbed.containerd import Containerd, start_containerd
-from peersync.testbed.images import (
+from testbed.containerd import Containerd, start_containerd
+from testbed.images import (
     TEST_IMAGE_REPO,
     BuiltImage,
     build_sized_image,
@@ -37,10 +37,10 @@ from peersync.testbed.images import (
     push_image,
     snapshot_tree,
 )
-from peersync.testbed.peersyncd import PeerSyncDaemon, start_peersync
-from peersync.testbed.procs import CommandError, free_port, run_checked
-from peersync.testbed.registry import Credentials, Registry, start_registry
-from tests.harness.tokenserver import TokenServer, start_token_server
+from testbed.peersyncd import PeerSyncDaemon, start_peersync
+from testbed.procs import CommandError, free_port, run_checked
+from testbed.registry import Credentials, Registry, start_registry
+from testbed.tokenserver import TokenServer, start_token_server
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from peersync.testbed.images import BuiltImage, build_sized_image, push_image
-from peersync.testbed.loopback import LoopbackNode, start_node
-from peersync.testbed.peersyncd import REPO
-from peersync.testbed.procs import ManagedProcess, free_port, http_answers, running
-from peersync.testbed.registry import Registry
+from testbed.images import BuiltImage, build_sized_image, push_image
+from testbed.loopback import LoopbackNode, start_node
+from testbed.peersyncd import REPO
+from testbed.procs import ManagedProcess, free_port, http_answers, running
+from testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -86,7 +86,7 @@ def test_corrupt_peer_is_detected_and_dropped(
         [
             sys.executable,
             "-m",
-            "tests.harness.evilpeer",
+            "testbed.evilpeer",
             "--listen",
             f"127.0.0.1:{pe}",
             "--upstream",

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from peersync.testbed.containerd import CTR_BINARY, Containerd, ContainerdFactory
-from peersync.testbed.images import (
+from testbed.containerd import CTR_BINARY, Containerd, ContainerdFactory
+from testbed.images import (
     LISTING_FIELDS,
     LISTING_SCRIPT,
     RUNTIME_MOUNTPOINTS,
@@ -27,9 +27,9 @@ from peersync.testbed.images import (
     push_image,
     snapshot_tree,
 )
-from peersync.testbed.peersyncd import PeerSyncDaemon, start_peersync
-from peersync.testbed.procs import CommandError
-from peersync.testbed.registry import Registry
+from testbed.peersyncd import PeerSyncDaemon, start_peersync
+from testbed.procs import CommandError
+from testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -1,4 +1,4 @@
-"""`peersync testbed --quick`: the benchmark's own code path at CI size (3 nodes, ~16 MB, burst).
+"""`peersync-testbed site --quick`: the benchmark's own code path at CI size (3 nodes, ~16 MB, burst).
 
 Runs the real command (as a subprocess, exactly as a user would) and checks that its outputs exist
 and are sane: results.json parses, every node of every run completed and could run the image, the
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from peersync.testbed.netns import missing_tools
+from testbed.netns import missing_tools
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 if missing_tools():
@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 def test_quick_testbed_run(tmp_path: Path) -> None:
     out = tmp_path / "results"
-    cmd = [sys.executable, "-m", "peersync.cli", "testbed", "--quick", "--out", str(out)]
+    cmd = [sys.executable, "-m", "testbed", "site", "--quick", "--out", str(out)]
     cmd += ["--cache-dir", str(tmp_path / "cache")]
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=200)
     assert done.returncode == 0, f"stdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-4000:]}"

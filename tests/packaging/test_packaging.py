@@ -26,15 +26,16 @@ def test_wheel_carries_every_package_and_the_console_script(tmp_path: Path) -> N
     names = set(zipfile.ZipFile(wheel).namelist())
     for path in (
         "peersync/cli.py",
-        "peersync/store/chunkstore.py",
-        "peersync/testbed/cluster.py",
+        "kernel/store/chunkstore.py",
+        "kernel/py.typed",
         "snapshotter/api/snapshots_pb2.py",
         "snapshotter/h2server.py",
         "peer/engine.py",
         "peersync/py.typed",
     ):
         assert path in names, path
-    assert not any(n.startswith("tests/") for n in names)
+    assert not any(n.startswith(("tests/", "testbed/", "bench/")) for n in names)
+    assert not any("demo" in n for n in names), "the demo is testbed tooling, not product"
     entry = zipfile.ZipFile(wheel).read(f"peersync-{VERSION}.dist-info/entry_points.txt").decode()
     assert "peersync = peersync.cli:main" in entry
 
@@ -64,6 +65,7 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
         "./opt/peersync/bin/peersync",
     ):
         assert path in files, path
+    assert "/testbed/" not in files and "demo.py" not in files, "testbed tooling shipped in the .deb"
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
     assert (root / "etc/containerd/conf.d/peersync.toml").read_text() == (

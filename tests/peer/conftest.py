@@ -13,9 +13,9 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from peersync.testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
-from peersync.testbed.registry import REGISTRY_BINARY, Credentials, Registry, start_registry
-from tests.harness.tokenserver import TokenServer, start_token_server
+from testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
+from testbed.registry import REGISTRY_BINARY, Credentials, Registry, start_registry
+from testbed.tokenserver import TokenServer, start_token_server
 
 BASIC_USER = Credentials("alice", "basic-secret")
 TOKEN_USER = Credentials("bob", "token-secret")

@@ -13,15 +13,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
 from peer.catalog import Catalog, Source
 from peer.engine import DownloadFailed, Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.origin import HostSettings, OriginClient
 from peer.peers import StaticPeers
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.meta import Meta
-from peersync.testbed.images import TEST_IMAGE_REPO, BuiltImage
-from peersync.testbed.registry import Registry
+from testbed.images import TEST_IMAGE_REPO, BuiltImage
+from testbed.registry import Registry
 
 pytestmark = pytest.mark.integration
 CHUNK = 64 << 10  # small chunks: a layer of the test image spans many of them

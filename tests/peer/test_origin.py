@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from kernel.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
 from peer.origin import (
     MEDIA_OCI_MANIFEST,
     READ_CHUNK,
@@ -33,11 +34,10 @@ from peer.origin import (
     parse_challenges,
     registry_host,
 )
-from peersync.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange, Unavailable
-from peersync.testbed.images import TEST_IMAGE_REPO, BuiltImage
-from peersync.testbed.procs import free_port
-from peersync.testbed.registry import Credentials, Registry
-from tests.harness.tokenserver import TokenServer
+from testbed.images import TEST_IMAGE_REPO, BuiltImage
+from testbed.procs import free_port
+from testbed.registry import Credentials, Registry
+from testbed.tokenserver import TokenServer
 
 integration = pytest.mark.integration
 REPO = TEST_IMAGE_REPO

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from kernel.errors import FailedPrecondition, InvalidArgument
 from peersync import cli, hosts
-from peersync.errors import FailedPrecondition, InvalidArgument
 
 MIRROR = "http://127.0.0.1:5000"
 

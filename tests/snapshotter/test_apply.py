@@ -1,6 +1,6 @@
 """snapshotter.apply: layers unpacked into overlayfs upper dirs exactly as containerd 1.6 does.
 
-The conformance image (peersync.testbed.images) is applied layer by layer and the mounted overlay
+The conformance image (testbed.images) is applied layer by layer and the mounted overlay
 is compared with the expected rootfs; targeted cases pin whiteouts, replacement, mkparent, tar
 format corners, errors, containment of hostile entries and bounded memory. The last test applies
 crafted layers with the real containerd 1.6 and with apply_layer and compares the uppers exactly.
@@ -31,15 +31,15 @@ from typing import Any
 import pytest
 import zstandard
 
-from peersync.errors import FailedPrecondition, InvalidArgument
-from peersync.testbed.images import (
+from kernel.errors import FailedPrecondition, InvalidArgument
+from snapshotter.apply import Applied, apply_layer
+from testbed.images import (
     add_entries,
     compare_manifests,
     expected_manifest,
     snapshot_tree,
 )
-from peersync.testbed.images import test_image_layers as conformance_layers
-from snapshotter.apply import Applied, apply_layer
+from testbed.images import test_image_layers as conformance_layers
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="applying layers needs root (chown, mknod)")
 
@@ -769,7 +769,7 @@ def _differences(theirs: dict[str, Any], ours: dict[str, Any], started_ns: int) 
     not (Path("/usr/bin/containerd").exists() and shutil.which("tar")), reason="needs containerd"
 )
 def test_same_upper_dirs_as_containerd(tmp_path: Path) -> None:
-    from peersync.testbed.containerd import start_containerd
+    from testbed.containerd import start_containerd
 
     src = tmp_path / "sparse-src"
     src.mkdir()

@@ -2,7 +2,7 @@
 
 Every case in the first part runs twice: against `ContentStore` directly and over the gRPC wire
 to our own `ContentServicer` on a unix socket, through a small client that maps status codes back
-to peersync.errors (as containerd's `errdefs.FromGRPC` does). The second part drives the raw
+to kernel.errors (as containerd's `errdefs.FromGRPC` does). The second part drives the raw
 Write/Read protocol over the wire, message by message, the way containerd's proxy client does."""
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from peersync import errors
-from peersync.errors import (
+from kernel import errors
+from kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -29,8 +29,8 @@ from peersync.errors import (
     OutOfRange,
     Unavailable,
 )
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.meta import Meta
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
 from snapshotter.api import content_pb2, content_pb2_grpc
 from snapshotter.content import READ_PIECE, ContentStore, Info, Status
 from snapshotter.grpc_content import ContentServicer

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from peersync.errors import InvalidArgument
+from kernel.errors import InvalidArgument
 from snapshotter.filters import compile_filters, field_value, parse
 
 CORPUS = [

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from peersync.errors import AlreadyExists, NotFound
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.holds import Holds
-from peersync.store.meta import Meta
+from kernel.errors import AlreadyExists, NotFound
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.holds import Holds
+from kernel.store.meta import Meta
 from snapshotter import remote
 from snapshotter.content import ContentStore
 from snapshotter.remote import Layer

@@ -2,7 +2,7 @@
 
 Every case in the first part runs twice: against `Snapshotter` directly and over the gRPC wire
 (our `SnapshotsServicer` on a unix socket, with a thin client that maps status codes back to
-`peersync.errors`), so the same assertions hold both ways. Crash-safety cases run against the
+`kernel.errors`), so the same assertions hold both ways. Crash-safety cases run against the
 object only: a crash is the process dying, which the wire adds nothing to. A simulated crash is
 a BaseException raised at one filesystem step, which skips every `except Exception` cleanup
 just as a dead process would; LMDB discards the open transaction as it would after a crash,
@@ -25,8 +25,8 @@ import grpc
 import pytest
 from google.protobuf import field_mask_pb2
 
-from peersync import errors
-from peersync.store.meta import Meta
+from kernel import errors
+from kernel.store.meta import Meta
 from snapshotter import snapshots as snapshots_module
 from snapshotter import storage
 from snapshotter.api import snapshots_pb2, snapshots_pb2_grpc

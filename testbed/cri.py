@@ -18,7 +18,7 @@ import grpc
 from snapshotter.api import cri_pb2, cri_pb2_grpc
 
 if TYPE_CHECKING:
-    from peersync.testbed.containerd import Containerd
+    from testbed.containerd import Containerd
 
 CRI_PLUGIN = "io.containerd.grpc.v1.cri"
 CRI_NAMESPACE = "k8s.io"

@@ -1,5 +1,8 @@
 """The content store's view of the network: `snapshotter.content.BlobSource` over the engine.
 
+One of the two seam adapters of the daemon assembly (the other is `peersync.layers`): the
+snapshotter side owns the interface, the network side the engine, and only this layer knows both.
+
 `stat` answers for blobs being filled or catalogued by the mirror, and starts their background
 download at once, so by the time containerd reads a layer its chunks are already arriving.
 `read` blocks only until the chunks it needs are verified and on disk.

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from peersync.errors import (
+from kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -21,9 +21,9 @@ from peersync.errors import (
     OutOfRange,
     Unavailable,
 )
-from peersync.store import chunkstore, ingest
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.meta import Meta
+from kernel.store import chunkstore, ingest
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
 
 CHUNK = 64 * 1024
 

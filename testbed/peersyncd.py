@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from peersync.testbed.procs import ManagedProcess, free_port, unix_socket_accepts
+from testbed.procs import ManagedProcess, free_port, unix_socket_accepts
 
 REPO = Path(__file__).resolve().parents[2]
 

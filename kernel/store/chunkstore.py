@@ -10,10 +10,10 @@ Layout on disk (`<root>/content/`):
 
     blobs/sha256/<hex>        a complete, verified blob; read-only (0444), never modified
     partial/sha256/<hex>      a blob being filled chunk by chunk: a sparse file of the final
-                              size, written with pwrite at chunk offsets (`peersync.store.partial`)
-    ingest/<sha256(ref)>/data an ingest (containerd's Writer), see `peersync.store.ingest`
+                              size, written with pwrite at chunk offsets (`kernel.store.partial`)
+    ingest/<sha256(ref)>/data an ingest (containerd's Writer), see `kernel.store.ingest`
 
-Records in LMDB (`peersync.store.meta`, schema version 1), keys are the digest string:
+Records in LMDB (`kernel.store.meta`, schema version 1), keys are the digest string:
 
     blobs   "<digest>"          JSON {digest, size, chunk_size, state, created_ns, updated_ns,
                                 labels[, media_type, source]}; state is "complete" (file in
@@ -31,7 +31,7 @@ Records in LMDB (`peersync.store.meta`, schema version 1), keys are the digest s
 The chunk size is stored per blob, so a store can change its default without rewriting blobs,
 and a partial blob keeps the chunking of the table it was announced with.
 
-Partial blobs (`peersync.store.partial`, reached as `ChunkStore.partials`): the file is
+Partial blobs (`kernel.store.partial`, reached as `ChunkStore.partials`): the file is
 created sparse at full size, each chunk is written with pwrite, fdatasynced, and only then marked
 in the bitmap, so the bitmap never claims bytes that are not durably on disk. The hash table may
 come first or later (from a peer or the tracker; it is only trusted once the whole-blob digest
@@ -70,10 +70,10 @@ from pathlib import Path
 import lmdb
 import structlog
 
-from peersync.errors import AlreadyExists, InvalidArgument, NotFound
-from peersync.store import ingest as ingestmod
-from peersync.store.fsutil import HASH_LEN, fsync_dir, hash_file, remove_path
-from peersync.store.meta import Meta, dumps, loads
+from kernel.errors import AlreadyExists, InvalidArgument, NotFound
+from kernel.store import ingest as ingestmod
+from kernel.store.fsutil import HASH_LEN, fsync_dir, hash_file, remove_path
+from kernel.store.meta import Meta, dumps, loads
 
 log = structlog.get_logger(__name__)
 
@@ -282,7 +282,7 @@ class ChunkStore:
         self._blobs = meta.db("blobs")
         self._chunks = meta.db("chunks")
         self.ingests = ingestmod.Ingests(self)
-        from peersync.store.partial import Partials  # builds on this module: imported late
+        from kernel.store.partial import Partials  # builds on this module: imported late
 
         self.partials = Partials(self)
 
@@ -584,4 +584,4 @@ __all__ = [
     "chunk_count",
     "parse_digest",
 ]
-# Partial blobs (`ChunkStore.partials`) and their errors live in `peersync.store.partial`.
+# Partial blobs (`ChunkStore.partials`) and their errors live in `kernel.store.partial`.

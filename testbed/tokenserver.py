@@ -40,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
-from peersync.testbed.registry import Credentials, TokenAuth
+from testbed.registry import Credentials, TokenAuth
 
 DEFAULT_ISSUER = "peersync-test-issuer"
 DEFAULT_SERVICE = "peersync-test-registry"

@@ -25,7 +25,7 @@ from typing import Any
 
 import lmdb
 
-from peersync.errors import FailedPrecondition
+from kernel.errors import FailedPrecondition
 
 SCHEMA_VERSION = 1
 DATABASES = (

@@ -2,7 +2,7 @@
 
 The network side claims a blob it is about to fetch, writes chunks as they arrive from peers or
 the origin, and promotes the blob once every chunk is there; containerd's reads meanwhile wait
-for the chunks they need. Layout and records are described in `peersync.store.chunkstore`.
+for the chunks they need. Layout and records are described in `kernel.store.chunkstore`.
 
 Lifecycle (one per digest; reach it as `ChunkStore.partials`):
 
@@ -68,7 +68,7 @@ from pathlib import Path
 import lmdb
 import structlog
 
-from peersync.errors import (
+from kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -76,9 +76,9 @@ from peersync.errors import (
     OutOfRange,
     Unavailable,
 )
-from peersync.store import chunkstore
-from peersync.store.chunkstore import BlobRecord, ChunkStore, ChunkView, chunk_count, parse_digest
-from peersync.store.fsutil import HASH_LEN, fsync_dir, hash_fd, remove_path
+from kernel.store import chunkstore
+from kernel.store.chunkstore import BlobRecord, ChunkStore, ChunkView, chunk_count, parse_digest
+from kernel.store.fsutil import HASH_LEN, fsync_dir, hash_fd, remove_path
 
 log = structlog.get_logger(__name__)
 

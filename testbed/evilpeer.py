@@ -1,6 +1,6 @@
 """A misbehaving peer for tests: speaks the peer exchange protocol, serves corrupted chunks.
 
-    python -m tests.harness.evilpeer --listen 127.0.0.1:PORT --upstream http://127.0.0.1:HONEST --mode flip
+    python -m testbed.evilpeer --listen 127.0.0.1:PORT --upstream http://127.0.0.1:HONEST --mode flip
 
 It relays an honest node's answers (so it looks like a peer holding every chunk the honest one
 holds) but flips bytes in every chunk it serves:

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
-from peersync.errors import (
+from kernel.errors import (
     AlreadyExists,
     FailedPrecondition,
     InvalidArgument,
@@ -41,11 +41,11 @@ from peersync.errors import (
     OutOfRange,
     Unavailable,
 )
-from peersync.store.fsutil import HashState, hash_fd, remove_path
-from peersync.store.meta import dumps, loads
+from kernel.store.fsutil import HashState, hash_fd, remove_path
+from kernel.store.meta import dumps, loads
 
 if TYPE_CHECKING:
-    from peersync.store.chunkstore import ChunkStore
+    from kernel.store.chunkstore import ChunkStore
 
 log = structlog.get_logger(__name__)
 

@@ -3,8 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from peersync import config
-from peersync.errors import InvalidArgument
+from kernel import config
+from kernel.errors import InvalidArgument
 
 
 def test_default_toml_documents_the_defaults() -> None:

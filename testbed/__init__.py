@@ -1,6 +1,6 @@
 """The testbed: real registries, containerds, daemons, images and network namespaces on one machine.
 
-Used by the integration tests, the demo (`peersync demo`) and the benchmarks; nothing here is mocked.
+Used by the integration tests, the demo (`peersync-testbed demo`) and the benchmarks; nothing here is mocked.
 
 - `procs`: `ManagedProcess` (log file, readiness polling, stop by PID: SIGTERM then SIGKILL),
   `running(...)` context manager, `free_port()`, `run_checked()` (raises `CommandError` with stderr).

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peersync.errors import InvalidArgument
+from kernel.errors import InvalidArgument
 
 MIB = 1 << 20
 

@@ -1,6 +1,6 @@
-"""`peersync testbed`: the emulated edge site benchmark, one command (needs root).
+"""`peersync-testbed site`: the emulated edge site benchmark, one command (needs root).
 
-    peersync testbed [--nodes 8] [--image-mb 200] [--layers 6] [--uplink-mbit 100]
+    peersync-testbed site [--nodes 8] [--image-mb 200] [--layers 6] [--uplink-mbit 100]
                      [--systems baseline,cache,bittorrent,peersync-full,peersync-mirror]
                      [--scenarios burst,staggered,varying,node-death] [--out DIR] [--quick]
                      [--client cri|ctr]
@@ -86,7 +86,7 @@ class BenchConfig:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    """The `peersync testbed` options (also used by `python -m peersync.testbed.bench`)."""
+    """The `peersync-testbed site` options (also used by `python -m testbed.bench`)."""
     p.add_argument("--nodes", type=int, help="edge nodes on the LAN (default 8; --quick 3)")
     p.add_argument("--image-mb", type=int, help="generated image payload in MB (default 200; --quick 16)")
     p.add_argument("--layers", type=int, help="generated image layers (default 6; --quick 4)")
@@ -151,7 +151,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         bad = [s for s in items if s not in known]
         if bad:
             raise SystemExit(
-                f"peersync testbed: unknown {what}: {', '.join(bad)} (known: {', '.join(known)})"
+                f"peersync-testbed site: unknown {what}: {', '.join(bad)} (known: {', '.join(known)})"
             )
         return items
 
@@ -383,7 +383,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
 
     reason = missing_tools()
     if reason:
-        raise SystemExit(f"peersync testbed: {reason}")
+        raise SystemExit(f"peersync-testbed site: {reason}")
     cfg.out.mkdir(parents=True, exist_ok=True)
     t_start = time.monotonic()
     plan = cfg.plan()
@@ -448,7 +448,7 @@ def main_from_args(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m peersync.testbed.bench", description=__doc__.split("\n")[0]
+        prog="python -m testbed.bench", description=__doc__.split("\n")[0]
     )
     add_arguments(parser)
     return main_from_args(parser.parse_args(argv))

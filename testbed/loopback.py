@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peersync import hosts
-from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd
-from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove
-from peersync.testbed.images import BuiltImage, compare_manifests, snapshot_tree
-from peersync.testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
 from snapshotter.remote import chain_ids
+from testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd
+from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove
+from testbed.images import BuiltImage, compare_manifests, snapshot_tree
+from testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
 
 SNAPSHOTTER = "peersync"
 

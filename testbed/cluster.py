@@ -23,10 +23,10 @@ from pathlib import Path
 
 from peersync import hosts
 from peersync.containerd_config import render
-from peersync.testbed.containerd import Containerd, merge_config, parse_extra_config
-from peersync.testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
-from peersync.testbed.netns import REGISTRY_IP, Site, SiteNode
-from peersync.testbed.peersyncd import PeerSyncDaemon
+from testbed.containerd import Containerd, merge_config, parse_extra_config
+from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
+from testbed.netns import REGISTRY_IP, Site, SiteNode
+from testbed.peersyncd import PeerSyncDaemon
 
 PEER_PORT = 5381
 MIRROR = "127.0.0.1:5380"

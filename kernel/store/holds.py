@@ -16,7 +16,7 @@ the content store's Info path.
 
 from __future__ import annotations
 
-from peersync.store.meta import Meta
+from kernel.store.meta import Meta
 
 
 class Holds:

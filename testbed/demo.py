@@ -1,4 +1,4 @@
-"""`peersync demo`: a three-node site on loopback, end to end, with real parts only.
+"""`peersync-testbed demo`: a three-node site on loopback, end to end, with real parts only.
 
 1. a `docker-registry` on 127.0.0.1 (the origin) and a generated 5-layer image pushed to it;
 2. three nodes, each a `peersync daemon` plus its own containerd configured by
@@ -27,10 +27,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
-from peersync.testbed.images import build_test_image, push_image
-from peersync.testbed.loopback import LoopbackNode, start_node
-from peersync.testbed.procs import free_port
-from peersync.testbed.registry import start_registry
+from testbed.images import build_test_image, push_image
+from testbed.loopback import LoopbackNode, start_node
+from testbed.procs import free_port
+from testbed.registry import start_registry
 
 REQUIRED = ("containerd", "ctr", "runc", "docker-registry", "skopeo", "busybox")
 T = TypeVar("T")
@@ -39,7 +39,7 @@ T = TypeVar("T")
 def main() -> int:
     problem = _missing()
     if problem:
-        print(f"peersync demo: {problem}", file=sys.stderr)
+        print(f"peersync-testbed demo: {problem}", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="peersync-demo-"))
     try:

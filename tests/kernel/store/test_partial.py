@@ -16,11 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from peersync.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from peersync.store import chunkstore, partial
-from peersync.store.chunkstore import ChunkStore
-from peersync.store.meta import Meta
-from peersync.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
+from kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from kernel.store import chunkstore, partial
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
+from kernel.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 from snapshotter.content import ContentStore
 
 CHUNK = 64 * 1024
