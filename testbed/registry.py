@@ -18,7 +18,6 @@ import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,23 +34,11 @@ BCRYPT_COST = 4
 def bcrypt_hash(password: str, cost: int = BCRYPT_COST) -> str:
     """Bcrypt-hash `password` for an htpasswd line ($2b$, accepted by Go's x/crypto/bcrypt).
 
-    Uses the `bcrypt` pip package when installed, else the stdlib `crypt` module, which calls the
-    system's libxcrypt (Debian 12 supports bcrypt there). `crypt` is deprecated in 3.11 and gone in
-    3.13, hence the preference order; no apache2-utils `htpasswd` binary is needed either way.
-    """
-    try:
-        import bcrypt  # type: ignore[import-not-found]
-    except ImportError:
-        bcrypt = None
-    if bcrypt is not None:
-        return str(bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # noqa: PLC0415 - deprecated module, imported only as the fallback
-    hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2**cost))
-    if not hashed or not hashed.startswith("$2"):
-        raise RuntimeError("no bcrypt implementation: pip install bcrypt")
-    return hashed
+    The `bcrypt` package (a testbed dependency): the stdlib `crypt` module is gone in 3.13, and no
+    apache2-utils `htpasswd` binary is needed."""
+    import bcrypt
+
+    return str(bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode())
 
 
 def write_htpasswd(path: Path, users: dict[str, str]) -> Path:
