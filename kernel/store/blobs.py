@@ -40,7 +40,7 @@ from kernel.store.schema import BlobRecord, is_sha256, parse_digest
 log = structlog.get_logger(__name__)
 
 FD_CACHE_SIZE = 64
-LIST_BATCH = 256  # records per LMDB transaction when listing
+LIST_BATCH = 256  # records per LMDB transaction when listing (read at call time: tests shrink it)
 
 
 @dataclass
@@ -228,10 +228,11 @@ class Blobs:
                 raise InvalidArgument(f"chunk {index} out of range for {digest}")
             return bytes(raw[index * HASH_LEN:(index + 1) * HASH_LEN])
 
-    def iter_records(self, after: str = "", limit: int = LIST_BATCH) -> list[BlobRecord]:
-        """Up to `limit` complete records with digest > `after`, in digest order: one short read
-        transaction per batch, so a walk over a large store never holds a transaction across the
-        caller's awaits."""
+    def iter_records(self, after: str = "", limit: int | None = None) -> list[BlobRecord]:
+        """Up to `limit` (default LIST_BATCH) complete records with digest > `after`, in digest
+        order: one short read transaction per batch, so a walk over a large store never holds a
+        transaction across the caller's awaits."""
+        limit = LIST_BATCH if limit is None else limit
         out: list[BlobRecord] = []
         with self._meta.txn() as txn:
             for rec in schema.iter_blobs(txn, self._meta, after):

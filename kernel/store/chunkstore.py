@@ -31,7 +31,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 from kernel.errors import InvalidArgument, NotFound
-from kernel.store.blobs import FD_CACHE_SIZE, LIST_BATCH, BlobHandle, Blobs, ChunkView
+from kernel.store.blobs import FD_CACHE_SIZE, BlobHandle, Blobs, ChunkView
 from kernel.store.commit import Committer
 from kernel.store.ingest import Ingests
 from kernel.store.meta import Meta
@@ -92,7 +92,7 @@ class ChunkStore:
         """One chunk's SHA-256 without decoding the whole table."""
         return self._blobs.chunk_hash(digest, index)
 
-    def iter_records(self, after: str = "", limit: int = LIST_BATCH) -> list[BlobRecord]:
+    def iter_records(self, after: str = "", limit: int | None = None) -> list[BlobRecord]:
         """Up to `limit` complete records with digest > `after`, in digest order (batched walks)."""
         return self._blobs.iter_records(after, limit)
 
