@@ -5,7 +5,8 @@ partial blobs as `store.partials`, the ingests as `store.ingests`. They import i
 from where they are defined (`schema.BlobRecord`, `schema.parse_digest`, the errors of
 `partial`), and `meta.Meta` (shared with the snapshotter) and `holds.Holds` on their own.
 
-Modules, top to bottom. Each imports only modules below it:
+Modules, top to bottom. Each imports only modules below it (`import-linter` contract
+`store-layers` in pyproject.toml checks it, exhaustively, so a new module must take its place):
 
     chunkstore | holds   the facade; blobs held for our own snapshots
     partial | ingest     blobs filled chunk by chunk; containerd's in-progress writes
