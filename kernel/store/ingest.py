@@ -28,6 +28,7 @@ the store.
 
 from __future__ import annotations
 
+import builtins
 import os
 import threading
 import time
@@ -216,7 +217,7 @@ class Ingests:
                 log.warning("removing ingest directory without record", path=str(path))
                 remove_path(path)
 
-    def _all_records(self) -> list[dict[str, Any]]:
+    def _all_records(self) -> builtins.list[dict[str, Any]]:  # `list` here is the method above
         with self._meta.txn() as txn:
             return schema.iter_ingests(txn, self._meta)
 

@@ -309,16 +309,16 @@ class Partials:
                     raise ChunkCorrupt(f"chunk {index} of {digest} does not match {what}", index)
                 if not st.has(index):
                     todo[index] = (data, sha)
-            if todo:
-                self._write(st, todo)
-            complete = st.retired == "complete" or st.count == st.rec.chunks
+            superseded = self._write(st, todo) if todo else False
+            complete = superseded or st.count == st.rec.chunks
         if todo:
             self._notify(st)
         return complete
 
-    def _write(self, st: _Partial, todo: dict[int, tuple[bytes, bytes]]) -> None:
+    def _write(self, st: _Partial, todo: dict[int, tuple[bytes, bytes]]) -> bool:
         """pwrite, fdatasync, then the bits (caller holds st.lock). If the record stopped being
-        partial under us (an ingest committed the same blob), the state retires instead."""
+        partial under us (an ingest committed the same blob), the state retires instead and the
+        answer is True (the blob is complete)."""
         digest = st.rec.digest
         for index, (data, _) in todo.items():
             _pwrite_all(st.fd, data, index * st.rec.chunk_size)
@@ -332,10 +332,11 @@ class Partials:
                 self._retire(st, "abandoned")
                 raise
             self._retire(st, "complete")
-            return
+            return True
         st.present = present
         st.count += len(todo)
         st.seen.update(seen)
+        return False
 
     async def aput_chunks(self, digest: str, chunks: Iterable[tuple[int, bytes]]) -> bool:
         """`put_chunks` in a worker thread (for callers on the event loop)."""
