@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernel.store import chunkstore  # noqa: E402
+from kernel.store import commit  # noqa: E402
 from kernel.store.chunkstore import ChunkStore  # noqa: E402
 from kernel.store.meta import Meta  # noqa: E402
 
@@ -36,14 +36,14 @@ def run_once(data: bytes, chunk_size: int) -> dict[str, float]:
         meta = Meta(Path(tmp))
         store = ChunkStore(Path(tmp), meta, chunk_size)
         txn_time = []
-        real_commit_record = chunkstore._commit_record
+        real_commit_record = commit.commit_record
 
         def timed(*args: object) -> None:
             t = time.perf_counter()
             real_commit_record(*args)  # type: ignore[arg-type]
             txn_time.append(time.perf_counter() - t)
 
-        chunkstore._commit_record = timed  # type: ignore[assignment]
+        commit.commit_record = timed  # type: ignore[assignment]
         try:
             t0 = time.perf_counter()
             writer = store.ingests.open("bench", len(data))
@@ -54,7 +54,7 @@ def run_once(data: bytes, chunk_size: int) -> dict[str, float]:
             digest = writer.commit(len(data), "")
             t2 = time.perf_counter()
         finally:
-            chunkstore._commit_record = real_commit_record  # type: ignore[assignment]
+            commit.commit_record = real_commit_record  # type: ignore[assignment]
         table = len(b"".join(store.chunk_hashes(digest)))
         count = store.record(digest).chunks
         t3 = time.perf_counter()

@@ -58,9 +58,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 from kernel.errors import AlreadyExists, InvalidArgument, NotFound, OutOfRange
-from kernel.store.chunkstore import BlobRecord, ChunkStore, parse_digest
+from kernel.store.chunkstore import ChunkStore
 from kernel.store.holds import Holds
 from kernel.store.ingest import IngestStatus, IngestWriter
+from kernel.store.schema import BlobRecord, parse_digest
 from snapshotter.filters import compile_filters
 
 READ_PIECE = 1 << 20  # largest data payload of one Read message (containerd's limit is 16 MiB)

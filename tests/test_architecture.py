@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import grimp
-import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 PRODUCT = ("kernel", "snapshotter", "peer", "peersync")
@@ -23,9 +22,6 @@ def test_import_linter_contracts_hold() -> None:
     assert "broken" not in proc.stdout.lower().replace("0 broken", "")
 
 
-@pytest.mark.xfail(
-    strict=True, reason="kernel.store: chunkstore <-> partial/ingest, being made one object (issue 8)"
-)
 def test_no_import_cycle_between_product_modules() -> None:
     """Every import counts, late ones inside functions too: a late import that breaks a cycle at
     load time still ties the two modules into one."""

@@ -1,4 +1,5 @@
-"""Helpers shared by the blob and ingest halves of the store: durable directory updates and
+"""Filesystem primitives of the store, below everything else in it: durable directory updates
+(the fsync that makes a rename or unlink survive a crash, see `kernel.store.schema`) and
 streaming hashes (whole-blob SHA-256 plus per-chunk SHA-256 in one pass, bounded memory)."""
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ import shutil
 from pathlib import Path
 
 STREAM_BUFFER = 1 << 20  # read size when hashing files from disk
-HASH_LEN = 32
+HASH_LEN = 32  # bytes of one per-chunk digest: one entry of the chunk table `HashState.table` builds
 
 
 class HashState:
@@ -27,6 +28,7 @@ class HashState:
         self._table = bytearray()
 
     def update(self, data: bytes | memoryview) -> None:
+        """Feed the next bytes of the stream (any length: chunk boundaries are tracked here)."""
         self._whole.update(data)
         self.size += len(data)
         view = memoryview(data)
@@ -59,6 +61,7 @@ def hash_fd(fd: int, chunk_size: int) -> HashState:
 
 
 def hash_file(path: Path, chunk_size: int) -> HashState:
+    """Hash a whole file by path (recovery re-verifying a blob file it found on disk)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         return hash_fd(fd, chunk_size)

@@ -1,9 +1,10 @@
 """Ingests: containerd's content Writer, one per `ref`, appended to and then committed as a blob.
 
 Each ingest is a data file `<root>/content/ingest/<sha256(ref)>/data` plus a record in db
-`ingests` under the same key: {ref, total, expected, started_ns, updated_ns}. The offset of an
-ingest is the size of its data file, and its last update the file's mtime, so a Write never
-touches LMDB: records change only when an ingest starts, restarts, or is committed/aborted.
+`ingests` under the same key: {ref, total, expected, started_ns, updated_ns} (`kernel.store.schema`
+spells both). The offset of an ingest is the size of its data file, and its last update the
+file's mtime, so a Write never touches LMDB: records change only when an ingest starts, restarts,
+or is committed/aborted.
 
 Writes append at the current offset and feed a `HashState` (the whole-blob SHA-256 and the
 per-chunk SHA-256s), so committing never re-reads the data. A write at offset 0 over existing
@@ -15,21 +16,26 @@ A ref is held by at most one writer at a time: another open answers Unavailable 
 has been held (containerd's client retries). Locks live in memory: a restart frees them all.
 
 Commit: fsync, check the size and digest, check that the blob is not already present (if it is,
-the ingest is removed and AlreadyExists raised, as containerd does), then hand the file to
-`ChunkStore.install` (read-only, rename, fsync dir, one LMDB transaction that writes the blob and
-drops the ingest record), then remove the ingest directory. A commit always ends the writer.
+the ingest is removed and AlreadyExists raised, as containerd does), then hand the file to the
+store's `install` (`commit.Committer.publish`: read-only, rename, fsync dir, one LMDB transaction
+that writes the blob and drops the ingest record), then remove the ingest directory. A commit
+always ends the writer.
+
+Ingests know the store they commit into only as an `IngestTarget` (its `exists` and `install`),
+defined here on the consumer's side: the store owns its ingests, and this module never imports
+the store.
 """
 
 from __future__ import annotations
 
-import hashlib
+import builtins
 import os
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -41,11 +47,10 @@ from kernel.errors import (
     OutOfRange,
     Unavailable,
 )
+from kernel.store import schema
 from kernel.store.fsutil import HashState, hash_fd, remove_path
-from kernel.store.meta import dumps, loads
-
-if TYPE_CHECKING:
-    from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
+from kernel.store.schema import BlobRecord, ingest_key
 
 log = structlog.get_logger(__name__)
 
@@ -62,19 +67,31 @@ class IngestStatus:
     updated_ns: int
 
 
-def ingest_key(ref: str) -> str:
-    """Refs are arbitrary strings (and can exceed LMDB's key limit): name them by hash."""
-    return hashlib.sha256(ref.encode()).hexdigest()
+class IngestTarget(Protocol):
+    """What a committed ingest goes into: the store that owns the ingests (`ChunkStore`)."""
+
+    def exists(self, digest: str) -> bool:
+        """True if the blob is complete already (the commit then answers AlreadyExists)."""
+        ...
+
+    def install(self, source: Path, digest: str, size: int, hashes: bytes, labels: Mapping[str, str],
+                ingest_key: str | None = None) -> BlobRecord:
+        """Make the verified, fsynced `source` the complete blob and drop the ingest record
+        `ingest_key` in the same transaction; AlreadyExists if it is complete already."""
+        ...
 
 
 class Ingests:
-    """The ingests of one store: records, data files and the per-ref locks."""
+    """The ingests of one store: records, data files and the per-ref locks.
 
-    def __init__(self, store: ChunkStore) -> None:
-        self._store = store
-        self._meta = store.meta
-        self._db = store.meta.db("ingests")
-        self.root = store.ingest_dir
+    `root` is the ingest directory; new ingests hash their chunks with `chunk_size`, and commit
+    into `target`."""
+
+    def __init__(self, meta: Meta, root: Path, chunk_size: int, target: IngestTarget) -> None:
+        self._target = target
+        self._meta = meta
+        self.root = root
+        self._chunk_size = chunk_size
         self._held: dict[str, float] = {}
         self._mutex = threading.Lock()
 
@@ -103,7 +120,7 @@ class Ingests:
         now = time.time_ns()
         rec = {"ref": ref, "total": max(total, 0), "expected": expected, "started_ns": now, "updated_ns": now}
         self._put(key, rec)
-        return IngestWriter(self, rec, data, fd, HashState(self._store.chunk_size))
+        return IngestWriter(self, rec, data, fd, HashState(self._chunk_size))
 
     def _resume(self, ref: str, rec: dict[str, Any], data: Path, total: int, expected: str) -> IngestWriter:
         fd = os.open(data, os.O_RDWR | os.O_CLOEXEC)
@@ -115,9 +132,9 @@ class Ingests:
                 now = time.time_ns()
                 rec.update(total=total, expected=expected, started_ns=now, updated_ns=now)
                 self._put(ingest_key(ref), rec)
-                state = HashState(self._store.chunk_size)
+                state = HashState(self._chunk_size)
             else:
-                state = hash_fd(fd, self._store.chunk_size)
+                state = hash_fd(fd, self._chunk_size)
                 if (total > 0 and not rec["total"]) or (expected and not rec["expected"]):
                     rec.update(total=rec["total"] or total, expected=rec["expected"] or expected)
                     self._put(ingest_key(ref), rec)
@@ -140,6 +157,7 @@ class Ingests:
             self._held.pop(ref, None)
 
     def busy(self, ref: str) -> bool:
+        """True while a writer holds `ref` (a second writer would get Unavailable)."""
         with self._mutex:
             return ref in self._held
 
@@ -154,8 +172,8 @@ class Ingests:
         return status
 
     def list(self) -> list[IngestStatus]:
-        with self._meta.txn() as txn, txn.cursor(db=self._db) as cur:
-            recs = [loads(raw) for raw in cur.iternext(keys=False)]
+        """Every ingest that has its data file (one mid-commit or awaiting recovery is left out)."""
+        recs = self._all_records()
         return [status for rec in recs if (status := self._status(rec)) is not None]
 
     def _status(self, rec: dict[str, Any]) -> IngestStatus | None:
@@ -179,7 +197,7 @@ class Ingests:
         """Drop record then directory (a crash in between leaves a directory `recover` drops)."""
         key = ingest_key(ref)
         with self._meta.txn(write=True) as txn:
-            had_record = txn.delete(key.encode(), db=self._db)
+            had_record = schema.delete_ingest(txn, self._meta, key)
         had_dir = (self.root / key).exists()
         remove_path(self.root / key)
         return had_record or had_dir
@@ -199,18 +217,17 @@ class Ingests:
                 log.warning("removing ingest directory without record", path=str(path))
                 remove_path(path)
 
-    def _all_records(self) -> list[dict[str, Any]]:
-        with self._meta.txn() as txn, txn.cursor(db=self._db) as cur:
-            return [loads(raw) for raw in cur.iternext(keys=False)]
+    def _all_records(self) -> builtins.list[dict[str, Any]]:  # `list` here is the method above
+        with self._meta.txn() as txn:
+            return schema.iter_ingests(txn, self._meta)
 
     def _get(self, key: str) -> dict[str, Any] | None:
         with self._meta.txn() as txn:
-            raw = txn.get(key.encode(), db=self._db)
-        return None if raw is None else loads(raw)
+            return schema.get_ingest(txn, self._meta, key)
 
-    def _put(self, key: str, rec: Mapping[str, Any]) -> None:
+    def _put(self, key: str, rec: dict[str, Any]) -> None:
         with self._meta.txn(write=True) as txn:
-            txn.put(key.encode(), dumps(rec), db=self._db)
+            schema.put_ingest(txn, self._meta, key, rec)
 
 
 class IngestWriter:
@@ -230,10 +247,12 @@ class IngestWriter:
 
     @property
     def offset(self) -> int:
+        """Bytes written so far: where the next write must start (containerd's Status offset)."""
         return self._state.size
 
     @property
     def total(self) -> int:
+        """The size the client announced (0 if unknown)."""
         return int(self._rec["total"])
 
     def status(self) -> IngestStatus:
@@ -281,7 +300,7 @@ class IngestWriter:
     def commit(self, size: int = 0, expected: str = "", labels: Mapping[str, str] | None = None) -> str:
         """Verify and install the blob; returns its digest. Always ends the writer."""
         fd = self._check_open()
-        store = self._ingests._store
+        store = self._ingests._target
         try:
             if expected and store.exists(expected):
                 self._ingests.discard(self.ref)
@@ -292,7 +311,7 @@ class IngestWriter:
             digest = self.digest()
             if expected and expected != digest:
                 raise FailedPrecondition(f"unexpected commit digest {digest}, expected {expected}")
-            key = ingest_key(self.ref).encode()
+            key = ingest_key(self.ref)
             try:
                 store.install(self.data_path, digest, self.offset, self._state.table(), labels or {}, key)
             except AlreadyExists:
@@ -319,4 +338,4 @@ class IngestWriter:
         return self._fd
 
 
-__all__ = ["IngestStatus", "IngestWriter", "Ingests", "ingest_key"]
+__all__ = ["IngestStatus", "IngestTarget", "IngestWriter", "Ingests"]

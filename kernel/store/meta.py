@@ -1,10 +1,11 @@
 """One home for LMDB: the environment, its named databases, and the transaction helper.
 
 Every module that keeps metadata writes plain functions that take an open transaction
-(`txn`) and the database handle they need, so that one caller decides what commits together:
+(`txn`) and the `Meta` whose databases they use, so that one caller decides what commits
+together:
 
     with meta.txn(write=True) as txn:
-        storage.create_snapshot(txn, meta.db("snapshots"), ...)
+        storage.create_snapshot(txn, meta, Kind.ACTIVE, key, ...)
 
 A transaction commits when the block exits normally and aborts on any exception. LMDB is
 crash-safe by design (copy-on-write B+tree, fsync on commit), so metadata is always either the
@@ -12,7 +13,10 @@ old or the new state; the filesystem work around it is ordered so that it can be
 either state.
 
 Schema: database `schema` holds key `version`. `SCHEMA_VERSION` names the layout of every other
-database; a store written by a newer layout is refused rather than misread.
+database, whoever owns it, so it lives here, below all of them: `snapshots` and
+`snapshot_children` are described in `snapshotter.storage`; `blobs`, `chunks` and `ingests` in
+`kernel.store.schema`; `holds` in `kernel.store.holds`; `sources` in `peer.catalog`; `counters`
+at `next_id`. A store written by a newer layout is refused rather than misread.
 """
 
 from __future__ import annotations
@@ -71,6 +75,7 @@ class Meta:
         return value
 
     def close(self) -> None:
+        """Close the environment: after every store, snapshotter and catalog built on it is done."""
         self.env.close()
 
     def _check_schema(self) -> None:
@@ -92,4 +97,5 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(raw: bytes) -> Any:
+    """Decode a record written by `dumps`."""
     return json.loads(raw)

@@ -2,7 +2,7 @@
 
 The network side claims a blob it is about to fetch, writes chunks as they arrive from peers or
 the origin, and promotes the blob once every chunk is there; containerd's reads meanwhile wait
-for the chunks they need. Layout and records are described in `kernel.store.chunkstore`.
+for the chunks they need. Layout and records are described in `kernel.store.schema`.
 
 Lifecycle (one per digest; reach it as `ChunkStore.partials`):
 
@@ -35,8 +35,9 @@ never a bit over data that is not on disk. Batching chunks into one `put_chunks`
 two syncs. `recover` re-hashes every present chunk and clears the bit of any that fails, so a
 disk that lied about a sync costs a refetch, not a corrupt blob. `complete`: fsync, verify, make
 read-only, rename into blobs/, fsync both directories, then one LMDB transaction flips the record
-to "complete" (with the verified table) and deletes the bitmap and seen keys; a crash after the
-rename leaves a blob file whose record is still partial, which `ChunkStore.recover` adopts.
+to "complete" (with the verified table) and deletes the bitmap and seen keys (that tail is
+`commit.Committer.publish`, shared with ingest commits); a crash after the rename leaves a blob
+file whose record is still partial, which `ChunkStore.recover` adopts.
 `abandon` drops the record first, then the file (an orphan file is removed by `recover`).
 
 Reads. `read_partial` and `open_chunk` serve only present chunks (else `ChunksMissing`, an
@@ -76,9 +77,12 @@ from kernel.errors import (
     OutOfRange,
     Unavailable,
 )
-from kernel.store import chunkstore
-from kernel.store.chunkstore import BlobRecord, ChunkStore, ChunkView, chunk_count, parse_digest
+from kernel.store import schema
+from kernel.store.blobs import Blobs, ChunkView
+from kernel.store.commit import Committer
 from kernel.store.fsutil import HASH_LEN, fsync_dir, hash_fd, remove_path
+from kernel.store.meta import Meta
+from kernel.store.schema import BlobRecord, chunk_count
 
 log = structlog.get_logger(__name__)
 
@@ -145,25 +149,26 @@ class _Partial:
 
 
 class Partials:
-    """The partial blobs of one store (see the module docstring for the contract)."""
+    """The partial blobs of one store (see the module docstring for the contract).
 
-    def __init__(self, store: ChunkStore) -> None:
-        self._store = store
-        self._meta = store.meta
-        self._blobs = store.meta.db("blobs")
-        self._chunks = store.meta.db("chunks")
-        self.dir = store.root / "content" / "partial" / "sha256"
-        self.dir.mkdir(parents=True, exist_ok=True)
+    Built on the complete side (`blobs`: a partial blob that got completed meanwhile is answered
+    from there) and on the commit primitives (`committer`: its lock, and the promotion's tail)."""
+
+    def __init__(self, blobs: Blobs, committer: Committer) -> None:
+        self._blobs = blobs
+        self._committer = committer
+        self._meta = committer.meta
+        self._layout = committer.layout
+        self.dir = committer.layout.partial
         self._mutex = threading.Lock()
         self._open: dict[str, _Partial] = {}
 
     # -- records -----------------------------------------------------------------------------
 
     def path(self, digest: str) -> Path:
-        algorithm, hexdigest = parse_digest(digest)
-        if algorithm != "sha256":
-            raise InvalidArgument(f"content {digest}: only sha256 blobs are stored")
-        return self.dir / hexdigest
+        """Where a partial blob's file lives (whether or not it exists): what a peer serves a
+        range of present chunks from. InvalidArgument for a malformed or non-sha256 digest."""
+        return self._layout.partial_path(digest)
 
     def record(self, digest: str) -> BlobRecord:
         """The partial blob's record; NotFound if there is no partial blob of that digest."""
@@ -174,16 +179,13 @@ class Partials:
 
     def records(self) -> list[BlobRecord]:
         """Every partial blob's record, in digest order."""
-        with self._meta.txn() as txn, txn.cursor(db=self._blobs) as cur:
-            recs = [BlobRecord.decode(raw) for raw in cur.iternext(keys=False)]
-        return [rec for rec in recs if rec.state == "partial"]
+        with self._meta.txn() as txn:
+            return [rec for rec in schema.iter_blobs(txn, self._meta) if rec.state == "partial"]
 
     def _get_record(self, digest: str) -> BlobRecord | None:
-        parse_digest(digest)
+        schema.parse_digest(digest)
         with self._meta.txn() as txn:
-            raw = txn.get(digest.encode(), db=self._blobs)
-        rec = None if raw is None else BlobRecord.decode(raw)
-        return rec if rec is not None and rec.state == "partial" else None
+            return schema.get_blob(txn, self._meta, digest, "partial")
 
     # -- claiming ----------------------------------------------------------------------------
 
@@ -200,10 +202,10 @@ class Partials:
             raise InvalidArgument(f"claim of {digest}: negative size {size}")
         if chunk_size is not None and chunk_size <= 0:
             raise InvalidArgument(f"claim of {digest}: chunk size must be positive, got {chunk_size}")
-        cs = chunk_size or self._store.chunk_size
+        cs = chunk_size or self._blobs.chunk_size
         table = None if hashes is None else _table(hashes, chunk_count(size, cs), digest)
-        with self._store._install_lock:  # no install can slip in between the check and the record
-            if self._store.exists(digest):
+        with self._committer.lock:  # no commit can slip in between the check and the record
+            if self._committer.exists(digest):
                 raise AlreadyExists(f"content {digest}: already exists")
             rec = self._get_record(digest)
             if rec is None:
@@ -232,10 +234,10 @@ class Partials:
         rec = BlobRecord(digest, size, chunk_size, now, now, {}, state="partial", media_type=media_type,
                          source=dict(source) if source else None)
         with self._meta.txn(write=True) as txn:
-            txn.put(digest.encode(), rec.encode(), db=self._blobs)
-            txn.put(chunkstore.present_key(digest), bytes(_bitmap_len(rec.chunks)), db=self._chunks)
+            schema.put_blob(txn, self._meta, rec)
+            schema.put_bitmap(txn, self._meta, digest, bytes(_bitmap_len(rec.chunks)))
             if table is not None:
-                txn.put(digest.encode(), table, db=self._chunks)
+                schema.put_table(txn, self._meta, digest, table)
         return rec
 
     def set_hashes(self, digest: str, hashes: list[bytes]) -> list[int]:
@@ -256,11 +258,11 @@ class Partials:
                        and st.seen.get(i) != table[i * HASH_LEN:(i + 1) * HASH_LEN]]
             present = _clear_bits(st.present, dropped)
             with self._meta.txn(write=True) as txn:
-                _check_partial(txn, self._blobs, digest)
-                txn.put(digest.encode(), table, db=self._chunks)
-                txn.put(chunkstore.present_key(digest), present, db=self._chunks)
+                _check_partial(txn, self._meta, digest)
+                schema.put_table(txn, self._meta, digest, table)
+                schema.put_bitmap(txn, self._meta, digest, present)
                 for i in st.seen:
-                    txn.delete(chunkstore.seen_key(digest, i), db=self._chunks)
+                    schema.delete_seen(txn, self._meta, digest, i)
             st.table, st.seen, st.present = table, {}, present
             st.count -= len(dropped)
         if dropped:
@@ -285,7 +287,7 @@ class Partials:
         try:
             st = self._state(digest)
         except NotFound:
-            if self._store.exists(digest):
+            if self._committer.exists(digest):
                 return True
             raise
         hashed: list[tuple[int, bytes, bytes]] = []
@@ -307,16 +309,16 @@ class Partials:
                     raise ChunkCorrupt(f"chunk {index} of {digest} does not match {what}", index)
                 if not st.has(index):
                     todo[index] = (data, sha)
-            if todo:
-                self._write(st, todo)
-            complete = st.retired == "complete" or st.count == st.rec.chunks
+            superseded = self._write(st, todo) if todo else False
+            complete = superseded or st.count == st.rec.chunks
         if todo:
             self._notify(st)
         return complete
 
-    def _write(self, st: _Partial, todo: dict[int, tuple[bytes, bytes]]) -> None:
+    def _write(self, st: _Partial, todo: dict[int, tuple[bytes, bytes]]) -> bool:
         """pwrite, fdatasync, then the bits (caller holds st.lock). If the record stopped being
-        partial under us (an ingest committed the same blob), the state retires instead."""
+        partial under us (an ingest committed the same blob), the state retires instead and the
+        answer is True (the blob is complete)."""
         digest = st.rec.digest
         for index, (data, _) in todo.items():
             _pwrite_all(st.fd, data, index * st.rec.chunk_size)
@@ -324,16 +326,17 @@ class Partials:
         present = _set_bits(st.present, todo)
         seen = {} if st.table is not None else {i: sha for i, (_, sha) in todo.items()}
         try:
-            _commit_bits(self, digest, present, seen)
+            _commit_bits(self._meta, digest, present, seen)
         except NotFound:
-            if not self._store.exists(digest):
+            if not self._committer.exists(digest):
                 self._retire(st, "abandoned")
                 raise
             self._retire(st, "complete")
-            return
+            return True
         st.present = present
         st.count += len(todo)
         st.seen.update(seen)
+        return False
 
     async def aput_chunks(self, digest: str, chunks: Iterable[tuple[int, bytes]]) -> bool:
         """`put_chunks` in a worker thread (for callers on the event loop)."""
@@ -345,7 +348,7 @@ class Partials:
         """The presence bitmap (bit i, LSB first in byte i // 8); all ones for a complete blob."""
         st = self._acquire(digest)
         if st is None:
-            rec = self._store.record(digest)
+            rec = self._blobs.record(digest)
             return _full_bitmap(rec.chunks)
         try:
             return st.present
@@ -356,7 +359,7 @@ class Partials:
         """The indices of the chunks not present yet ([] for a complete blob)."""
         st = self._acquire(digest)
         if st is None:
-            self._store.record(digest)
+            self._blobs.record(digest)
             return []
         try:
             return st.missing_in(0, st.rec.chunks - 1)
@@ -368,7 +371,7 @@ class Partials:
         known, else as written), None for absent ones. What a peer announces while filling."""
         st = self._acquire(digest)
         if st is None:
-            return True, list(self._store.chunk_hashes(digest))
+            return True, list(self._blobs.chunk_hashes(digest))
         try:
             hashes = [st.expected_hash(i) if st.has(i) else None for i in range(st.rec.chunks)]
             return st.table is not None, hashes
@@ -381,7 +384,7 @@ class Partials:
         blob too (and on one promoted while the call runs)."""
         st = self._acquire_range("read of", digest, offset, size)
         if st is None:
-            return self._store.read(digest, offset, size)
+            return self._blobs.read(digest, offset, size)
         try:
             first, last, end = _span(st.rec, offset, size)
             if last < first:
@@ -400,8 +403,8 @@ class Partials:
         the block exits even if the blob is promoted or abandoned meanwhile."""
         st = self._acquire(digest)
         if st is None:
-            self._store.record(digest)  # NotFound if neither partial nor complete
-            with self._store.open_chunk(digest, index) as view:  # promoted meanwhile
+            self._blobs.record(digest)  # NotFound if neither partial nor complete
+            with self._blobs.open_chunk(digest, index) as view:  # promoted meanwhile
                 yield view
             return
         try:
@@ -460,7 +463,7 @@ class Partials:
         try:
             st = self._state(digest)
         except NotFound:
-            if self._store.exists(digest):
+            if self._committer.exists(digest):
                 raise AlreadyExists(f"content {digest}: already exists") from None
             raise
         with st.lock:
@@ -475,18 +478,13 @@ class Partials:
                 self._discard(st)
                 raise DigestMismatch(f"partial content {digest}: assembled blob hashes to "
                                      f"{hashed.digest()} ({hashed.size} bytes); discarded, refetch it")
-            target = self._store.blob_path(digest)
-            with self._store._install_lock:
-                if self._store.exists(digest):
-                    self._discard(st)
-                    raise AlreadyExists(f"content {digest}: already exists")
-                os.chmod(st.path, 0o444)  # before the rename: a visible blob is never writable
-                os.rename(st.path, target)
-                fsync_dir(self._store.blob_dir)
-                fsync_dir(self.dir)
-                now = time.time_ns()
-                done = replace(rec, state="complete", updated_ns=now, labels={**rec.labels, **(labels or {})})
-                chunkstore._commit_record(self._store, done, hashed.table(), None)
+            now = time.time_ns()
+            done = replace(rec, state="complete", updated_ns=now, labels={**rec.labels, **(labels or {})})
+            try:
+                self._committer.publish(st.path, done, hashed.table(), sync_dirs=[self.dir])
+            except AlreadyExists:  # committed by other means (an ingest) meanwhile
+                self._discard(st)
+                raise
             self._retire(st, "complete")
         log.info("completed partial blob", digest=digest, size=rec.size)
         return done
@@ -521,11 +519,9 @@ class Partials:
         """Record, table and bits first, then the file (caller holds st.lock)."""
         digest = st.rec.digest
         with self._meta.txn(write=True) as txn:
-            raw = txn.get(digest.encode(), db=self._blobs)
-            if raw is not None and BlobRecord.decode(raw).state == "partial":
-                txn.delete(digest.encode(), db=self._blobs)
-                txn.delete(digest.encode(), db=self._chunks)
-            chunkstore.drop_partial_keys(txn, self._chunks, digest)
+            if schema.get_blob(txn, self._meta, digest, "partial") is not None:
+                schema.delete_blob(txn, self._meta, digest)
+            schema.drop_partial_keys(txn, self._meta, digest)
         st.path.unlink(missing_ok=True)
         fsync_dir(self.dir)
         self._retire(st, "abandoned")
@@ -552,9 +548,8 @@ class Partials:
             if size != rec.size:
                 log.warning("dropping partial blob whose file is missing or resized", digest=rec.digest)
                 with self._meta.txn(write=True) as txn:
-                    txn.delete(rec.digest.encode(), db=self._blobs)
-                    txn.delete(rec.digest.encode(), db=self._chunks)
-                    chunkstore.drop_partial_keys(txn, self._chunks, rec.digest)
+                    schema.delete_blob(txn, self._meta, rec.digest)
+                    schema.drop_partial_keys(txn, self._meta, rec.digest)
                 continue
             self._reverify(rec, path)
             live.add(path.name)
@@ -589,24 +584,18 @@ class Partials:
             log.warning("clearing chunks that fail their hash", digest=rec.digest, chunks=bad[:16],
                         count=len(bad))
             with self._meta.txn(write=True) as txn:
-                txn.put(chunkstore.present_key(rec.digest), _clear_bits(present, bad), db=self._chunks)
+                schema.put_bitmap(txn, self._meta, rec.digest, _clear_bits(present, bad))
                 for i in stale:
-                    txn.delete(chunkstore.seen_key(rec.digest, i), db=self._chunks)
+                    schema.delete_seen(txn, self._meta, rec.digest, i)
 
     # -- state -------------------------------------------------------------------------------
 
     def _load_keys(self, rec: BlobRecord) -> tuple[bytes, bytes | None, dict[int, bytes]]:
         digest = rec.digest
-        prefix = f"{digest}/seen/".encode()
-        seen: dict[int, bytes] = {}
         with self._meta.txn() as txn:
-            present = txn.get(chunkstore.present_key(digest), db=self._chunks)
-            table = txn.get(digest.encode(), db=self._chunks)
-            with txn.cursor(db=self._chunks) as cur:
-                found = cur.set_range(prefix)
-                while found and cur.key().startswith(prefix):
-                    seen[int(cur.key()[len(prefix):], 16)] = bytes(cur.value())
-                    found = cur.next()
+            present = schema.get_bitmap(txn, self._meta, digest)
+            table = schema.get_table(txn, self._meta, digest)
+            seen = schema.get_seen(txn, self._meta, digest)
         present = bytes(present or b"").ljust(_bitmap_len(rec.chunks), b"\0")[:_bitmap_len(rec.chunks)]
         return present, (bytes(table) if table is not None else None), seen
 
@@ -625,7 +614,7 @@ class Partials:
             raise InvalidArgument(f"{what} {digest}: negative offset or size ({offset}, {size})")
         st = self._acquire(digest)
         if st is None:
-            rec = self._store.record(digest)
+            rec = self._blobs.record(digest)
             if offset > rec.size:
                 raise OutOfRange(f"{what} {digest} at {offset} past object length {rec.size} bytes")
         return st
@@ -704,18 +693,17 @@ class Partials:
                 self._retire(st, "abandoned")
 
 
-def _commit_bits(partials: Partials, digest: str, present: bytes, seen: Mapping[int, bytes]) -> None:
+def _commit_bits(meta: Meta, digest: str, present: bytes, seen: Mapping[int, bytes]) -> None:
     """The LMDB half of a chunk write (module-level so crash tests can interrupt it)."""
-    with partials._meta.txn(write=True) as txn:
-        _check_partial(txn, partials._blobs, digest)
-        txn.put(chunkstore.present_key(digest), present, db=partials._chunks)
+    with meta.txn(write=True) as txn:
+        _check_partial(txn, meta, digest)
+        schema.put_bitmap(txn, meta, digest, present)
         for index, sha in seen.items():
-            txn.put(chunkstore.seen_key(digest, index), sha, db=partials._chunks)
+            schema.put_seen(txn, meta, digest, index, sha)
 
 
-def _check_partial(txn: lmdb.Transaction, blobs_db: object, digest: str) -> None:
-    raw = txn.get(digest.encode(), db=blobs_db)
-    if raw is None or BlobRecord.decode(raw).state != "partial":
+def _check_partial(txn: lmdb.Transaction, meta: Meta, digest: str) -> None:
+    if schema.get_blob(txn, meta, digest, "partial") is None:
         raise NotFound(f"partial content {digest}: not found (completed or abandoned meanwhile)")
 
 

@@ -21,9 +21,12 @@ from kernel.errors import (
     OutOfRange,
     Unavailable,
 )
-from kernel.store import chunkstore, ingest
+from kernel.store import blobs as blobsmod
+from kernel.store import commit as commitmod
+from kernel.store import ingest
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from kernel.store.schema import ingest_key
 
 CHUNK = 64 * 1024
 
@@ -180,7 +183,7 @@ def test_already_exists_removes_ingest(store: ChunkStore) -> None:
         store.ingests.status("b")
     with pytest.raises(AlreadyExists):  # detected from the digest alone, without `expected`
         write_all(store, "c", b"same").commit()
-    assert not (store.ingest_dir / ingest.ingest_key("c")).exists()
+    assert not (store.ingest_dir / ingest_key("c")).exists()
 
 
 def test_status_list_and_abort(store: ChunkStore) -> None:
@@ -236,7 +239,7 @@ def test_fd_cache_eviction_and_delete_under_reader(tmp_path: Path) -> None:
 
 def test_update_labels_and_iteration(store: ChunkStore, monkeypatch: pytest.MonkeyPatch) -> None:
     digests = sorted(commit(store, f"r{i}", f"blob {i}".encode()) for i in range(7))
-    monkeypatch.setattr(chunkstore, "LIST_BATCH", 3)
+    monkeypatch.setattr(blobsmod, "LIST_BATCH", 3)
     assert [r.digest for r in store.iter_blobs()] == digests
     rec = store.update_labels(digests[0], {"a": "1", "b": "2"}, replace_all=True)
     assert rec.labels == {"a": "1", "b": "2"}
@@ -253,7 +256,7 @@ def test_crash_after_rename_before_record_adopts_blob(store: ChunkStore, blob: b
     def crash(*args: object) -> None:
         raise Crash()
 
-    monkeypatch.setattr(chunkstore, "_commit_record", crash)
+    monkeypatch.setattr(commitmod, "commit_record", crash)
     with pytest.raises(Crash):
         commit(store, "r", blob, lost="label")
     monkeypatch.undo()
@@ -274,7 +277,7 @@ def test_crash_before_rename_leaves_resumable_ingest(store: ChunkStore, blob: by
     def crash(*args: object) -> None:
         raise Crash()
 
-    monkeypatch.setattr(chunkstore.os, "rename", crash)
+    monkeypatch.setattr(commitmod.os, "rename", crash)
     with pytest.raises(Crash):
         commit(store, "r", blob)
     monkeypatch.undo()
@@ -295,7 +298,7 @@ def test_crash_before_ingest_cleanup(store: ChunkStore, monkeypatch: pytest.Monk
     with pytest.raises(Crash):
         writer.commit(4, sha(b"data"))
     monkeypatch.undo()
-    assert (store.ingest_dir / ingest.ingest_key("r")).exists()
+    assert (store.ingest_dir / ingest_key("r")).exists()
     store = restart(store)
     assert list(store.ingest_dir.iterdir()) == []
     assert store.read(sha(b"data"), 0, 4) == b"data"
@@ -309,7 +312,7 @@ def test_crash_in_delete_between_unlink_and_record(store: ChunkStore,
     def crash(*args: object) -> bool:
         raise Crash()
 
-    monkeypatch.setattr(chunkstore, "_drop_record", crash)
+    monkeypatch.setattr(commitmod, "drop_record", crash)
     with pytest.raises(Crash):
         store.delete(digest)
     monkeypatch.undo()
@@ -349,10 +352,10 @@ def test_recover_drops_record_without_file(store: ChunkStore) -> None:
 def test_recover_reconciles_ingests(store: ChunkStore) -> None:
     write_all(store, "kept", b"abc").close()
     write_all(store, "no-data", b"abc").close()
-    (store.ingest_dir / ingest.ingest_key("no-data") / "data").unlink()
+    (store.ingest_dir / ingest_key("no-data") / "data").unlink()
     stray = store.ingest_dir / "stray"
     stray.mkdir()
     store = restart(store)
     assert [s.ref for s in store.ingests.list()] == ["kept"]
-    assert sorted(p.name for p in store.ingest_dir.iterdir()) == [ingest.ingest_key("kept")]
+    assert sorted(p.name for p in store.ingest_dir.iterdir()) == [ingest_key("kept")]
     shutdown(store)

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from kernel.store import chunkstore, partial
+from kernel.store import blobs as blobsmod
+from kernel.store import commit as commitmod
+from kernel.store import partial, schema
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from kernel.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
@@ -158,7 +160,7 @@ def test_partials_interleaved_with_complete_blobs_in_listing(store: ChunkStore,
             w = store.ingests.open(f"r{i}", len(data))
             w.write_at(0, data)
             complete.append(w.commit(len(data), sha(data)))
-    monkeypatch.setattr(chunkstore, "LIST_BATCH", 1)
+    monkeypatch.setattr(blobsmod, "LIST_BATCH", 1)
     assert [r.digest for r in store.iter_blobs()] == sorted(complete)
     assert sorted(r.digest for r in store.partials.records()) == sorted(
         sha(f"blob {i}".encode()) for i in (1, 3, 5))
@@ -260,7 +262,7 @@ def test_late_table_keeps_agreeing_chunks(store: ChunkStore, blob: bytes) -> Non
     assert store.partials.set_hashes(digest, table(blob)) == []
     assert store.partials.missing(digest) == [1, 3, 4]
     assert store.partials.set_hashes(digest, table(blob)) == []  # the same table again: no-op
-    assert sorted(chunk_keys(store, digest)) == [digest.encode(), chunkstore.present_key(digest)]
+    assert sorted(chunk_keys(store, digest)) == [digest.encode(), schema.present_key(digest)]
     # from now on chunks are checked against it
     with pytest.raises(ChunkCorrupt):
         store.partials.put_chunk(digest, 1, os.urandom(CHUNK))
@@ -530,7 +532,7 @@ def test_recover_clears_bits_over_bad_data(store: ChunkStore, blob: bytes) -> No
     store = restart(store)
     assert store.partials.missing(with_table) == [1, 3, 4, 5]
     assert store.partials.missing(without) == [1, 3, 4, 5]
-    assert chunkstore.seen_key(without, 1) not in chunk_keys(store, without)
+    assert schema.seen_key(without, 1) not in chunk_keys(store, without)
     shutdown(store)
 
 
@@ -555,7 +557,7 @@ def test_crash_after_promotion_rename_adopts_blob(store: ChunkStore, blob: bytes
     digest = sha(blob)
     store.partials.claim(digest, len(blob), MEDIA, SOURCE)
     fill(store, blob)
-    monkeypatch.setattr(chunkstore, "_commit_record", crash)
+    monkeypatch.setattr(commitmod, "commit_record", crash)
     with pytest.raises(Crash):
         store.partials.complete(digest, {"k": "v"})
     monkeypatch.undo()
