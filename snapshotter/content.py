@@ -53,7 +53,7 @@ NotFound. Delete, Update and Walk see local blobs only.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -209,7 +209,7 @@ class ContentStore:
 
     async def read(
         self, digest: str, offset: int = 0, size: int = 0, piece: int = READ_PIECE
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         try:
             handle = self.chunks.open_blob(digest)
         except NotFound:
