@@ -25,7 +25,10 @@ import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
 REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
@@ -69,7 +72,7 @@ class LayerSource(Protocol):
 
 def wants_layer(labels: Mapping[str, str] | None) -> bool:
     """Whether a Prepare asks for a specific layer's snapshot (the handshake's labels are there)."""
-    return bool(labels) and REF_LABEL in labels and LAYER_DIGEST_LABEL in labels  # type: ignore[operator]
+    return labels is not None and REF_LABEL in labels and LAYER_DIGEST_LABEL in labels
 
 
 def upcoming(labels: Mapping[str, str]) -> list[str]:
@@ -111,17 +114,18 @@ class BlobReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer)  # a bytearray or memoryview from io's read()
         size = self._layer.size
-        if self._pos >= size or not len(buffer):
+        if self._pos >= size or not len(view):
             return 0
-        end = min(size, self._pos + len(buffer), (self._pos // self._piece + 1) * self._piece)
+        end = min(size, self._pos + len(view), (self._pos // self._piece + 1) * self._piece)
         future = asyncio.run_coroutine_threadsafe(
             self._source.read(self._layer.digest, self._pos, end - self._pos), self._loop
         )
         data = future.result()
         if len(data) != end - self._pos:
             raise OSError(f"layer {self._layer.digest}: short read at {self._pos}")
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         self._pos = end
         return len(data)
