@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -77,9 +78,9 @@ class DaemonLayers:
             if download is None:
                 continue  # here already
             self._active.add(digest)
-            download.task.add_done_callback(lambda _task, d=digest: self._finished(d))
+            download.task.add_done_callback(functools.partial(self._finished, digest))
 
-    def _finished(self, digest: str) -> None:
+    def _finished(self, digest: str, _task: asyncio.Task[None]) -> None:
         self._active.discard(digest)
         self._pump()
 
