@@ -50,6 +50,6 @@ async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
         await context.abort(code_for(exc), str(exc))
     except (grpc.aio.AbortError, GeneratorExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - last line of defence for one RPC
+    except Exception as exc:  # last line of defence for one RPC
         log.exception("rpc failed", method=method)
         await context.abort(grpc.StatusCode.UNKNOWN, f"{method}: internal error: {exc}")

@@ -47,7 +47,7 @@ def bcrypt_hash(password: str, cost: int = BCRYPT_COST) -> str:
         return str(bcrypt.hashpw(password.encode(), bcrypt.gensalt(rounds=cost)).decode())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import crypt  # noqa: PLC0415 - deprecated module, imported only as the fallback
+        import crypt  # deprecated module, imported only as the fallback
     hashed = crypt.crypt(password, crypt.mksalt(crypt.METHOD_BLOWFISH, rounds=2**cost))
     if not hashed or not hashed.startswith("$2"):
         raise RuntimeError("no bcrypt implementation: pip install bcrypt")

@@ -170,7 +170,7 @@ def run_scenario(
             rec.pull_s, rec.done_at_s = now - started, now - t0
             system.run_check(i, timeout=max(1.0, min(120.0, deadline - now)))
             rec.runnable_at_s = time.monotonic() - t0
-        except Exception as exc:  # noqa: BLE001 - recorded per node
+        except Exception as exc:  # recorded per node
             rec.error = f"{type(exc).__name__}: {str(exc)[:800]}"
 
     def vary_job() -> None:

@@ -167,7 +167,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:  # stdlib signature
             pass
 
         def _answer(self, status: int, body: dict[str, object], extra: dict[str, str] | None = None) -> None:
@@ -180,7 +180,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        def do_GET(self) -> None:  # stdlib naming
             url = urlsplit(self.path)
             query = parse_qs(url.query)
             scopes = [s for value in query.get("scope", []) for s in value.split()]
