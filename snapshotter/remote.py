@@ -49,24 +49,42 @@ class Layer:
 
 
 class LayerSource(Protocol):
-    """Where the snapshotter gets layer blobs from (the daemon's store and download engine)."""
+    """Where the snapshotter gets layer blobs from (the daemon's store and download engine).
+
+    Why a seam: the snapshotter is on the containerd side, which never imports the network side
+    (ARCHITECTURE.md). It says here what the handshake needs, and `peersync.layers` adapts the
+    content store and download engine to it; tests plug in a fake.
+    """
 
     async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
         """The layer snapshot `target` is made of, verified against the image's manifest and
-        config (the chain ID must match); None if it cannot be provided here."""
+        config (the chain ID must match); None if it cannot be provided here.
+
+        The check is what makes answering AlreadyExists safe: containerd then trusts the
+        committed snapshot to be `target` and never looks at the layer. None is always safe:
+        containerd fetches and applies the layer as it would without us."""
         ...
 
     def prefetch(self, digests: Sequence[str]) -> None:
         """Download these blobs in the background, in this order (best effort): the next layers
-        keep arriving while earlier ones are unpacked."""
+        keep arriving while earlier ones are unpacked.
+
+        containerd prepares an image's layers one after another, each only once the one below
+        is committed; without this, each download would start only when its turn came."""
         ...
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a described blob, waiting until they have arrived."""
+        """Bytes [offset, offset+size) of a described blob, waiting until they have arrived.
+
+        Waiting, not failing, is what lets a layer be unpacked while it downloads (`BlobReader`
+        reads it chunk by chunk from the unpacking thread)."""
         ...
 
     async def release(self, digest: str) -> None:
-        """The last snapshot unpacked from `digest` is gone."""
+        """The last snapshot unpacked from `digest` is gone.
+
+        containerd never fetched such a blob, so its GC will not delete it for us: the source
+        decides whether the blob is still needed (containerd may have taken it since)."""
         ...
 
 
