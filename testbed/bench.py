@@ -265,7 +265,9 @@ class Origin:
 # ---------------------------------------------------------------------------------------------------
 
 
-def measure_unpack(image: Any, check_cmd: list[str], origin: Origin, work: Path, rounds: int = 2) -> dict:
+def measure_unpack(
+    image: Any, check_cmd: list[str], origin: Origin, work: Path, rounds: int = 2
+) -> dict[str, Any]:
     """Unpack time of the image on one idle node from already-fetched content (builtin overlayfs).
 
     One node, unshaped link: pull once (fetch + unpack), then drop the unpacked snapshots but keep the
@@ -274,7 +276,7 @@ def measure_unpack(image: Any, check_cmd: list[str], origin: Origin, work: Path,
     from .netns import Site
 
     out: dict[str, Any] = {}
-    with Site(nodes=1, uplink_mbit=None, workdir=work) as site:  # type: ignore[arg-type]
+    with Site(nodes=1, uplink_mbit=None, workdir=work) as site:
         ref = origin.start(site)
         ctrd = site.nodes[0].start_containerd()
         t = time.monotonic()

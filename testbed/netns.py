@@ -400,7 +400,7 @@ class Site:
     def __init__(
         self,
         nodes: int = 3,
-        uplink_mbit: float = 100.0,
+        uplink_mbit: float | None = 100.0,
         lan_mbit: float | None = None,
         burst_bytes: int | None = None,
         latency_ms: float = 50.0,
@@ -419,7 +419,7 @@ class Site:
             raise ValueError(f"prefix {prefix!r}: lowercase letters and digits, starting with a letter")
         self.prefix = prefix or f"{AUTO_PREFIX_FAMILY}{os.getpid()}x{next(_counter)}"
         self.node_count = nodes
-        self.uplink_mbit = uplink_mbit
+        self.uplink_mbit = uplink_mbit or 0.0  # 0: unshaped, as set_uplink keeps it
         self.lan_mbit = lan_mbit
         self.burst_bytes = burst_bytes
         self.latency_ms = latency_ms

@@ -40,7 +40,7 @@ def bcrypt_hash(password: str, cost: int = BCRYPT_COST) -> str:
     3.13, hence the preference order; no apache2-utils `htpasswd` binary is needed either way.
     """
     try:
-        import bcrypt  # type: ignore[import-not-found]
+        import bcrypt  # type: ignore[import-not-found]  # optional, in no dependency list: crypt below
     except ImportError:
         bcrypt = None
     if bcrypt is not None:

@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
@@ -200,7 +201,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             server.record(TokenRequest(user, tuple(scopes), 200))
             self._answer(200, server.issue(user, scopes))
 
-        def _user(self) -> str | None | bool:
+        def _user(self) -> str | None | Literal[False]:
             """The authenticated user, None for anonymous, False for bad credentials."""
             header = self.headers.get("Authorization")
             if header is None:

@@ -1,5 +1,5 @@
-"""mypy over the product packages, as `[tool.mypy]` in pyproject.toml configures it: a type error
-anywhere in them fails the suite. The incremental cache lives in the repo's (gitignored)
+"""mypy over the product packages and the testbed, as `[tool.mypy]` in pyproject.toml configures
+it: a type error anywhere in them fails the suite. The incremental cache lives in the repo's (gitignored)
 `.mypy_cache/`, so a rerun checks only what changed."""
 
 from __future__ import annotations
