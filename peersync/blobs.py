@@ -25,9 +25,9 @@ class LazyBlobs:
     async def stat(self, digest: str) -> int | None:
         """The engine's size for a blob being filled or catalogued, and its download started.
 
-        Answering a size tells containerd it will not fetch the blob itself (the skip signal), so
-        the download must happen even if nothing reads the blob soon: starting it here, at
-        containerd's first Info, also gets its chunks arriving before the first Read."""
+        A size is the skip signal: containerd will not fetch the blob itself, so the daemon must
+        complete it even if nothing reads it soon. Starting the download here, at containerd's
+        first Info, also gets its chunks arriving before the first Read."""
         size = self.engine.known_size(digest)
         if size is not None:
             self.engine.ensure(digest)  # claimed blobs are always completed in the background
