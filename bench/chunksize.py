@@ -22,9 +22,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kernel.store import commit  # noqa: E402
-from kernel.store.chunkstore import ChunkStore  # noqa: E402
-from kernel.store.meta import Meta  # noqa: E402
+from kernel.store import commit
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
 
 KIB, MIB = 1024, 1024 * 1024
 SIZES = [256 * KIB, 1 * MIB, 4 * MIB]

@@ -49,11 +49,11 @@ def serve(kind: str, sock: str, blob: str, loop_kind: str) -> None:
     response = content_pb2.ReadContentResponse
 
     class Content(content_pb2_grpc.ContentServicer):
-        async def Read(self, request, context):  # noqa: N802 - gRPC method name
+        async def Read(self, request, context):  # gRPC method name
             yield response(offset=request.offset, data=os.pread(fd, request.size, request.offset))
 
     class ThreadedContent(content_pb2_grpc.ContentServicer):
-        async def Read(self, request, context):  # noqa: N802
+        async def Read(self, request, context):
             data = await asyncio.to_thread(os.pread, fd, request.size, request.offset)
             yield response(offset=request.offset, data=data)
 
@@ -146,7 +146,7 @@ def measure(kind: str, loop_kind: str, blob: str, n: int, size: int, tmp: str) -
             srv.stdin.write("stop\n")
             srv.stdin.flush()
             srv.wait(10)
-        except Exception:  # noqa: BLE001
+        except Exception:
             srv.kill()
     return {
         "server_us": (s1 - s0) / n * 1e6,

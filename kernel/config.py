@@ -11,9 +11,14 @@ import dataclasses
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from kernel.errors import InvalidArgument
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_D = TypeVar("_D", bound="DataclassInstance")
 
 MIB = 1 << 20
 
@@ -150,7 +155,7 @@ def load(path: Path | None) -> Config:
     return _build(Config, data, where=str(path))
 
 
-def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+def _build(cls: type[_D], data: dict[str, Any], where: str) -> _D:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
@@ -164,7 +169,7 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
 
 def _convert(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-    if dataclasses.is_dataclass(default):
+    if dataclasses.is_dataclass(default) and not isinstance(default, type):  # a nested table
         if not isinstance(value, dict):
             raise InvalidArgument(f"{where} must be a table")
         return _build(type(default), value, where)
@@ -198,7 +203,8 @@ def _auth_table(value: Any, where: str) -> dict[str, dict[str, str]]:
     )
     if not ok:
         raise InvalidArgument(f'{where} must map registry hosts to {{username = "...", password = "..."}}')
-    return value
+    table: dict[str, dict[str, str]] = value  # checked just above
+    return table
 
 
 def _validate(config: Any, where: str) -> None:

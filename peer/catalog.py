@@ -52,7 +52,7 @@ class Catalog:
             raw = txn.get(digest.encode(), db=self._db)
         if raw is None:
             return None
-        v = loads(raw)
+        v = loads(bytes(raw))  # a bytes object already; bytes() narrows lmdb's bytes | memoryview
         return Source(digest, int(v["size"]), v.get("media_type", ""), v["registry"], v["repository"])
 
     def forget(self, digest: str) -> None:

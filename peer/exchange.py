@@ -28,6 +28,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiohttp
 import structlog
@@ -63,7 +64,7 @@ class BlobView:
         return self.complete or bool(index // 8 < len(self.have) and self.have[index // 8] >> (index % 8) & 1)
 
     @classmethod
-    def from_json(cls, obj: dict) -> BlobView:
+    def from_json(cls, obj: dict[str, Any]) -> BlobView:
         return cls(
             obj["digest"],
             int(obj["size"]),
@@ -79,7 +80,7 @@ class BlobView:
 Fetching = Callable[[str], list[int]]
 
 
-def _view(store: ChunkStore, digest: str, fetching: Fetching | None = None) -> dict | None:
+def _view(store: ChunkStore, digest: str, fetching: Fetching | None = None) -> dict[str, Any] | None:
     """The JSON view of `digest`, or None if this node holds none of it."""
     try:
         rec = store.partials.record(digest)
@@ -202,7 +203,7 @@ class PeerClient:
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
         body = await self._request(
-            "POST", f"{peer}{PREFIX}/have", json={"digests": digests}, timeout=HAVE_TIMEOUT
+            "POST", f"{peer}{PREFIX}/have", body={"digests": digests}, timeout=HAVE_TIMEOUT
         )
         return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
 
@@ -228,10 +229,11 @@ class PeerClient:
             raise PeerError(f"{peer}: {len(data)} bytes for a {length}-byte chunk of {digest}")
         return data, bytes.fromhex(claim) if claim else None
 
-    async def _request(self, method: str, url: str, timeout: float | None = None, **kw: object) -> bytes:
+    async def _request(self, method: str, url: str, timeout: float | None = None, body: Any = None) -> bytes:
+        """The response body of a 200 (`body`, if any, is sent as JSON)."""
         t = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0) if timeout else self._timeout
         try:
-            async with self._session.request(method, url, timeout=t, **kw) as resp:  # type: ignore[arg-type]
+            async with self._session.request(method, url, timeout=t, json=body) as resp:
                 if resp.status == 404:
                     raise NotFound(f"{url}: not found")
                 if resp.status != 200:

@@ -14,16 +14,26 @@ from peer.engine import Engine
 
 
 class LazyBlobs:
-    """A `BlobSource` (see snapshotter/content.py) backed by the download engine."""
+    """A `BlobSource` (see snapshotter/content.py) backed by the download engine.
+
+    The content store cannot import the engine (the two sides never import each other), so the
+    daemon assembly hands it this: the engine's own calls under the names the store asks for."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
     async def stat(self, digest: str) -> int | None:
+        """The engine's size for a blob being filled or catalogued, and its download started.
+
+        A size is the skip signal: containerd will not fetch the blob itself, so the daemon must
+        complete it even if nothing reads it soon. Starting the download here, at containerd's
+        first Info, also gets its chunks arriving before the first Read."""
         size = self.engine.known_size(digest)
         if size is not None:
             self.engine.ensure(digest)  # claimed blobs are always completed in the background
         return size
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
+        """The engine's read: it waits, ahead of the background order, for the chunks the range
+        needs and returns them verified, which is what the content store must hand containerd."""
         return await self.engine.read(digest, offset, size)

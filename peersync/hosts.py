@@ -96,7 +96,7 @@ def remove(registry: str, hosts_dir: Path = DEFAULT_DIR) -> Change:
 
 def managed(hosts_dir: Path = DEFAULT_DIR) -> list[str]:
     """The registries whose hosts.toml holds our block (for `remove --all`)."""
-    out = []
+    out: list[str] = []
     if not hosts_dir.is_dir():
         return out
     for entry in sorted(hosts_dir.iterdir()):

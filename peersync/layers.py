@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -33,7 +34,11 @@ PREFETCH_CONCURRENT = 2  # layer downloads at once: the uplink stays busy, the n
 
 
 class DaemonLayers:
-    """Layers for the snapshotter, from this node's store and the download engine."""
+    """Layers for the snapshotter, from this node's store and the download engine.
+
+    The snapshotter cannot import the network side, so the daemon assembly hands it this. It
+    goes through the content store rather than the engine alone because the manifest and config
+    it checks may be local or lazy blobs, and the content store serves both."""
 
     def __init__(self, content: ContentStore, engine: Engine, holds: Holds) -> None:
         self.content = content
@@ -43,6 +48,11 @@ class DaemonLayers:
         self._active: set[str] = set()  # layers downloading because we asked
 
     async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
+        """The verified layer `target` is made of, or None (logged) for containerd to unpack.
+
+        A blob that is not here yet is held from this moment: containerd will never fetch it, so
+        without the hold its GC would delete it under the snapshot made from it. A blob with no
+        known source is refused up front: the unpack could not read it."""
         digest = labels[remote.LAYER_DIGEST_LABEL]
         manifest_digest = labels.get(remote.MANIFEST_LABEL, "")
         try:
@@ -77,17 +87,22 @@ class DaemonLayers:
             if download is None:
                 continue  # here already
             self._active.add(digest)
-            download.task.add_done_callback(lambda _task, d=digest: self._finished(d))
+            download.task.add_done_callback(functools.partial(self._finished, digest))
 
-    def _finished(self, digest: str) -> None:
+    def _finished(self, digest: str, _task: asyncio.Task[None]) -> None:
         self._active.discard(digest)
         self._pump()
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
+        """Bytes of the layer through the content store, which reads a complete blob from disk
+        and a partial one through the engine, waiting for its chunks. BlobReader asks for at most
+        one chunk, which the store yields as one piece: the join is rarely needed."""
         parts = [data async for _, data in self.content.read(digest, offset, size)]
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def release(self, digest: str) -> None:
+        """Delete the blob if it is still held: nothing else would (containerd's GC never knew
+        it). One that containerd adopted since is containerd's to delete, and stays."""
         if not self.holds.release(digest):
             return  # containerd adopted it: its GC decides
         with contextlib.suppress(NotFound):

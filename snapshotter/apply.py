@@ -37,7 +37,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import zstandard
 
@@ -72,6 +72,13 @@ _ENVIRONMENT_ERRNOS = {
 }  # fmt: skip
 
 
+class Reader(Protocol):
+    """What a layer is read from: any binary file object (a file, `remote.BlobReader`). Only
+    `read(n)` is called; None (a raw stream with nothing ready) counts as the end, as b"" does."""
+
+    def read(self, n: int, /) -> bytes | None: ...
+
+
 @dataclass(frozen=True)
 class Applied:
     diff_id: str  # "sha256:<hex>" of the whole uncompressed tar stream (read to EOF)
@@ -79,7 +86,7 @@ class Applied:
 
 
 def apply_layer(
-    reader: BinaryIO,
+    reader: Reader,
     media_type: str,
     upper: Path,
     parents: Sequence[Path] = (),
@@ -127,7 +134,7 @@ class _SourceError(Exception):
         self.error = error
 
 
-def _checked_reads(reader: BinaryIO) -> Callable[[int], bytes]:
+def _checked_reads(reader: Reader) -> Callable[[int], bytes]:
     def read(n: int) -> bytes:
         try:
             return reader.read(n) or b""
@@ -198,7 +205,8 @@ def _unzstd(read: Callable[[int], bytes], head: bytes) -> Iterator[bytes]:
     """Every zstd frame to the end; a frame cut short is an error (python-zstandard hides it)."""
     source = _ZstdSource(read, head)
     dctx = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW)
-    reader = dctx.stream_reader(source, read_size=GZIP_INPUT, read_across_frames=True)
+    # zstandard only calls source.read(n); its stubs ask for a whole IO[bytes].
+    reader = dctx.stream_reader(source, read_size=GZIP_INPUT, read_across_frames=True)  # type: ignore[arg-type]
     try:
         while out := reader.read(CHUNK):
             yield out
@@ -429,12 +437,25 @@ class _Header:
         "name", "linkname", "typeflag", "mode", "uid", "gid", "size", "mtime", "atime",
         "devmajor", "devminor", "pax", "sparse",
     )  # fmt: skip
+    name: bytes
+    linkname: bytes
+    typeflag: int  # one byte of the header (REG, DIR, ...)
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime: int
+    atime: int | None
+    devmajor: int
+    devminor: int
+    pax: dict[bytes, bytes]
+    sparse: list[tuple[int, int]] | None
 
     def __init__(self) -> None:
-        self.atime: int | None = None  # Go's zero time: not in the header
+        self.atime = None  # Go's zero time: not in the header
         self.devmajor = self.devminor = 0
-        self.pax: dict[bytes, bytes] = {}
-        self.sparse: list[tuple[int, int]] | None = None  # (offset, length) data fragments
+        self.pax = {}
+        self.sparse = None  # (offset, length) data fragments
 
 
 class _TarReader:

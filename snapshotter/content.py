@@ -43,17 +43,18 @@ Ingests
   Unavailable (containerd's GC retries later). `list_statuses(filters)` over the fields `ref`,
   `expected`, `offset`, `total`.
 
-BlobSource (the seam for the peer network, a later issue). A ContentStore may be given a
-`source`: Info and Read consult it for blobs that are not present locally, so a blob can be
-served lazily, chunk by chunk, from peers (containerd then never opens a writer for it, see
-../shared/containerd-api.md, "the skip signal on pull"). Without a source such blobs are
-NotFound. Delete, Update and Walk see local blobs only.
+BlobSource (the seam for the peer network; `peersync.blobs.LazyBlobs` implements it over the
+download engine). A ContentStore may be given a `source`: Info and Read consult it for blobs
+that are not present locally, so a blob can be served lazily, chunk by chunk, from peers
+(containerd then never opens a writer for it, see ../shared/containerd-api.md, "the skip signal
+on pull"). Without a source such blobs are NotFound. Delete, Update and Walk see local blobs
+only.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -86,6 +87,10 @@ class Info:
 class BlobSource(Protocol):
     """Blobs this node does not hold but can obtain (from peers or the origin), consumer side.
 
+    Why a seam: the content store is on the containerd side, which never imports the network side
+    (ARCHITECTURE.md). It states here the little it needs to serve a blob lazily, and the daemon
+    assembly adapts the download engine to it; the conformance suite plugs in a fake instead.
+
     Contract: `stat` is cheap and answers only for blobs the source can actually deliver;
     `read` returns exactly the requested bytes, verified against the chunk hashes before they are
     returned, or raises a PeerSyncError (NotFound if the blob became unavailable, Unavailable for
@@ -99,11 +104,20 @@ class BlobSource(Protocol):
     """
 
     async def stat(self, digest: str) -> int | None:
-        """The blob's size if this source can supply it, else None."""
+        """The blob's size if this source can supply it, else None.
+
+        Info answers with it, and on that answer containerd opens no writer and downloads
+        nothing: every later byte comes through Read. So a size given for a blob that cannot be
+        delivered fails the pull where containerd would otherwise have fetched the blob itself.
+        A pull asks Info for each blob before fetching it, so this must be cheap."""
         ...
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of the blob, which `stat` said it can supply."""
+        """Bytes [offset, offset+size) of the blob, which `stat` said it can supply.
+
+        They must already be verified against the chunk hashes: the content store passes them
+        to containerd as they are, so a bad chunk from a peer has to be caught before this
+        returns."""
         ...
 
 
@@ -210,7 +224,7 @@ class ContentStore:
 
     async def read(
         self, digest: str, offset: int = 0, size: int = 0, piece: int = READ_PIECE
-    ) -> AsyncIterator[tuple[int, bytes]]:
+    ) -> AsyncGenerator[tuple[int, bytes], None]:
         try:
             handle = self.chunks.open_blob(digest)
         except NotFound:

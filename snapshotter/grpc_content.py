@@ -20,6 +20,8 @@ from snapshotter.grpcerrors import translate
 
 LIST_BATCH = 100  # Info messages per List response
 
+_Context = grpc.aio.ServicerContext  # typed with each method's [request, response] messages
+
 
 class ContentServicer(content_pb2_grpc.ContentServicer):
     """Serves one ContentStore. `read_message_size` caps the data of one Read response."""
@@ -28,20 +30,29 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
         self._store = store
         self._piece = read_message_size
 
-    async def Info(self, request: content_pb2.InfoRequest,
-                   context: grpc.aio.ServicerContext) -> content_pb2.InfoResponse:
+    async def Info(
+        self,
+        request: content_pb2.InfoRequest,
+        context: _Context[content_pb2.InfoRequest, content_pb2.InfoResponse],
+    ) -> content_pb2.InfoResponse:
         async with translate(context, "Info"):
             return content_pb2.InfoResponse(info=info_pb(await self._store.info(request.digest)))
 
-    async def Update(self, request: content_pb2.UpdateRequest,
-                     context: grpc.aio.ServicerContext) -> content_pb2.UpdateResponse:
+    async def Update(
+        self,
+        request: content_pb2.UpdateRequest,
+        context: _Context[content_pb2.UpdateRequest, content_pb2.UpdateResponse],
+    ) -> content_pb2.UpdateResponse:
         async with translate(context, "Update"):
             info = Info(request.info.digest, labels=dict(request.info.labels))
             updated = await self._store.update(info, list(request.update_mask.paths))
             return content_pb2.UpdateResponse(info=info_pb(updated))
 
-    async def List(self, request: content_pb2.ListContentRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[content_pb2.ListContentResponse]:
+    async def List(
+        self,
+        request: content_pb2.ListContentRequest,
+        context: _Context[content_pb2.ListContentRequest, content_pb2.ListContentResponse],
+    ) -> AsyncIterator[content_pb2.ListContentResponse]:
         async with translate(context, "List"):
             batch: list[content_pb2.Info] = []
             async for info in self._store.walk(list(request.filters)):
@@ -52,14 +63,20 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
             if batch:
                 yield content_pb2.ListContentResponse(info=batch)
 
-    async def Delete(self, request: content_pb2.DeleteContentRequest,
-                     context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def Delete(
+        self,
+        request: content_pb2.DeleteContentRequest,
+        context: _Context[content_pb2.DeleteContentRequest, empty_pb2.Empty],
+    ) -> empty_pb2.Empty:
         async with translate(context, "Delete"):
             await self._store.delete(request.digest)
             return empty_pb2.Empty()
 
-    async def Read(self, request: content_pb2.ReadContentRequest,
-                   context: grpc.aio.ServicerContext) -> AsyncIterator[content_pb2.ReadContentResponse]:
+    async def Read(
+        self,
+        request: content_pb2.ReadContentRequest,
+        context: _Context[content_pb2.ReadContentRequest, content_pb2.ReadContentResponse],
+    ) -> AsyncIterator[content_pb2.ReadContentResponse]:
         once = self._store.read_once(request.digest, request.offset, request.size, self._piece)
         if once is not None:  # containerd's unpack: thousands of sequential 32 KiB reads
             yield content_pb2.ReadContentResponse(offset=once[0], data=once[1])
@@ -70,25 +87,37 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
                 async for offset, data in pieces:
                     yield content_pb2.ReadContentResponse(offset=offset, data=data)
 
-    async def Status(self, request: content_pb2.StatusRequest,
-                     context: grpc.aio.ServicerContext) -> content_pb2.StatusResponse:
+    async def Status(
+        self,
+        request: content_pb2.StatusRequest,
+        context: _Context[content_pb2.StatusRequest, content_pb2.StatusResponse],
+    ) -> content_pb2.StatusResponse:
         async with translate(context, "Status"):
             return content_pb2.StatusResponse(status=status_pb(await self._store.status(request.ref)))
 
-    async def ListStatuses(self, request: content_pb2.ListStatusesRequest,
-                           context: grpc.aio.ServicerContext) -> content_pb2.ListStatusesResponse:
+    async def ListStatuses(
+        self,
+        request: content_pb2.ListStatusesRequest,
+        context: _Context[content_pb2.ListStatusesRequest, content_pb2.ListStatusesResponse],
+    ) -> content_pb2.ListStatusesResponse:
         async with translate(context, "ListStatuses"):
             statuses = await self._store.list_statuses(list(request.filters))
             return content_pb2.ListStatusesResponse(statuses=[status_pb(st) for st in statuses])
 
-    async def Abort(self, request: content_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> empty_pb2.Empty:
+    async def Abort(
+        self,
+        request: content_pb2.AbortRequest,
+        context: _Context[content_pb2.AbortRequest, empty_pb2.Empty],
+    ) -> empty_pb2.Empty:
         async with translate(context, "Abort"):
             await self._store.abort(request.ref)
             return empty_pb2.Empty()
 
-    async def Write(self, request_iterator: AsyncIterator[content_pb2.WriteContentRequest],
-                    context: grpc.aio.ServicerContext) -> AsyncIterator[content_pb2.WriteContentResponse]:
+    async def Write(
+        self,
+        request_iterator: AsyncIterator[content_pb2.WriteContentRequest],
+        context: _Context[content_pb2.WriteContentRequest, content_pb2.WriteContentResponse],
+    ) -> AsyncIterator[content_pb2.WriteContentResponse]:
         async with translate(context, "Write"):
             requests = aiter(request_iterator)
             request = await anext(requests, None)
@@ -134,7 +163,9 @@ class _WriteSession:
             raise InvalidArgument(f"unknown write action {req.action}")
         return self._response(req.action, digest or self._writer.digest())
 
-    def _response(self, action: int, digest: str) -> content_pb2.WriteContentResponse:
+    def _response(
+        self, action: content_pb2.WriteAction.ValueType, digest: str
+    ) -> content_pb2.WriteContentResponse:
         st = self._writer.status()
         return content_pb2.WriteContentResponse(
             action=action, started_at=timestamp(st.started_ns), updated_at=timestamp(st.updated_ns),

@@ -24,7 +24,7 @@ __all__ = ["SnapshotsServicer", "info_to_proto", "info_from_proto", "mounts_to_p
 
 LIST_BATCH = 100  # Info messages per List response
 
-_Context = grpc.aio.ServicerContext
+_Context = grpc.aio.ServicerContext  # typed with each method's [request, response] messages
 
 
 class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
@@ -35,49 +35,63 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
         self.list_batch = max(1, list_batch)
 
     async def Prepare(
-        self, request: snapshots_pb2.PrepareSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.PrepareSnapshotRequest,
+        context: _Context[snapshots_pb2.PrepareSnapshotRequest, snapshots_pb2.PrepareSnapshotResponse],
     ) -> snapshots_pb2.PrepareSnapshotResponse:
         async with translate(context, "Prepare"):
             mounts = await self.snapshotter.prepare(request.key, request.parent, dict(request.labels))
             return snapshots_pb2.PrepareSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     async def View(
-        self, request: snapshots_pb2.ViewSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.ViewSnapshotRequest,
+        context: _Context[snapshots_pb2.ViewSnapshotRequest, snapshots_pb2.ViewSnapshotResponse],
     ) -> snapshots_pb2.ViewSnapshotResponse:
         async with translate(context, "View"):
             mounts = await self.snapshotter.view(request.key, request.parent, dict(request.labels))
             return snapshots_pb2.ViewSnapshotResponse(mounts=mounts_to_proto(mounts))
 
     async def Mounts(
-        self, request: snapshots_pb2.MountsRequest, context: _Context
+        self,
+        request: snapshots_pb2.MountsRequest,
+        context: _Context[snapshots_pb2.MountsRequest, snapshots_pb2.MountsResponse],
     ) -> snapshots_pb2.MountsResponse:
         async with translate(context, "Mounts"):
             mounts = await self.snapshotter.mounts(request.key)
             return snapshots_pb2.MountsResponse(mounts=mounts_to_proto(mounts))
 
     async def Commit(
-        self, request: snapshots_pb2.CommitSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.CommitSnapshotRequest,
+        context: _Context[snapshots_pb2.CommitSnapshotRequest, empty_pb2.Empty],
     ) -> empty_pb2.Empty:
         async with translate(context, "Commit"):
             await self.snapshotter.commit(request.name, request.key, dict(request.labels))
             return empty_pb2.Empty()
 
     async def Remove(
-        self, request: snapshots_pb2.RemoveSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.RemoveSnapshotRequest,
+        context: _Context[snapshots_pb2.RemoveSnapshotRequest, empty_pb2.Empty],
     ) -> empty_pb2.Empty:
         async with translate(context, "Remove"):
             await self.snapshotter.remove(request.key)
             return empty_pb2.Empty()
 
     async def Stat(
-        self, request: snapshots_pb2.StatSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.StatSnapshotRequest,
+        context: _Context[snapshots_pb2.StatSnapshotRequest, snapshots_pb2.StatSnapshotResponse],
     ) -> snapshots_pb2.StatSnapshotResponse:
         async with translate(context, "Stat"):
             info = await self.snapshotter.stat(request.key)
             return snapshots_pb2.StatSnapshotResponse(info=info_to_proto(info))
 
     async def Update(
-        self, request: snapshots_pb2.UpdateSnapshotRequest, context: _Context
+        self,
+        request: snapshots_pb2.UpdateSnapshotRequest,
+        context: _Context[snapshots_pb2.UpdateSnapshotRequest, snapshots_pb2.UpdateSnapshotResponse],
     ) -> snapshots_pb2.UpdateSnapshotResponse:
         async with translate(context, "Update"):
             paths = list(request.update_mask.paths) if request.HasField("update_mask") else []
@@ -85,7 +99,9 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
             return snapshots_pb2.UpdateSnapshotResponse(info=info_to_proto(info))
 
     async def List(
-        self, request: snapshots_pb2.ListSnapshotsRequest, context: _Context
+        self,
+        request: snapshots_pb2.ListSnapshotsRequest,
+        context: _Context[snapshots_pb2.ListSnapshotsRequest, snapshots_pb2.ListSnapshotsResponse],
     ) -> AsyncIterator[snapshots_pb2.ListSnapshotsResponse]:
         async with translate(context, "List"):
             infos = await self.snapshotter.walk(list(request.filters))
@@ -94,13 +110,19 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
                 yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_proto(i) for i in batch])
 
     async def Usage(
-        self, request: snapshots_pb2.UsageRequest, context: _Context
+        self,
+        request: snapshots_pb2.UsageRequest,
+        context: _Context[snapshots_pb2.UsageRequest, snapshots_pb2.UsageResponse],
     ) -> snapshots_pb2.UsageResponse:
         async with translate(context, "Usage"):
             usage = await self.snapshotter.usage(request.key)
             return snapshots_pb2.UsageResponse(size=usage.size, inodes=usage.inodes)
 
-    async def Cleanup(self, request: snapshots_pb2.CleanupRequest, context: _Context) -> empty_pb2.Empty:
+    async def Cleanup(
+        self,
+        request: snapshots_pb2.CleanupRequest,
+        context: _Context[snapshots_pb2.CleanupRequest, empty_pb2.Empty],
+    ) -> empty_pb2.Empty:
         async with translate(context, "Cleanup"):
             await self.snapshotter.cleanup()
             return empty_pb2.Empty()
@@ -114,7 +136,7 @@ def info_to_proto(info: Info) -> snapshots_pb2.Info:
     return snapshots_pb2.Info(
         name=info.name,
         parent=info.parent,
-        kind=int(info.kind),
+        kind=snapshots_pb2.Kind.ValueType(info.kind),
         created_at=_timestamp(info.created),
         updated_at=_timestamp(info.updated),
         labels=info.labels,

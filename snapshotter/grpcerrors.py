@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 import structlog
@@ -38,7 +39,7 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 
 
 @contextlib.asynccontextmanager
-async def translate(context: grpc.aio.ServicerContext, method: str) -> AsyncIterator[None]:
+async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) -> AsyncIterator[None]:
     """Abort the RPC with the mapped status when the body raises a PeerSyncError.
 
     Unexpected exceptions are logged with their traceback and reported as UNKNOWN (internal
@@ -49,6 +50,6 @@ async def translate(context: grpc.aio.ServicerContext, method: str) -> AsyncIter
         await context.abort(code_for(exc), str(exc))
     except (grpc.aio.AbortError, GeneratorExit):
         raise
-    except Exception as exc:  # noqa: BLE001 - last line of defence for one RPC
+    except Exception as exc:  # last line of defence for one RPC
         log.exception("rpc failed", method=method)
         await context.abort(grpc.StatusCode.UNKNOWN, f"{method}: internal error: {exc}")

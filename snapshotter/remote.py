@@ -25,7 +25,10 @@ import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
 
 REF_LABEL = "containerd.io/snapshot.ref"
 LAYER_DIGEST_LABEL = "containerd.io/snapshot/cri.layer-digest"
@@ -46,30 +49,48 @@ class Layer:
 
 
 class LayerSource(Protocol):
-    """Where the snapshotter gets layer blobs from (the daemon's store and download engine)."""
+    """Where the snapshotter gets layer blobs from (the daemon's store and download engine).
+
+    Why a seam: the snapshotter is on the containerd side, which never imports the network side
+    (ARCHITECTURE.md). It says here what the handshake needs, and `peersync.layers` adapts the
+    content store and download engine to it; tests plug in a fake.
+    """
 
     async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
         """The layer snapshot `target` is made of, verified against the image's manifest and
-        config (the chain ID must match); None if it cannot be provided here."""
+        config (the chain ID must match); None if it cannot be provided here.
+
+        The check is what makes answering AlreadyExists safe: containerd then trusts the
+        committed snapshot to be `target` and never looks at the layer. None is always safe:
+        containerd fetches and applies the layer as it would without us."""
         ...
 
     def prefetch(self, digests: Sequence[str]) -> None:
         """Download these blobs in the background, in this order (best effort): the next layers
-        keep arriving while earlier ones are unpacked."""
+        keep arriving while earlier ones are unpacked.
+
+        containerd prepares an image's layers one after another, each only once the one below
+        is committed; without this, each download would start only when its turn came."""
         ...
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes [offset, offset+size) of a described blob, waiting until they have arrived."""
+        """Bytes [offset, offset+size) of a described blob, waiting until they have arrived.
+
+        Waiting, not failing, is what lets a layer be unpacked while it downloads (`BlobReader`
+        reads it chunk by chunk from the unpacking thread)."""
         ...
 
     async def release(self, digest: str) -> None:
-        """The last snapshot unpacked from `digest` is gone."""
+        """The last snapshot unpacked from `digest` is gone.
+
+        containerd never fetched such a blob, so its GC will not delete it for us: the source
+        decides whether the blob is still needed (containerd may have taken it since)."""
         ...
 
 
 def wants_layer(labels: Mapping[str, str] | None) -> bool:
     """Whether a Prepare asks for a specific layer's snapshot (the handshake's labels are there)."""
-    return bool(labels) and REF_LABEL in labels and LAYER_DIGEST_LABEL in labels  # type: ignore[operator]
+    return labels is not None and REF_LABEL in labels and LAYER_DIGEST_LABEL in labels
 
 
 def upcoming(labels: Mapping[str, str]) -> list[str]:
@@ -111,17 +132,18 @@ class BlobReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+    def readinto(self, buffer: Buffer) -> int:
+        view = memoryview(buffer)  # a bytearray or memoryview from io's read()
         size = self._layer.size
-        if self._pos >= size or not len(buffer):
+        if self._pos >= size or not len(view):
             return 0
-        end = min(size, self._pos + len(buffer), (self._pos // self._piece + 1) * self._piece)
+        end = min(size, self._pos + len(view), (self._pos // self._piece + 1) * self._piece)
         future = asyncio.run_coroutine_threadsafe(
             self._source.read(self._layer.digest, self._pos, end - self._pos), self._loop
         )
         data = future.result()
         if len(data) != end - self._pos:
             raise OSError(f"layer {self._layer.digest}: short read at {self._pos}")
-        buffer[: len(data)] = data
+        view[: len(data)] = data
         self._pos = end
         return len(data)

@@ -49,6 +49,8 @@ def new_server(options: list[tuple[str, int]], implementation: str = "h2") -> gr
     bench/rpc_overhead.py) or grpcio's asyncio server. Both take the same servicers."""
     if implementation == "grpcio":
         return grpc.aio.server(options=options)
+    # H2Server implements grpc.aio.Server's interface without deriving from it; the generated
+    # add_*Servicer_to_server functions are typed to take only grpcio's servers.
     return h2server.server(options)  # type: ignore[return-value]
 
 

@@ -215,10 +215,16 @@ def walk_info(txn: lmdb.Transaction, meta: Meta, filters: Sequence[str] = ()) ->
 
 def id_map(txn: lmdb.Transaction, meta: Meta) -> dict[str, str]:
     """Every id in use, mapped to its snapshot's key: what Cleanup must keep on disk."""
-    return {str(loads(raw)["id"]): raw_key.decode() for raw_key, raw in txn.cursor(db=_db(meta))}
+    cursor = txn.cursor(db=_db(meta))
+    return {str(loads(bytes(raw))["id"]): bytes(raw_key).decode() for raw_key, raw in cursor}
 
 
 # --- helpers -------------------------------------------------------------------------------------
+
+
+# LMDB keys and values are wrapped in bytes(): lmdb's stubs type the transactions Meta.txn yields
+# as returning bytes | memoryview (memoryview only with buffers=True, which Meta never uses), and
+# bytes() of a bytes object is that same object, so this costs nothing and stays right either way.
 
 
 def _db(meta: Meta) -> Any:
@@ -245,7 +251,7 @@ def _get(txn: lmdb.Transaction, meta: Meta, key: str) -> dict[str, Any] | None:
     if not encoded or len(encoded) > meta.env.max_key_size():
         return None  # cannot have been stored
     raw = txn.get(encoded, db=_db(meta))
-    return None if raw is None else loads(raw)
+    return None if raw is None else loads(bytes(raw))
 
 
 def _require(txn: lmdb.Transaction, meta: Meta, key: str) -> dict[str, Any]:
@@ -292,7 +298,7 @@ def _link_child(txn: lmdb.Transaction, meta: Meta, parent_id: int, child_id: int
 def _has_children(txn: lmdb.Transaction, meta: Meta, snap_id: int) -> bool:
     prefix = str(snap_id).encode() + _SEP
     cursor = txn.cursor(db=meta.db("snapshot_children"))
-    return cursor.set_range(prefix) and cursor.key().startswith(prefix)
+    return cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix)
 
 
 def _clean(labels: Mapping[str, str] | None) -> dict[str, str]:
@@ -318,7 +324,7 @@ def _datetime(ns: int) -> datetime:
 
 def _all_infos(txn: lmdb.Transaction, meta: Meta) -> Iterable[Info]:
     for raw_key, raw in txn.cursor(db=_db(meta)):
-        yield _info(raw_key.decode("utf-8", errors="surrogatepass"), loads(raw))
+        yield _info(bytes(raw_key).decode("utf-8", errors="surrogatepass"), loads(bytes(raw)))
 
 
 def _filter_view(info: Info) -> dict[str, Any]:

@@ -265,7 +265,9 @@ class Origin:
 # ---------------------------------------------------------------------------------------------------
 
 
-def measure_unpack(image: Any, check_cmd: list[str], origin: Origin, work: Path, rounds: int = 2) -> dict:
+def measure_unpack(
+    image: Any, check_cmd: list[str], origin: Origin, work: Path, rounds: int = 2
+) -> dict[str, Any]:
     """Unpack time of the image on one idle node from already-fetched content (builtin overlayfs).
 
     One node, unshaped link: pull once (fetch + unpack), then drop the unpacked snapshots but keep the
@@ -274,7 +276,7 @@ def measure_unpack(image: Any, check_cmd: list[str], origin: Origin, work: Path,
     from .netns import Site
 
     out: dict[str, Any] = {}
-    with Site(nodes=1, uplink_mbit=None, workdir=work) as site:  # type: ignore[arg-type]
+    with Site(nodes=1, uplink_mbit=None, workdir=work) as site:
         ref = origin.start(site)
         ctrd = site.nodes[0].start_containerd()
         t = time.monotonic()
@@ -345,7 +347,7 @@ def run_one(
         image_bytes = sum(layer.descriptor.size for layer in image.layers)
         result |= run_scenario(site, system, scenario, image_bytes, opts)
         result["ok"] = bool(result["all_completed"])
-    except BaseException as exc:  # noqa: BLE001 - recorded; KeyboardInterrupt re-raised after teardown
+    except BaseException as exc:  # recorded; KeyboardInterrupt re-raised after teardown
         result["error"] = f"{type(exc).__name__}: {exc}"[:3000]
         result["traceback"] = traceback.format_exc()[-4000:]
         if not isinstance(exc, Exception):
@@ -359,7 +361,7 @@ def run_one(
 def _teardown(site: Any, result: dict[str, Any], run_dir: Path, cfg: BenchConfig, keep: bool) -> None:
     try:
         problems = site.close()
-    except Exception as exc:  # noqa: BLE001
+    except Exception as exc:
         problems = [f"{type(exc).__name__}: {exc}"]
     if problems:
         result["teardown_problems"] = problems
@@ -403,7 +405,7 @@ def run(cfg: BenchConfig) -> dict[str, Any]:
         try:
             results["unpack"] = measure_unpack(image, check_cmd, origin, work / "unpack")
             log(f"unpack: {results['unpack']}")
-        except Exception as exc:  # noqa: BLE001 - the comparison still runs; the limit is then unknown
+        except Exception as exc:  # the comparison still runs; the limit is then unknown
             results["unpack"] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
             log(f"unpack measurement failed: {exc}")
         for system_name, scenario in plan:

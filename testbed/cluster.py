@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peersync import hosts
 from peersync.containerd_config import render
@@ -64,14 +65,15 @@ class ClusterNode:
     def run(self, ref: str, cmd: tuple[str, ...] = ()) -> str:
         return self.containerd.run(ref, list(cmd), snapshotter=self.snapshotter)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """The daemon's transfer counters (asked inside the node's namespace)."""
         import urllib.request
 
-        def get() -> dict:
+        def get() -> dict[str, Any]:
             url = f"http://{self.node.ip}:{PEER_PORT}/peersync/v1/stats"
             with urllib.request.urlopen(url, timeout=10) as resp:
-                return json.loads(resp.read())
+                stats: dict[str, Any] = json.loads(resp.read())
+            return stats
 
         return self.node.call(get)
 

@@ -93,7 +93,7 @@ def toml_dumps(config: Mapping[str, Any], path: tuple[str, ...] = ()) -> str:
         if isinstance(value, Mapping):
             sub = path + (key,)
             lines += ["", "[" + ".".join(_toml_key(p) for p in sub) + "]", toml_dumps(value, sub)]
-    return "\n".join(line for line in lines if line is not None).strip("\n") + "\n"
+    return "\n".join(lines).strip("\n") + "\n"
 
 
 def base_config(

@@ -11,6 +11,7 @@ Everything is streamed: a layer goes tar -> sha256(diff_id) -> gzip -> sha256(di
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import io
@@ -24,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from .procs import run_checked
 from .registry import Registry
@@ -362,10 +363,11 @@ def parse_container_listing(output: str) -> Manifest:
             path, _, target = rest.partition("|")
             rows.setdefault(path, {})["target"] = target
     manifest: Manifest = {}
+    missing: dict[str, Any] = {"uid": -1, "gid": -1, "type": "?", "mode": None}
     for path, r in sorted(rows.items()):
         if r.get("type") == "symlink":
             r["mode"] = None
-        manifest[path] = Node(**{"uid": -1, "gid": -1, "type": "?", "mode": None} | r)
+        manifest[path] = Node(**missing | r)
     return manifest
 
 
@@ -377,7 +379,7 @@ def parse_container_listing(output: str) -> Manifest:
 class _HashingWriter(io.RawIOBase):
     """Write-through sink that hashes and counts what passes, for digest and diff_id in one pass."""
 
-    def __init__(self, sink: IO[bytes]) -> None:
+    def __init__(self, sink: io.BufferedIOBase) -> None:
         super().__init__()
         self.sink = sink
         self.sha = hashlib.sha256()
@@ -445,8 +447,8 @@ class OciLayout:
             with os.fdopen(fd, "wb") as out:
                 compressed = _HashingWriter(out)
                 with gzip.GzipFile(fileobj=compressed, mode="wb", compresslevel=compresslevel, mtime=0) as gz:
-                    raw = _HashingWriter(gz)  # type: ignore[arg-type]
-                    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                    raw = _HashingWriter(gz)
+                    with tarfile.open(fileobj=raw, mode="w|", format=tarfile.PAX_FORMAT) as tar:
                         fill(tar)
             digest = "sha256:" + compressed.sha.hexdigest()
             os.replace(tmp, self.blob_path(digest))
@@ -692,7 +694,7 @@ def build_test_image(workdir: Path, tag: str = "v1") -> BuiltImage:
     """
     layout = OciLayout(workdir)
     specs = test_image_layers()
-    layers = [layout.add_layer(lambda tar, s=spec: add_entries(tar, s)) for spec in specs]
+    layers = [layout.add_layer(functools.partial(add_entries, entries=spec)) for spec in specs]
     manifest = layout.add_image(tag, layers, cmd=["/bin/cat", "/etc/greeting"])
     return BuiltImage(workdir, tag, manifest, layers, expected_manifest(specs), TEST_GREETING + "\n")
 
@@ -765,15 +767,16 @@ def build_sized_image(
         return cached
     layout = OciLayout(workdir)
     specs: list[list[Entry]] = [busybox_layer()] if with_busybox else []
-    built = [layout.add_layer(lambda tar, s=spec: add_entries(tar, s)) for spec in specs]
+    built = [layout.add_layer(functools.partial(add_entries, entries=spec)) for spec in specs]
     base = expected_manifest(specs)
     per_layer = [total_bytes // layers + (1 if i < total_bytes % layers else 0) for i in range(layers)]
     for index, size in enumerate(per_layer):
         nodes: Manifest = {}
         built.append(
             layout.add_layer(
-                lambda tar, i=index, s=size, n=nodes: _payload_layer(
-                    tar, i, s, n, file_size, seed, compressibility
+                functools.partial(
+                    _payload_layer, index=index, size=size, nodes=nodes, file_size=file_size, seed=seed,
+                    comp=compressibility,
                 ),
                 compresslevel,
             )

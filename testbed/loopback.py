@@ -10,10 +10,17 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peersync import hosts
 from snapshotter.remote import chain_ids
-from testbed.containerd import Containerd, merge_config, parse_extra_config, start_containerd
+from testbed.containerd import (
+    DEFAULT_NAMESPACE,
+    Containerd,
+    merge_config,
+    parse_extra_config,
+    start_containerd,
+)
 from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove
 from testbed.images import BuiltImage, compare_manifests, snapshot_tree
 from testbed.peersyncd import PeerSyncDaemon, loopback_config, start_peersync
@@ -44,10 +51,11 @@ class LoopbackNode:
     def run(self, ref: str, cmd: Sequence[str] = ()) -> str:
         return self.containerd.run(ref, list(cmd), snapshotter=SNAPSHOTTER)
 
-    def stats(self) -> dict:
+    def stats(self) -> dict[str, Any]:
         """The daemon's transfer counters (`GET /peersync/v1/stats`)."""
         with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
-            return json.loads(resp.read())
+            stats: dict[str, Any] = json.loads(resp.read())
+        return stats
 
     def rootfs_differences(self, ref: str, image: BuiltImage) -> list[str]:
         """How the unpacked image differs from what its layers say (empty: identical)."""
@@ -78,8 +86,10 @@ def start_node(
         ctrd_config = parse_extra_config(daemon.containerd_config())
         if cri:
             ctrd_config = merge_config(ctrd_config, cri_config(SNAPSHOTTER, hosts_dir, workdir))
-        namespace = {"namespace": CRI_NAMESPACE} if cri else {}
-        with start_containerd(workdir / "containerd", extra_config=ctrd_config, cri=cri, **namespace) as ctrd:
+        namespace = CRI_NAMESPACE if cri else DEFAULT_NAMESPACE
+        with start_containerd(
+            workdir / "containerd", extra_config=ctrd_config, namespace=namespace, cri=cri
+        ) as ctrd:
             hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
             toml = hosts_dir / registry / "hosts.toml"  # the test registry speaks plain HTTP
             toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))

@@ -119,7 +119,7 @@ def call_in_netns(name: str, fn: Callable[..., T], *args: Any, **kwargs: Any) ->
             finally:
                 os.close(fd)
             result.append(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+        except BaseException as exc:  # re-raised in the caller's thread
             error.append(exc)
 
     thread = threading.Thread(target=target, name=f"netns-{name}", daemon=True)
@@ -140,7 +140,7 @@ def netns_pids(name: str) -> list[int]:
     """PIDs of processes whose network namespace is `name`."""
     try:
         out = run_checked(["ip", "netns", "pids", name], timeout=30)
-    except Exception:  # noqa: BLE001 - namespace already gone
+    except Exception:  # namespace already gone
         return []
     return [int(p) for p in out.split() if p.isdigit()]
 
@@ -161,7 +161,7 @@ def _kill_and_delete(names: Sequence[str]) -> list[str]:
             continue
         try:
             run_checked(["ip", "netns", "del", name], timeout=30)
-        except Exception as exc:  # noqa: BLE001 - report all, keep going
+        except Exception as exc:  # report all, keep going
             problems.append(f"ip netns del {name}: {exc}")
     return problems
 
@@ -274,7 +274,7 @@ class UplinkSampler:
         """Take one sample now (None if the counters cannot be read, e.g. during teardown)."""
         try:
             down, up = self._read()
-        except Exception:  # noqa: BLE001 - the site is going away; keep what we have
+        except Exception:  # the site is going away; keep what we have
             return None
         sample = Sample(time.monotonic(), down, up)
         with self._lock:
@@ -400,7 +400,7 @@ class Site:
     def __init__(
         self,
         nodes: int = 3,
-        uplink_mbit: float = 100.0,
+        uplink_mbit: float | None = 100.0,
         lan_mbit: float | None = None,
         burst_bytes: int | None = None,
         latency_ms: float = 50.0,
@@ -419,7 +419,7 @@ class Site:
             raise ValueError(f"prefix {prefix!r}: lowercase letters and digits, starting with a letter")
         self.prefix = prefix or f"{AUTO_PREFIX_FAMILY}{os.getpid()}x{next(_counter)}"
         self.node_count = nodes
-        self.uplink_mbit = uplink_mbit
+        self.uplink_mbit = uplink_mbit or 0.0  # 0: unshaped, as set_uplink keeps it
         self.lan_mbit = lan_mbit
         self.burst_bytes = burst_bytes
         self.latency_ms = latency_ms
@@ -601,16 +601,16 @@ class Site:
         for node in reversed(self.nodes):
             try:
                 node.stop_services()
-            except Exception as exc:  # noqa: BLE001 - keep tearing down
+            except Exception as exc:  # keep tearing down
                 problems.append(f"{node.name} services: {exc}")
         try:
             self._stack.close()
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:
             problems.append(f"site services: {exc}")
         for proc in reversed(self._procs):
             try:
                 proc.stop(timeout=5)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 problems.append(f"{proc.args[:4]}: {exc}")
         self.sampler.stop()
         with self._readers_lock:
@@ -745,7 +745,7 @@ class Site:
                         n = min(left, len(payload))
                         conn.sendall(payload[:n])
                         left -= n
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:  # reported below
                 errors.append(exc)
 
         sender = threading.Thread(target=serve, daemon=True)

@@ -35,8 +35,10 @@ class PeerSyncDaemon:
 
     def kill(self) -> None:
         """SIGKILL: what a crash or the OOM killer does."""
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.proc.wait()  # type: ignore[union-attr]
+        os.kill(self.process.pid, signal.SIGKILL)  # .pid raises if it never started
+        proc = self.process.proc
+        assert proc is not None
+        proc.wait()
 
     def restart(self) -> None:
         self.stop()

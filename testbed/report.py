@@ -35,7 +35,8 @@ def _runs(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _find(results: dict[str, Any], system: str, scenario: str) -> dict[str, Any] | None:
-    for r in results["runs"]:
+    runs: list[dict[str, Any]] = results["runs"]
+    for r in runs:
         if r["system"] == system and r["scenario"] == scenario and r.get("all_runnable_s") is not None:
             return r
     return None

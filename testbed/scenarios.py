@@ -170,7 +170,7 @@ def run_scenario(
             rec.pull_s, rec.done_at_s = now - started, now - t0
             system.run_check(i, timeout=max(1.0, min(120.0, deadline - now)))
             rec.runnable_at_s = time.monotonic() - t0
-        except Exception as exc:  # noqa: BLE001 - recorded per node
+        except Exception as exc:  # recorded per node
             rec.error = f"{type(exc).__name__}: {str(exc)[:800]}"
 
     def vary_job() -> None:
@@ -238,7 +238,9 @@ def run_scenario(
     meter.read({pid for _, i, pid in extra if i != victim})
     survivors = [r for r in records if not r.killed]
     durations = [r.pull_s for r in survivors if r.pull_s is not None]
-    all_ok = all(r.runnable_at_s is not None for r in survivors)
+    done_at = [r.done_at_s for r in survivors if r.done_at_s is not None]
+    runnable_at = [r.runnable_at_s for r in survivors if r.runnable_at_s is not None]
+    all_ok = len(runnable_at) == len(survivors)
     stats = {}
     for i, rec in enumerate(records):
         if not rec.killed:
@@ -254,8 +256,8 @@ def run_scenario(
         "p50_s": _r(percentile(durations, 50)),
         "p95_s": _r(percentile(durations, 95)),
         "max_s": _r(max(durations) if durations else None),
-        "all_done_s": _r(max(r.done_at_s for r in survivors) if all_ok else None),
-        "all_runnable_s": _r(max(r.runnable_at_s for r in survivors) if all_ok else None),  # type: ignore[type-var]
+        "all_done_s": _r(max(done_at, default=None) if all_ok else None),
+        "all_runnable_s": _r(max(runnable_at, default=None) if all_ok else None),
         "elapsed_s": round(t_end - t0, 2),
         "uplink_bytes": site.uplink_bytes() - up0,
         "uplink_up_bytes": site.uplink_bytes_up() - upu0,

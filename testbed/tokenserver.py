@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Literal
 from urllib.parse import parse_qs, urlsplit
 
 from cryptography import x509
@@ -167,7 +168,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - stdlib signature
+        def log_message(self, format: str, *args: object) -> None:  # stdlib signature
             pass
 
         def _answer(self, status: int, body: dict[str, object], extra: dict[str, str] | None = None) -> None:
@@ -180,7 +181,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
-        def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+        def do_GET(self) -> None:  # stdlib naming
             url = urlsplit(self.path)
             query = parse_qs(url.query)
             scopes = [s for value in query.get("scope", []) for s in value.split()]
@@ -200,7 +201,7 @@ def _handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
             server.record(TokenRequest(user, tuple(scopes), 200))
             self._answer(200, server.issue(user, scopes))
 
-        def _user(self) -> str | None | bool:
+        def _user(self) -> str | None | Literal[False]:
             """The authenticated user, None for anonymous, False for bad credentials."""
             header = self.headers.get("Authorization")
             if header is None:

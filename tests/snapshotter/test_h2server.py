@@ -32,13 +32,13 @@ class MemContent(content_pb2_grpc.ContentServicer):
         self.read_started = asyncio.Event()
         self.cancelled: list[str] = []
 
-    async def Info(self, request, context):  # noqa: N802
+    async def Info(self, request, context):
         blob = self.blobs.get(request.digest)
         if blob is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"content {request.digest}: not found")
         return content_pb2.InfoResponse(info=content_pb2.Info(digest=request.digest, size=len(blob)))
 
-    async def Read(self, request, context):  # noqa: N802
+    async def Read(self, request, context):
         blob = self.blobs.get(request.digest)
         if blob is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
@@ -57,7 +57,7 @@ class MemContent(content_pb2_grpc.ContentServicer):
         finally:
             self.read_cleanups += 1
 
-    async def Status(self, request, context):  # noqa: N802
+    async def Status(self, request, context):
         ref = request.ref
         if ref.startswith("sleep:"):
             try:
@@ -84,11 +84,11 @@ class MemContent(content_pb2_grpc.ContentServicer):
             return content_pb2.StatusResponse()
         return content_pb2.StatusResponse(status=content_pb2.Status(ref=ref, offset=len(ref)))
 
-    async def List(self, request, context):  # noqa: N802
+    async def List(self, request, context):
         for digest in sorted(self.blobs):
             yield content_pb2.ListContentResponse(info=[content_pb2.Info(digest=digest)])
 
-    async def Write(self, request_iterator, context):  # noqa: N802
+    async def Write(self, request_iterator, context):
         ref = None
         data = bytearray()
         async for req in request_iterator:
