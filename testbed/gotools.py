@@ -28,6 +28,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -143,6 +144,8 @@ def build(tool: str) -> Path:
 # ---------------------------------------------------------------------------------------------------
 
 SUITES = {"snapshots": "TestSnapshotter", "content": "TestContent"}
+# A line of pkg/testutil.DumpDirOnFailure: "    helpers.go:66: drwxr-xr-x  4096 /tmp/..."
+_DIR_LISTING = re.compile(r"^\s+helpers\.go:\d+: [-dlcbps][-rwxsStT]{9} ")
 
 
 @dataclass
@@ -162,11 +165,15 @@ class SuiteRun:
             if e.get("Test", "").startswith(prefix) and e["Action"] in ("pass", "fail", "skip")
         }
 
-    def output(self, test: str) -> str:
-        """What `test` printed (its t.Log lines, the suite's messages, daemon log tails)."""
-        return "".join(
+    def output(self, test: str, listings: bool = False) -> str:
+        """What `test` printed (its t.Log lines, the suite's messages, daemon log tails); without
+        `listings`, less the directory listing the suites dump on a failure (testutil)."""
+        text = "".join(
             e.get("Output", "") for e in self.events if e.get("Test") == test and e["Action"] == "output"
         )
+        if listings:
+            return text
+        return "".join(line for line in text.splitlines(keepends=True) if not _DIR_LISTING.match(line))
 
     def result(self, top: str) -> str | None:
         """pass | fail | skip of the top-level test, None if it never finished (a crash)."""
