@@ -5,6 +5,12 @@
 // refs that no other case sees, since the snapshot cases run in parallel and list everything),
 // and it needs no key-prefixing layer of ours between the suite and the daemon. The peer exchange
 // and the mirror get their own loopback ports (the defaults would clash between daemons).
+//
+// The Go side starts the daemons because only it knows when the suite wants one (a factory
+// call per case, up to -test.parallel at once) and where (the case's temp root). It stops each by
+// PID when the case ends, and a non-zero exit status fails the case. The snapshot suite clears the
+// umask for its whole run, so those daemons start with umask 0, as an in-process snapshotter
+// would run under the suite; the suite checks the modes it gets (RootPermission: 0755).
 package conformance
 
 import (
