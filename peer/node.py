@@ -7,6 +7,7 @@ directly: `peer/` and `snapshotter/` do not import each other.
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
@@ -52,14 +53,14 @@ class PeerNode:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
             app.router.add_get("/peersync/v1/stats", self._stats)
-            await self._serve(app, cfg.peer.listen, "peer exchange")
+            await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
             app = web.Application()
             mirror = Mirror(
                 self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
             )
             app.add_routes(mirror.routes())
-            await self._serve(app, cfg.mirror.listen, "registry mirror")
+            await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")
         self.engine.resume()
         log.info("peer side up", url=self.self_url, peers=peers.peers())
 
@@ -82,7 +83,9 @@ class PeerNode:
             await self.session.close()
             self.session = None
 
-    async def _serve(self, app: web.Application, listen: str, what: str) -> None:
+    async def _serve(self, app: web.Application, listen: str, what: str, key: str) -> None:
+        """Listen on `listen` or fail naming the address, the reason and the config key (`key`):
+        a second daemon on a host with the default config finds the ports taken."""
         host, port = hostport(listen)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
@@ -90,7 +93,9 @@ class PeerNode:
             await web.TCPSite(runner, host, port, reuse_address=True).start()
         except OSError as exc:
             await runner.cleanup()
-            raise FailedPrecondition(f"{what}: cannot listen on {listen}: {exc.strerror}") from exc
+            reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
+            hint = f"another daemon on this host? {key} in the config"
+            raise FailedPrecondition(f"{what}: cannot listen on {listen}: {reason} ({hint})") from exc
         self._runners.append(runner)
         log.info("listening", what=what, address=listen)
 

@@ -9,8 +9,11 @@ cd "$(dirname "$0")/.."
 # (bench/RESULTS.md shows what that is worth through the proxy plugin).
 # opentracker, aria2, mktorrent, debootstrap: the BitTorrent reference system and the Debian image of
 # `peersync-testbed site`.
+# golang-go, golang-github-containerd-containerd-dev: containerd 1.6's own Go sources (its snapshots and
+# content conformance suites, proxy clients and pull client) with their dependencies as a GOPATH tree
+# under /usr/share/gocode, so testbed/gotools.py builds testbed/go/ offline (tests/integration/test_go_*.py).
 APT_PACKAGES=(containerd runc docker-registry skopeo umoci busybox-static pigz iproute2 python3-venv python3-pip
-  ca-certificates opentracker aria2 mktorrent debootstrap)
+  ca-certificates opentracker aria2 mktorrent debootstrap golang-go golang-github-containerd-containerd-dev)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

@@ -4,7 +4,10 @@ Each ingest is a data file `<root>/content/ingest/<sha256(ref)>/data` plus a rec
 `ingests` under the same key: {ref, total, expected, started_ns, updated_ns} (`kernel.store.schema`
 spells both). The offset of an ingest is the size of its data file, and its last update the
 file's mtime, so a Write never touches LMDB: records change only when an ingest starts, restarts,
-or is committed/aborted.
+or is committed/aborted. Every write stamps the file's mtime with the clock reading the writer
+reports (`_touch`): the kernel's own stamp comes from its coarse clock, up to a tick behind, and a
+resumed ingest or a Status would report an update time earlier than the writer did (containerd's
+suite, Resume).
 
 Writes append at the current offset and feed a `HashState` (the whole-blob SHA-256 and the
 per-chunk SHA-256s), so committing never re-reads the data. A write at offset 0 over existing
@@ -281,7 +284,7 @@ class IngestWriter:
         fd = self._check_open()
         os.ftruncate(fd, 0)
         self._state = HashState(self._state.chunk_size)
-        self._rec["updated_ns"] = time.time_ns()
+        self._touch(fd)
 
     def _append(self, data: bytes) -> None:
         fd = self._check_open()
@@ -295,7 +298,13 @@ class IngestWriter:
             os.ftruncate(fd, start)  # keep the file and the hash state in step (e.g. ENOSPC)
             raise
         self._state.update(data)
-        self._rec["updated_ns"] = time.time_ns()
+        self._touch(fd)
+
+    def _touch(self, fd: int) -> None:
+        """Record the update time, in the file's mtime too (see the module docstring)."""
+        now = time.time_ns()
+        os.utime(fd, ns=(now, now))
+        self._rec["updated_ns"] = now
 
     def commit(self, size: int = 0, expected: str = "", labels: Mapping[str, str] | None = None) -> str:
         """Verify and install the blob; returns its digest. Always ends the writer."""

@@ -15,12 +15,24 @@ import grpc
 import pytest
 
 from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
+from testbed.peersyncd import loopback_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
+def loopback_ports(root: Path) -> list[str]:
+    """`--config` with the peer exchange and the mirror on free loopback ports: the defaults
+    (5381, 5380) would clash with any other daemon on this host, another test run's included."""
+    base = next(d for d in root.parents if d.is_dir())  # some tests give an unusable root
+    config = base / f"{root.name}-loopback-{os.urandom(4).hex()}.toml"
+    config.write_text(loopback_config())
+    return ["--config", str(config)]
+
+
 def start_daemon(root: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    if "--config" not in extra:
+        extra = (*extra, *loopback_ports(root))
     return subprocess.Popen(
         [sys.executable, "-m", "peersync.cli", "daemon", "--root", str(root), "--socket", str(sock), *extra],
         stdout=subprocess.PIPE,
@@ -87,6 +99,28 @@ def test_refuses_root_in_use(tmp_path: Path, daemon: Daemon) -> None:
     _out, err = second.communicate(timeout=30)
     assert second.returncode == 2
     assert b"in use by another peersync daemon" in err
+
+
+@pytest.mark.parametrize("section", ["peer", "mirror"])
+def test_refuses_a_port_in_use_and_says_which(tmp_path: Path, section: str) -> None:
+    """Two daemons on one host with the default config both want 5381 and 5380: the second must
+    stop at once, naming the address and the config key, and leave the first one serving."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        address = f"127.0.0.1:{taken.getsockname()[1]}"
+        config = loopback_config()
+        start = config.index(f"[{section}]\nlisten = ") + len(f"[{section}]\nlisten = ")
+        end = config.index("\n", start)
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(config[:start] + f'"{address}"' + config[end:])
+        sock = tmp_path / "s.sock"
+        proc = start_daemon(tmp_path / "root", sock, "--config", str(cfg))
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert f"cannot listen on {address}: address already in use".encode() in err, err
+    assert f"[{section}] listen in the config".encode() in err, err
+    assert not sock.exists(), "socket file left behind"
 
 
 def test_replaces_stale_socket(tmp_path: Path) -> None:
@@ -176,6 +210,7 @@ def start_activated(listener: socket.socket, root: Path, sock: Path) -> subproce
         str(root),
         "--socket",
         str(sock),
+        *loopback_ports(root),
     ]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.Popen(args, pass_fds=(listener.fileno(),), env=env, stderr=subprocess.PIPE)

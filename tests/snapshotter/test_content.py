@@ -352,6 +352,22 @@ async def test_resume_at_stored_offset(store: Any, blob: bytes) -> None:
     assert await read_all(store, sha(blob), 299_990, 20) == blob[299_990:300_010]
 
 
+async def test_resumed_ingest_keeps_its_last_update_time(store: Any) -> None:
+    """containerd's content suite, case Resume: a reopened ingest reports the update time its
+    last writer reported, never an earlier one (the data file's mtime alone is stamped from the
+    kernel's coarse clock, which runs up to a tick behind the clock the writer read)."""
+    writer = await store.writer("r", 10)
+    await writer.write_at(0, b"12345")
+    last = (await maybe(writer.status())).updated_ns
+    assert (await store.status("r")).updated_ns == last  # seen from outside while it is open
+    await maybe(writer.close())
+    assert (await store.status("r")).updated_ns == last
+    resumed = await wait_writer(store, "r", 10)
+    assert (await maybe(resumed.status())).updated_ns == last
+    await resumed.write_at(5, b"67890")
+    assert (await maybe(resumed.status())).updated_ns >= last
+
+
 async def test_truncate_at_zero_restarts(store: Any) -> None:
     writer = await store.writer("r")
     assert await writer.write_at(0, b"garbage garbage") == 15
