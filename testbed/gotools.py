@@ -35,6 +35,7 @@ import sys
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .procs import CommandError, run_checked
 
@@ -153,7 +154,7 @@ class SuiteRun:
     """The events of one `go test` run (test2json), by test name."""
 
     returncode: int
-    events: list[dict] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)
     stderr: str = ""
 
     def outcomes(self, top: str) -> dict[str, str]:
@@ -250,8 +251,8 @@ def go_pull(
 ) -> PullResult:
     """Pull `ref` with the Go client (client.Pull, WithPullUnpack, no snapshotter info wrapper)."""
     binary = build("pull")
-    args = [binary, "--address", address, "--namespace", namespace, "--snapshotter", snapshotter]
-    out = run_checked([*args, "--hosts-dir", hosts_dir, "--json", ref], timeout=timeout, env=env)
+    args = [str(binary), "--address", str(address), "--namespace", namespace, "--snapshotter", snapshotter]
+    out = run_checked([*args, "--hosts-dir", str(hosts_dir), "--json", ref], timeout=timeout, env=env)
     data = json.loads(out)
     return PullResult(
         data["image"], data["target"], data["seconds"], data["layers"],
