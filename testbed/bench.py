@@ -42,7 +42,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
 ALL_SCENARIOS = ("burst", "staggered", "varying", "node-death")
 DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from testbed.procs import ManagedProcess, free_port, unix_socket_accepts
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 
 @dataclass
