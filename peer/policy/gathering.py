@@ -31,6 +31,7 @@ class Gather(enum.Enum):
 
     @property
     def done(self) -> bool:
+        """Stop gathering and deal the stripes."""
         return self is not Gather.WAIT
 
 

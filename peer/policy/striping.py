@@ -182,6 +182,7 @@ class OriginRun:
 
     @property
     def chunks(self) -> range:
+        """The chunks the request covers, in order."""
         return range(self.first, self.last + 1)
 
 
