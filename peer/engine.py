@@ -10,9 +10,13 @@ blob is always finished, whoever asked for it). Each round of its loop it:
    failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
    second peer;
 3. fetches from the origin the chunks no peer holds, but only its share of them: the nodes that
-   are downloading the same blob at the same moment split it into stripes (`_owner`), so in a
-   burst the uplink carries each chunk about once. A chunk whose owner makes no progress (dead,
-   slow, gone) or that a reader is blocked on for too long is fetched from the origin anyway.
+   are downloading the same blob at the same moment split it into stripes, so in a burst the
+   uplink carries each chunk about once. The stripes of an owner that makes no progress (dead,
+   slow, gone) pass to exactly one heir.
+
+Every decision in these steps (peer choice, window, chunk order, stripes and heirs, origin runs,
+hedges, gathering) is made by the pure functions of `peer.policy`, which take the state this
+module holds and return choices; this module does the I/O: tasks, HTTP, store writes, counters.
 
 Integrity: every chunk is checked before it is stored: against the blob's verified chunk table
 when one is known (fetched from a peer that holds the complete, digest-verified blob, cross-checked
