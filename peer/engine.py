@@ -10,9 +10,13 @@ blob is always finished, whoever asked for it). Each round of its loop it:
    failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
    second peer;
 3. fetches from the origin the chunks no peer holds, but only its share of them: the nodes that
-   are downloading the same blob at the same moment split it into stripes (`_owner`), so in a
-   burst the uplink carries each chunk about once. A chunk whose owner makes no progress (dead,
-   slow, gone) or that a reader is blocked on for too long is fetched from the origin anyway.
+   are downloading the same blob at the same moment split it into stripes, so in a burst the
+   uplink carries each chunk about once. The stripes of an owner that makes no progress (dead,
+   slow, gone) pass to exactly one heir.
+
+Every decision in these steps (peer choice, window, chunk order, stripes and heirs, origin runs,
+hedges, gathering) is made by the pure functions of `peer.policy`, which take the state this
+module holds and return choices; this module does the I/O: tasks, HTTP, store writes, counters.
 
 Integrity: every chunk is checked before it is stored: against the blob's verified chunk table
 when one is known (fetched from a peer that holds the complete, digest-verified blob, cross-checked
@@ -28,10 +32,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -40,9 +45,17 @@ from kernel.errors import AlreadyExists, NotFound, PeerSyncError, Unavailable
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 from peer.catalog import Catalog, Source
-from peer.exchange import BlobView, PeerClient, PeerError
+from peer.exchange import PeerClient, PeerError
 from peer.origin import OriginClient
 from peer.peers import PeerSource
+from peer.policy.choice import best_peer
+from peer.policy.gathering import gather
+from peer.policy.hedging import hedges
+from peer.policy.holdings import BlobView, holders, usable_views
+from peer.policy.peerstats import PeerStats
+from peer.policy.schedule import Slots, schedule, wanted_chunks
+from peer.policy.striping import Sighting, Stripes, origin_candidates, origin_run, stalled, track_progress
+from peer.policy.window import window
 
 log = structlog.get_logger(__name__)
 
@@ -71,29 +84,6 @@ class EngineConfig:
     plan_wait: float = 1.0  # how long an origin plan waits for peers' fresh holdings (late ones still count)
 
 
-@dataclass
-class PeerStats:
-    """What we measured of one peer, across blobs."""
-
-    bps: float = 50e6  # optimistic prior: a LAN peer
-    latency: float = 0.005
-    inflight: int = 0
-    failures: int = 0
-    dropped_until: float = 0.0
-
-    def usable(self, now: float) -> bool:
-        return now >= self.dropped_until
-
-    def predicted(self, nbytes: int) -> float:
-        """Predicted seconds to receive `nbytes` given the queue we already put on this peer."""
-        return self.latency + (self.inflight + 1) * nbytes / max(self.bps, 1.0) + self.failures * 0.5
-
-    def observe(self, nbytes: int, seconds: float) -> None:
-        self.bps = 0.7 * self.bps + 0.3 * (nbytes / max(seconds, 1e-6))
-        self.latency = 0.8 * self.latency + 0.2 * min(seconds, 5.0)
-        self.failures = 0
-
-
 class DownloadFailed(Unavailable):
     """A blob could not be fetched from any peer nor from the origin."""
 
@@ -110,7 +100,10 @@ class Engine:
         client: PeerClient,
         self_url: str,
         config: EngineConfig | None = None,
+        rng: random.Random | None = None,
     ) -> None:
+        """`rng` draws the jitter of peer choice and the order chunk tables are fetched in (a
+        seeded one makes a simulated site repeatable); by default a fresh `random.Random`."""
         self.store = store
         self.catalog = catalog
         self.origin = origin
@@ -118,6 +111,7 @@ class Engine:
         self.client = client
         self.self_url = self_url
         self.config = config or EngineConfig()
+        self.rng = rng if rng is not None else random.Random()
         self.stats: dict[str, PeerStats] = {}
         self.views: dict[str, dict[str, BlobView]] = {}  # digest -> peer -> view
         self.downloads: dict[str, Download] = {}
@@ -251,7 +245,7 @@ class Engine:
         """Ignore `peer` for a while: not polled, not asked for chunks, not counted as interested."""
         st = self.stat(peer)
         seconds = self.config.drop_for if seconds is None else seconds
-        st.dropped_until = time.monotonic() + seconds
+        st.drop(time.monotonic(), seconds)
         for views in self.views.values():
             views.pop(peer, None)
         log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
@@ -292,14 +286,12 @@ class Engine:
         try:
             res = await self.client.have(peer, digests)
         except (PeerError, ValueError, KeyError, TypeError) as exc:
-            st.failures += 1
-            if st.failures >= 2:
-                st.failures = 0
+            if st.poll_failed():
                 for d in digests:
                     self.views.setdefault(d, {}).pop(peer, None)
                 self.drop(peer, f"not answering: {exc}", self.config.unreachable_for)
             return
-        st.failures = 0
+        st.poll_answered()
         for d in digests:
             if d in res:
                 self.views.setdefault(d, {})[peer] = res[d]
@@ -343,16 +335,13 @@ class Download:
         self.origin_only = False
         self.started = time.monotonic()
         self.last_progress = self.started
-        self.peer_progress: dict[str, tuple[int, float]] = {}  # peer -> (chunks held, when it grew)
+        self.peer_progress: dict[str, Sighting] = {}  # peer -> (chunks held, when that changed)
 
     # -- API for readers ---------------------------------------------------------------------
 
     def want(self, offset: int, size: int) -> None:
         """A reader needs these bytes now: fetch their chunks (and a little read-ahead) first."""
-        cs = self.chunk_size
-        first = offset // cs
-        last = max(first, (offset + max(size, 1) - 1) // cs)
-        self.wanted.update(range(first, min(last + 3, self.nchunks)))  # 2 chunks of read-ahead
+        self.wanted.update(wanted_chunks(offset, size, self.chunk_size, self.nchunks))
         self.wake.set()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -406,11 +395,8 @@ class Download:
 
     async def _gather(self) -> None:
         """Let the nodes of a burst see each other before dealing out stripes: wait
-        `gather_delay`; then, if other nodes are filling this blob too (a burst) and none holds
-        it whole, until every usable peer has joined, at most `gather_max`. Stripes dealt while
-        nodes are still joining differ from node to node, and two nodes that both believe they
-        own a stripe fetch it twice over the uplink. A node pulling alone, or behind a node that
-        has the blob, does not wait for peers that will never come."""
+        `gather_delay`, then refresh holdings every `poll_interval` until `policy.gathering` says
+        the burst has assembled (or there is no burst), at most `gather_max`."""
         cfg = self.engine.config
         deadline = time.monotonic() + cfg.gather_max
         await self.engine.refresh([self.digest])
@@ -418,9 +404,7 @@ class Download:
         while True:
             await self.engine.refresh([self.digest], wait=cfg.poll_interval)
             seen = self.engine.views.get(self.digest, {})
-            if not seen or any(v.complete for v in seen.values()):
-                return
-            if all(p in seen for p in self.engine.usable_peers()) or time.monotonic() >= deadline:
+            if gather(seen, self.engine.usable_peers(), time.monotonic(), deadline).done:
                 return
             await asyncio.sleep(cfg.poll_interval)
 
@@ -473,127 +457,76 @@ class Download:
     # -- planning ----------------------------------------------------------------------------
 
     def _views(self) -> dict[str, BlobView]:
+        """Usable peers' views of this blob (none once we fetch from the origin only)."""
         if self.origin_only:
             return {}
-        now = time.monotonic()
         views = self.engine.views.get(self.digest, {})
-        return {
-            p: v for p, v in views.items() if self.engine.stat(p).usable(now) and v.size == self.source.size
-        }
+        return usable_views(views, self.engine.stats, time.monotonic(), self.source.size)
+
+    def _choose(self, candidates: Sequence[str]) -> str | None:
+        return best_peer(candidates, self.engine.stats, self.chunk_size, self.engine.rng)
 
     def _schedule(self, missing: list[int]) -> None:
+        """Start this round's peer requests (`policy.schedule`) and hedges (`policy.hedging`)."""
+        engine, cfg = self.engine, self.engine.config
         views = self._views()
         now = time.monotonic()
         in_flight = {i for i, fl in self.flights.items() if fl} | self.origin_chunks
-        holders = {
-            i: [p for p, v in views.items() if v.chunk_size == self.chunk_size and v.has(i)] for i in missing
-        }
-        # 1. chunks some peer holds: wanted first, then rarest first
-        peer_todo = [i for i in missing if holders[i] and i not in in_flight]
-        peer_todo.sort(key=lambda i: (i not in self.wanted, len(holders[i]), i))
-        window = self._window()
-        busy = sum(len(fl) for fl in self.flights.values())
-        for i in peer_todo:
-            if busy >= window or self.engine.inflight >= self.engine.config.max_inflight:
-                break
-            peer = self._best_peer(holders[i])
-            if peer:
-                self._launch(i, peer)
-                busy += 1
-        self._hedge(holders, now)
-        self._track_progress(views, now)
+        held = holders(views, missing, self.chunk_size)
+        slots = Slots(
+            window=self._window(views),
+            flights=sum(len(fl) for fl in self.flights.values()),
+            inflight=engine.inflight,
+            max_inflight=cfg.max_inflight,
+        )
+        for fetch in schedule(missing, held, self.wanted, in_flight, slots, self._choose):
+            self._launch(fetch.index, fetch.peer)
+        for h in hedges(self.flights, held, engine.stats, now, cfg.hedge_after, self.chunk_size, engine.rng):
+            self.flights[h.index][0].hedged = True
+            engine.counters["hedges"] += 1
+            self._launch(h.index, h.peer, hedge=True)
+        self.peer_progress = track_progress(self.peer_progress, views, now)
 
     async def _plan_origin(self) -> None:
-        """Fetch from the origin the chunks that are ours to fetch: nobody holds them, nobody else
-        is fetching them, and we own their stripe (or inherit it from a stalled owner). Peers'
-        holdings are refreshed first, so a fetch another node started a moment ago is seen."""
-        if not self._origin_candidates(time.monotonic()):
+        """Fetch from the origin the chunks that are ours to fetch (`policy.striping`): nobody
+        holds them, nobody else is fetching them, and we own their stripe (or inherit it from a
+        stalled owner). Peers' holdings are refreshed first, so a fetch another node started a
+        moment ago is seen."""
+        if not self._origin_plan(time.monotonic())[0]:
             return
         if not self.origin_only:
             await self.engine.refresh([self.digest], wait=self.engine.config.plan_wait)
-        take = self._origin_candidates(time.monotonic())
+        take, stripes, views = self._origin_plan(time.monotonic())
         if take and self.origin_task is None:
-            take.sort(key=lambda i: (i not in self.wanted, i))
-            self._launch_origin(take)
+            self._launch_origin(take, stripes, views)
 
-    def _origin_candidates(self, now: float) -> list[int]:
+    def _origin_plan(self, now: float) -> tuple[list[int], Stripes, dict[str, BlobView]]:
+        """The origin candidates (in chunk order), the stripes they were chosen by, and the views
+        both were computed from."""
+        cfg = self.engine.config
         views = self._views()
-        self._track_progress(views, now)
+        self.peer_progress = track_progress(self.peer_progress, views, now)
+        stripes = Stripes.of(
+            self.engine.self_url,
+            self.digest,
+            views,
+            self.peer_progress,
+            now,
+            cfg.owner_grace,
+            cfg.stripe_chunks,
+        )
         try:
             missing = self.engine.store.partials.missing(self.digest)
         except PeerSyncError:
-            return []
+            return [], stripes, views
         busy = {i for i, fl in self.flights.items() if fl} | self.origin_chunks
-        elsewhere = {i for v in views.values() for i in v.fetching}
-        held = {
-            i for i in missing if any(v.has(i) for v in views.values() if v.chunk_size == self.chunk_size)
-        }
-        return [
-            i
-            for i in missing
-            if i not in busy and i not in elsewhere and i not in held and self._origin_due(i, views, now)
-        ]
+        return origin_candidates(missing, busy, views, self.chunk_size, stripes), stripes, views
 
-    def _window(self) -> int:
-        """Requests in flight: enough to cover the bandwidth-delay product of our best peers."""
+    def _window(self, views: dict[str, BlobView]) -> int:
+        """Requests in flight: enough to cover the bandwidth-delay product of our usable peers."""
         cfg = self.engine.config
-        stats = [self.engine.stat(p) for p in self._views()]
-        if not stats:
-            return cfg.peer_window
-        bdp = sum(s.bps * max(s.latency, 0.001) for s in stats) / self.chunk_size
-        return int(min(cfg.max_peer_window, max(cfg.peer_window, bdp * 1.5 + len(stats))))
-
-    def _best_peer(self, candidates: list[str]) -> str | None:
-        if not candidates:
-            return None
-        scored = [
-            (self.engine.stat(p).predicted(self.chunk_size) * random.uniform(0.9, 1.1), p) for p in candidates
-        ]
-        return min(scored)[1]
-
-    def _interested(self, views: dict[str, BlobView]) -> list[str]:
-        """Nodes filling this blob right now (us included): they share the origin work."""
-        return sorted({self.engine.self_url, *(p for p, v in views.items() if not v.complete)})
-
-    def _owner(self, index: int, interested: list[str]) -> str:
-        """Who fetches chunk `index` from the origin: stripes dealt round-robin, starting at a
-        place that depends on the blob so that first stripes of different blobs spread out."""
-        stripe = index // self.engine.config.stripe_chunks
-        return interested[(stripe + int(self.digest[7:15], 16)) % len(interested)]
-
-    def _track_progress(self, views: dict[str, BlobView], now: float) -> None:
-        for peer, view in views.items():
-            held = view.count()
-            before = self.peer_progress.get(peer)
-            if before is None or held != before[0]:
-                self.peer_progress[peer] = (held, now)
-
-    def _stalled(self, peer: str, now: float) -> bool:
-        """A node filling this blob whose holdings have not grown for a while and that announces
-        no origin fetch (or has announced one for far too long without a chunk landing)."""
-        seen = self.peer_progress.get(peer)
-        if seen is None:
-            return False
-        idle = now - seen[1]
-        view = self.engine.views.get(self.digest, {}).get(peer)
-        busy = view is not None and bool(view.fetching)
-        grace = self.engine.config.owner_grace
-        return idle > (5 * grace if busy else grace)
-
-    def _origin_due(self, index: int, views: dict[str, BlobView], now: float) -> bool:
-        """Ours to fetch: we own its stripe, or its owner stalled and we are the first live node
-        after it in the ring (exactly one node inherits a stalled stripe)."""
-        if self.origin_only or not views:
-            return True
-        interested = self._interested(views)
-        owner = self._owner(index, interested)
-        if owner == self.engine.self_url:
-            return True
-        if not self._stalled(owner, now):
-            return False
-        ring = interested[interested.index(owner) + 1 :] + interested[: interested.index(owner)]
-        heir = next((p for p in ring if p == self.engine.self_url or not self._stalled(p, now)), None)
-        return heir == self.engine.self_url
+        stats = [self.engine.stat(p) for p in views]
+        return window(stats, self.chunk_size, cfg.peer_window, cfg.max_peer_window)
 
     # -- fetching ----------------------------------------------------------------------------
 
@@ -602,9 +535,9 @@ class Download:
         flight = _Flight(index, peer, time.monotonic(), asyncio.create_task(self._from_peer(index, peer)))
         flight.hedged = hedge
         self.flights.setdefault(index, []).append(flight)
-        flight.task.add_done_callback(lambda _t, f=flight: self._landed(f))
+        flight.task.add_done_callback(functools.partial(self._landed, flight))
 
-    def _landed(self, flight: _Flight) -> None:
+    def _landed(self, flight: _Flight, _task: asyncio.Task[None] | None = None) -> None:
         self.engine.inflight -= 1
         for dl in self.engine.downloads.values():  # a slot is free: any blob may use it
             dl.wake.set()
@@ -626,21 +559,6 @@ class Download:
         except PeerSyncError:
             return set()
 
-    def _hedge(self, holders: dict[int, list[str]], now: float) -> None:
-        cfg = self.engine.config
-        for index, flights in list(self.flights.items()):
-            if len(flights) != 1 or flights[0].hedged:
-                continue
-            f = flights[0]
-            typical = self.engine.stat(f.peer).predicted(self.chunk_size)
-            if now - f.started > max(cfg.hedge_after, 4 * typical):
-                others = [p for p in holders.get(index, []) if p != f.peer]
-                peer = self._best_peer(others)
-                if peer:
-                    f.hedged = True
-                    self.engine.counters["hedges"] += 1
-                    self._launch(index, peer, hedge=True)
-
     async def _from_peer(self, index: int, peer: str) -> None:
         engine, st = self.engine, self.engine.stat(peer)
         offset = index * self.chunk_size
@@ -650,8 +568,7 @@ class Download:
         try:
             data, claim = await engine.client.chunk(peer, self.digest, offset, length)
         except (PeerError, PeerSyncError) as exc:
-            st.failures += 1
-            if st.failures >= 3:
+            if st.chunk_failed():
                 engine.drop(peer, f"{st.failures} failures in a row: {exc}")
             return
         finally:
@@ -685,33 +602,31 @@ class Download:
         self.last_progress = time.monotonic()
         self.wanted.discard(index)
 
-    def _launch_origin(self, candidates: list[int]) -> None:
-        """One Range request for a run of consecutive chunks starting at the first candidate."""
-        first = candidates[0]
-        run = [first]
-        cand = set(candidates)
-        views = self._views()
+    def _launch_origin(self, candidates: list[int], stripes: Stripes, views: dict[str, BlobView]) -> None:
+        """One Range request for the run of consecutive candidates `policy.striping.origin_run`
+        picks (a wanted chunk first)."""
         cfg = self.engine.config
-        interested = self._interested(views)
-        limit = cfg.origin_batch_chunks if len(interested) > 1 else cfg.solo_batch_chunks
-        while len(run) < limit and run[-1] + 1 in cand:
-            run.append(run[-1] + 1)
-        self.origin_chunks = set(run)
-        if len(interested) == 1:
-            self.engine.counters["origin_solo_chunks"] += len(run)
-        else:
-            heir = sum(self._owner(i, interested) != self.engine.self_url for i in run)
-            self.engine.counters["origin_heir_chunks"] += heir
+        run = origin_run(candidates, self.wanted, stripes, cfg.origin_batch_chunks, cfg.solo_batch_chunks)
+        if run is None:
+            return
+        self.origin_chunks = set(run.chunks)
+        self.engine.counters["origin_solo_chunks"] += run.solo_chunks
+        self.engine.counters["origin_heir_chunks"] += run.heir_chunks
+        now = time.monotonic()
         log.debug(
             "origin fetch",
             digest=self.digest[:19],
-            chunks=f"{run[0]}-{run[-1]}",
-            interested=len(self._interested(views)),
-            owner=self._owner(run[0], self._interested(views)),
-            stalled=[p for p in views if self._stalled(p, time.monotonic())],
+            chunks=f"{run.first}-{run.last}",
+            interested=len(stripes.interested),
+            owner=stripes.owner(run.first),
+            stalled=[
+                p
+                for p, v in views.items()
+                if stalled(self.peer_progress.get(p), bool(v.fetching), now, cfg.owner_grace)
+            ],
             seen={p[-9:-5]: (v.count(), sorted(v.fetching)) for p, v in views.items()},
         )
-        self.origin_task = asyncio.create_task(self._from_origin(run[0], run[-1]))
+        self.origin_task = asyncio.create_task(self._from_origin(run.first, run.last))
         self.origin_task.add_done_callback(lambda _t: self.wake.set())
 
     async def _from_origin(self, first: int, last: int) -> None:
@@ -785,7 +700,7 @@ class Download:
         complete = [p for p, v in self._views().items() if v.complete and v.chunk_size == self.chunk_size]
         if not complete:
             return
-        random.shuffle(complete)
+        self.engine.rng.shuffle(complete)
         tables: list[tuple[str, list[bytes]]] = []
         for peer in complete[:2]:
             with contextlib.suppress(PeerSyncError):
@@ -806,7 +721,7 @@ class Download:
             log.warning("chunk table refused", digest=self.digest, error=str(exc))
             return
         for i in dropped:
-            peer = self.provenance.pop(i, None)
+            peer = self.provenance.pop(i, "")
             if peer:
                 self.engine.drop(peer, f"its chunk {i} of {self.digest} disagrees with the verified table")
         self.table_verified = True

@@ -27,7 +27,6 @@ import base64
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -37,41 +36,13 @@ from aiohttp import web
 from kernel.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.fsutil import HASH_LEN
+from peer.policy.holdings import BlobView
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
-
-
-@dataclass(frozen=True)
-class BlobView:
-    """What one peer holds of one blob."""
-
-    digest: str
-    size: int
-    chunk_size: int
-    complete: bool
-    have: bytes
-    fetching: frozenset[int] = frozenset()  # chunks the peer is fetching from the origin right now
-
-    def count(self) -> int:
-        """How many chunks the peer holds (for spotting progress)."""
-        return -1 if self.complete else sum(bin(b).count("1") for b in self.have)
-
-    def has(self, index: int) -> bool:
-        return self.complete or bool(index // 8 < len(self.have) and self.have[index // 8] >> (index % 8) & 1)
-
-    @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> BlobView:
-        return cls(
-            obj["digest"],
-            int(obj["size"]),
-            int(obj["chunk_size"]),
-            bool(obj["complete"]),
-            base64.b64decode(obj["have"]),
-        )
 
 
 # -- server --------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import json
 import re
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -334,7 +334,7 @@ class OriginClient:
 
     async def read_blob(
         self, registry: str, repo: str, digest: str, offset: int = 0, length: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """Stream `length` bytes (None: to the end) of the blob from `offset`, in chunks.
 
         An async generator: errors surface on the first iteration, before any byte. Sends

@@ -1,0 +1,23 @@
+"""The download engine's policy: pure functions and small value types that take state and return
+decisions. `peer.engine` holds the state and does the I/O (tasks, HTTP, store writes); every choice
+it makes about *what* to do comes from here, so the same rules can be unit-tested by the hundred
+without a network or an event loop, and a scale simulator can drive the code the daemon runs.
+
+Nothing here touches a clock, the network, the store or global randomness: time comes in as `now`,
+randomness as a `random.Random`, and the engine's counters and tasks stay in the engine. The
+`policy-pure` import-linter contract (pyproject.toml) keeps it so.
+
+The model, one module per concept:
+
+- `holdings`   what a peer holds of a blob (`BlobView`), which views are worth using, who holds what.
+- `peerstats`  what we measured of a peer (EWMA throughput and latency, queue, failures, drops) and
+               the predicted time it takes to answer; when failures drop or suspend it.
+- `choice`     the peer a chunk is asked from: best predicted completion time, with jitter.
+- `window`     how many chunk requests a blob keeps in flight: the bandwidth-delay product.
+- `schedule`   which missing chunks go to which peer this round: wanted first, then rarest first,
+               within the blob's window and the engine-wide cap; a reader's read-ahead.
+- `striping`   who fetches which chunk from the origin: the interested nodes, stripe owners, stalled
+               owners and their single heir, the run one origin request covers.
+- `hedging`    which straggling peer requests get a second request, and to whom.
+- `gathering`  whether to keep waiting for the nodes of a burst to join before dealing stripes.
+"""
