@@ -8,6 +8,7 @@ what `peersync config-defaults` prints (see `DEFAULT_TOML`).
 from __future__ import annotations
 
 import dataclasses
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,36 @@ unpack_layers = true
 listen = "0.0.0.0:5381"
 # The URL other nodes reach this one at; default: http://<listen> with the host's address.
 advertise = ""
-# The other nodes of the site, "host:port" (static until discovery lands).
+# A fixed list of the other nodes of the site, "host:port". Not needed on one LAN segment, where
+# nodes find each other by DNS-SD over multicast DNS ([discovery]); it keeps working beside it.
 peers = []
+# Addresses ("host:port") of a few nodes of a routed site (where multicast does not reach): a new
+# node asks them who the site's members and tracker are, then learns the rest from the tracker.
+bootstrap = []
+
+[site]
+# Nodes of other sites on the same LAN are ignored. The same file on every node is enough.
+name = "default"
+# Tracker election preference: higher first, then link speed, CPUs, memory, uptime, node id
+# (docs/control-plane.md). A negative value means this node never becomes the tracker.
+tracker_priority = 0
+
+[discovery]
+# Find the site's other nodes by DNS-SD (service _peersync._tcp) over multicast DNS.
+mdns = true
+# Interfaces (names or addresses) multicast DNS speaks on; empty: the interface holding the
+# [peer] listen address (every interface when it listens on a wildcard address).
+interfaces = []
+
+[cache]
+# Disk budget for the store: bytes with a unit ("20GiB", "500MB") or a share of the filesystem
+# holding the root ("80%"). Blobs containerd references, blobs that back snapshots and pinned
+# blobs are never evicted; cache-only blobs go by popularity, recency and how many other nodes
+# hold them. "" means no budget.
+budget = "80%"
+# Eviction starts above high_watermark x budget and stops below low_watermark x budget.
+high_watermark = 0.95
+low_watermark = 0.85
 
 [mirror]
 # The registry mirror for containerd's hosts.toml; keep it on loopback. "" disables it.
@@ -110,6 +139,26 @@ class PeerConfig:
     listen: str = "0.0.0.0:5381"
     advertise: str = ""
     peers: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = "default"
+    tracker_priority: int = 0
+
+
+@dataclass(frozen=True)
+class DiscoveryConfig:
+    mdns: bool = True
+    interfaces: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    budget: str = "80%"
+    high_watermark: float = 0.95
+    low_watermark: float = 0.85
 
 
 @dataclass(frozen=True)
@@ -136,6 +185,9 @@ class Config:
     peer: PeerConfig = field(default_factory=PeerConfig)
     mirror: MirrorConfig = field(default_factory=MirrorConfig)
     origin: OriginConfig = field(default_factory=OriginConfig)
+    site: SiteConfig = field(default_factory=SiteConfig)
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
@@ -218,6 +270,18 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
     if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
+    if isinstance(config, PeerConfig):
+        for address in config.bootstrap:
+            if not _hostport(address.split("://", 1)[-1]):
+                raise InvalidArgument(f"{where}: peer.bootstrap entries must be host:port, got {address!r}")
+    if isinstance(config, SiteConfig) and not _SITE_NAME.fullmatch(config.name):
+        raise InvalidArgument(
+            f"{where}: site.name must be 1-63 lowercase letters, digits or '-', got {config.name!r}"
+        )
+    if isinstance(config, CacheConfig):
+        parse_budget(config.budget, where=f"{where}: cache.budget")
+        if not 0.0 < config.low_watermark < config.high_watermark <= 1.0:
+            raise InvalidArgument(f"{where}: cache watermarks need 0 < low_watermark < high_watermark <= 1")
     if isinstance(config, GrpcConfig):
         if config.implementation not in ("h2", "grpcio"):
             raise InvalidArgument(f"{where}: grpc.implementation must be h2 or grpcio")
@@ -225,6 +289,61 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: grpc.read_message_size must be between 64 KiB and 4 MiB")
         if config.max_receive_message_size < 4 * MIB:
             raise InvalidArgument(f"{where}: grpc.max_receive_message_size must be at least 4 MiB")
+
+
+_SITE_NAME = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)", re.IGNORECASE)
+_UNITS = {"": 1, "b": 1}
+for _i, _p in enumerate("kmgtp", start=1):
+    _UNITS[f"{_p}b"] = 1000**_i
+    _UNITS[f"{_p}ib"] = _UNITS[f"{_p}i"] = _UNITS[_p] = 1024**_i
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A disk budget: a fixed number of bytes, or a share of the filesystem (`fraction`).
+
+    Neither set means no budget. A share is resolved against the filesystem's size when the cache
+    manager runs (`bytes_for`), so it follows a resized disk."""
+
+    bytes: int | None = None
+    fraction: float | None = None
+
+    def bytes_for(self, filesystem_bytes: int) -> int | None:
+        """The budget in bytes on a filesystem of `filesystem_bytes`; None when unlimited."""
+        if self.bytes is not None:
+            return self.bytes
+        if self.fraction is not None:
+            return int(filesystem_bytes * self.fraction)
+        return None
+
+
+def parse_budget(text: str, where: str = "budget") -> Budget:
+    """"20GiB", "500MB", "1048576" (bytes) or "80%" (of the filesystem); "" for none.
+
+    Units: k, M, G, T, P with B (powers of 1000) or iB (powers of 1024); a bare k/M/G/T/P means
+    the binary unit, as operators usually mean it."""
+    text = text.strip()
+    if not text:
+        return Budget()
+    if text.endswith("%"):
+        try:
+            share = float(text[:-1])
+        except ValueError:
+            share = -1.0
+        if not 0.0 < share <= 100.0:
+            raise InvalidArgument(f"{where}: a share must be between 0% and 100%, got {text!r}")
+        return Budget(fraction=share / 100.0)
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _UNITS:
+        raise InvalidArgument(
+            f'{where}: want bytes with a unit ("20GiB", "500MB") or a share ("80%"), got {text!r}'
+        )
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise InvalidArgument(f"{where}: must be more than 0 bytes, got {text!r}")
+    return Budget(bytes=size)
 
 
 def _hostport(text: str) -> tuple[str, int] | None:

@@ -59,3 +59,49 @@ def test_bad_config_names_the_key(tmp_path: Path, text: str, message: str) -> No
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match="cannot read config"):
         config.load(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("20GiB", config.Budget(bytes=20 << 30)),
+        ("20G", config.Budget(bytes=20 << 30)),
+        ("500MB", config.Budget(bytes=500_000_000)),
+        ("1.5 TiB", config.Budget(bytes=3 << 39)),
+        ("1048576", config.Budget(bytes=1 << 20)),
+        ("80%", config.Budget(fraction=0.8)),
+        ("", config.Budget()),
+    ],
+)
+def test_budget_forms(text: str, expected: config.Budget) -> None:
+    assert config.parse_budget(text) == expected
+
+
+@pytest.mark.parametrize("text", ["0%", "120%", "abc%", "5XB", "-1", "0", "GiB"])
+def test_bad_budgets_are_refused_naming_the_key(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(f'[cache]\nbudget = "{text}"\n')
+    with pytest.raises(InvalidArgument, match=r"cache\.budget"):
+        config.load(path)
+
+
+def test_budget_share_follows_the_filesystem() -> None:
+    assert config.parse_budget("50%").bytes_for(1000) == 500
+    assert config.parse_budget("1KiB").bytes_for(10) == 1024
+    assert config.parse_budget("").bytes_for(1000) is None
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ('[cache]\nlow_watermark = 0.9\nhigh_watermark = 0.8\n', "watermarks"),
+        ('[site]\nname = "Not OK"\n', r"site\.name"),
+        ('[peer]\nbootstrap = ["nohost"]\n', r"peer\.bootstrap"),
+        ("[discovery]\nmdns = 1\n", "true or false"),
+    ],
+)
+def test_control_plane_keys_are_validated(tmp_path: Path, toml: str, match: str) -> None:
+    path = tmp_path / "c.toml"
+    path.write_text(toml)
+    with pytest.raises(InvalidArgument, match=match):
+        config.load(path)
