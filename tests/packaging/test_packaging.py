@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -42,16 +40,8 @@ def test_wheel_carries_every_package_and_the_console_script(tmp_path: Path) -> N
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("dpkg-deb") is None or not Path("/usr/bin/python3").exists():
-        pytest.skip("needs root, dpkg-deb and Debian's python3 (with python3-venv)")
-    out = subprocess.run(
-        ["bash", str(ROOT / "packaging" / "deb" / "build.sh"), str(tmp_path / "dist")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip().splitlines()[-1]
-    deb = Path(out)
+def test_deb_builds_and_its_peersync_runs(built_deb: Path, tmp_path: Path) -> None:
+    deb = built_deb
     assert deb.name.startswith(f"peersync_{VERSION}_") and deb.exists()
     info = subprocess.run(["dpkg-deb", "-I", str(deb)], check=True, capture_output=True, text=True).stdout
     assert "Package: peersync" in info and "Depends: python3 (>= 3.11), containerd (>= 1.6)" in info
@@ -60,17 +50,27 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
         "./usr/bin/peersync",
         "./lib/systemd/system/peersync.service",
         "./lib/systemd/system/peersync.socket",
-        "./etc/containerd/conf.d/peersync.toml",
+        "./usr/share/peersync/containerd/peersync.toml",
+        "./usr/share/peersync/containerd/peersync-no-cri.toml",
+        "./usr/share/peersync/containerd-setup.py",
+        "./etc/containerd/conf.d/",
+        "./etc/containerd/certs.d/",
         "./etc/peersync/config.toml",
         "./opt/peersync/bin/peersync",
     ):
         assert path in files, path
+    # The drop-in is postinst's link, not a file of the package (see build.sh: a conffile would
+    # outlive `remove` and leave containerd without a content store).
+    assert "./etc/containerd/conf.d/peersync.toml" not in files
     assert "/testbed/" not in files and "demo.py" not in files, "testbed tooling shipped in the .deb"
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    assert (control / "conffiles").read_text().split() == ["/etc/peersync/config.toml"]
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    assert (root / "etc/containerd/conf.d/peersync.toml").read_text() == (
-        ROOT / "packaging/containerd/peersync.toml"
-    ).read_text()
+    share = root / "usr/share/peersync/containerd"
+    for name in ("peersync.toml", "peersync-no-cri.toml"):
+        assert (share / name).read_text() == (ROOT / "packaging/containerd" / name).read_text()
     # The packaged virtualenv runs the CLI with Debian's interpreter.
     shebang = (root / "opt/peersync/bin/peersync").read_text().splitlines()[0]
     assert shebang == "#!/opt/peersync/bin/python3"
@@ -79,7 +79,6 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
         [str(py), "-m", "peersync.cli", "--version"], check=True, capture_output=True, text=True
     ).stdout
     assert version.strip() == f"peersync {VERSION}"
-    cfg = subprocess.run(
-        [str(py), "-m", "peersync.cli", "containerd-config"], check=True, capture_output=True, text=True
-    ).stdout
-    assert 'address = "/run/peersync/peersync.sock"' in cfg
+    args = [str(py), "-m", "peersync.cli", "containerd-config", "--cri"]
+    cfg = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    assert tomllib.loads(cfg) == tomllib.loads((share / "peersync.toml").read_text())
