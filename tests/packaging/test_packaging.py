@@ -82,3 +82,32 @@ def test_deb_builds_and_its_peersync_runs(built_deb: Path, tmp_path: Path) -> No
     args = [str(py), "-m", "peersync.cli", "containerd-config", "--cri"]
     cfg = subprocess.run(args, check=True, capture_output=True, text=True).stdout
     assert tomllib.loads(cfg) == tomllib.loads((share / "peersync.toml").read_text())
+
+
+def _setup_check(root: Path) -> str:
+    """`containerd-setup.py check`, what the .deb's postinst prints, on a host tree at `root`."""
+    script = ROOT / "packaging" / "containerd" / "containerd-setup.py"
+    done = subprocess.run([sys.executable, str(script), "check", f"--host-root={root}"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_postinst_check_names_the_import_and_the_hidden_cri_settings(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "containerd"
+    (etc / "conf.d").mkdir(parents=True)
+    share = ROOT / "packaging" / "containerd"
+    (etc / "conf.d" / "peersync.toml").symlink_to(share / "peersync.toml")
+    config = etc / "config.toml"
+    config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n'
+                      "  SystemdCgroup = true\n")
+    out = _setup_check(tmp_path)
+    assert 'imports = ["/etc/containerd/conf.d/*.toml"]' in out
+    assert "containerd.runtimes.runc.options.SystemdCgroup" in out and "warning" in out
+    # imported: no more import advice; the warning stays while the drop-in has the CRI section
+    config.write_text('version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' + config.read_text()[12:])
+    out = _setup_check(tmp_path)
+    assert "imports =" not in out and "SystemdCgroup" in out
+    # the opt-out: the no-CRI drop-in hides nothing
+    (etc / "conf.d" / "peersync.toml").unlink()
+    (etc / "conf.d" / "peersync.toml").symlink_to(share / "peersync-no-cri.toml")
+    assert _setup_check(tmp_path) == ""
