@@ -61,7 +61,7 @@ CASES: dict[str, dict[str, Any]] = {
             "type": "http", "http": {"port": 9400, "path": "/healthz"}, "liveness": {"enabled": False},
         },
     },
-    "k3s-no-init": {"containerd": {"configure": False}},
+    "k3s-no-init": {"containerd": {"configure": False}, "probes": {"liveness": {"timeoutSeconds": 20}}},
     "site-config": {
         "config": {
             "peer": {"peers": ["10.0.0.12:5381", "10.0.0.13:5381"], "listen": "0.0.0.0:7381"},
@@ -173,6 +173,10 @@ def check_daemonset(ds: dict[str, Any], cm: dict[str, Any], values: dict[str, An
     probe = daemon["readinessProbe"]
     if values["probes"]["type"] == "socket":
         assert f'unix://{cfg["socket"]}' in probe["exec"]["command"][2]
+        for kind in ("readiness", "liveness"):  # each call gives up before kubelet does
+            if kind == "readiness" or values["probes"]["liveness"]["enabled"]:
+                code = daemon[f"{kind}Probe"]["exec"]["command"][2]
+                assert f'timeout={values["probes"][kind]["timeoutSeconds"] - 2})' in code
     else:
         assert probe["httpGet"] == {"host": "127.0.0.1", "port": values["probes"]["http"]["port"],
                                     "path": values["probes"]["http"]["path"]}

@@ -88,14 +88,15 @@ takes an integer where it wants a float).
 {{- end -}}
 {{- end -}}
 
-{{/* The readiness/liveness check. */}}
+{{/* The readiness/liveness check; (dict "root" $ "timeout" seconds). */}}
 {{- define "peersync.probe" -}}
-{{- if eq .Values.probes.type "http" -}}
+{{- $v := .root.Values -}}
+{{- if eq $v.probes.type "http" -}}
 httpGet:
   host: 127.0.0.1
-  port: {{ .Values.probes.http.port }}
-  path: {{ .Values.probes.http.path }}
-{{- else if eq .Values.probes.type "socket" -}}
+  port: {{ $v.probes.http.port }}
+  path: {{ $v.probes.http.path }}
+{{- else if eq $v.probes.type "socket" -}}
 exec:
   command:
     - python3
@@ -103,10 +104,10 @@ exec:
     - |
       # A unary gRPC call on the daemon's socket: any status is an answer, none in time is not.
       import grpc, sys
-      channel = grpc.insecure_channel("unix://{{ .Values.config.socket }}")
+      channel = grpc.insecure_channel("unix://{{ $v.config.socket }}")
       info = channel.unary_unary("/containerd.services.content.v1.Content/Info")
       try:
-          info(b"", timeout={{ sub .Values.probes.readiness.timeoutSeconds 2 }})
+          info(b"", timeout={{ sub .timeout 2 }})
       except grpc.RpcError as exc:
           if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
               sys.exit(f"peersync daemon not answering: {exc.code().name}")
