@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -42,16 +40,8 @@ def test_wheel_carries_every_package_and_the_console_script(tmp_path: Path) -> N
 
 @pytest.mark.integration
 @pytest.mark.timeout(600)
-def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
-    if os.geteuid() != 0 or shutil.which("dpkg-deb") is None or not Path("/usr/bin/python3").exists():
-        pytest.skip("needs root, dpkg-deb and Debian's python3 (with python3-venv)")
-    out = subprocess.run(
-        ["bash", str(ROOT / "packaging" / "deb" / "build.sh"), str(tmp_path / "dist")],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip().splitlines()[-1]
-    deb = Path(out)
+def test_deb_builds_and_its_peersync_runs(built_deb: Path, tmp_path: Path) -> None:
+    deb = built_deb
     assert deb.name.startswith(f"peersync_{VERSION}_") and deb.exists()
     info = subprocess.run(["dpkg-deb", "-I", str(deb)], check=True, capture_output=True, text=True).stdout
     assert "Package: peersync" in info and "Depends: python3 (>= 3.11), containerd (>= 1.6)" in info
@@ -60,17 +50,27 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
         "./usr/bin/peersync",
         "./lib/systemd/system/peersync.service",
         "./lib/systemd/system/peersync.socket",
-        "./etc/containerd/conf.d/peersync.toml",
+        "./usr/share/peersync/containerd/peersync.toml",
+        "./usr/share/peersync/containerd/peersync-no-cri.toml",
+        "./usr/share/peersync/containerd-setup.py",
+        "./etc/containerd/conf.d/",
+        "./etc/containerd/certs.d/",
         "./etc/peersync/config.toml",
         "./opt/peersync/bin/peersync",
     ):
         assert path in files, path
+    # The drop-in is postinst's link, not a file of the package (see build.sh: a conffile would
+    # outlive `remove` and leave containerd without a content store).
+    assert "./etc/containerd/conf.d/peersync.toml" not in files
     assert "/testbed/" not in files and "demo.py" not in files, "testbed tooling shipped in the .deb"
+    control = tmp_path / "control"
+    subprocess.run(["dpkg-deb", "-e", str(deb), str(control)], check=True)
+    assert (control / "conffiles").read_text().split() == ["/etc/peersync/config.toml"]
     root = tmp_path / "root"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(root)], check=True)
-    assert (root / "etc/containerd/conf.d/peersync.toml").read_text() == (
-        ROOT / "packaging/containerd/peersync.toml"
-    ).read_text()
+    share = root / "usr/share/peersync/containerd"
+    for name in ("peersync.toml", "peersync-no-cri.toml"):
+        assert (share / name).read_text() == (ROOT / "packaging/containerd" / name).read_text()
     # The packaged virtualenv runs the CLI with Debian's interpreter.
     shebang = (root / "opt/peersync/bin/peersync").read_text().splitlines()[0]
     assert shebang == "#!/opt/peersync/bin/python3"
@@ -79,7 +79,35 @@ def test_deb_builds_and_its_peersync_runs(tmp_path: Path) -> None:
         [str(py), "-m", "peersync.cli", "--version"], check=True, capture_output=True, text=True
     ).stdout
     assert version.strip() == f"peersync {VERSION}"
-    cfg = subprocess.run(
-        [str(py), "-m", "peersync.cli", "containerd-config"], check=True, capture_output=True, text=True
-    ).stdout
-    assert 'address = "/run/peersync/peersync.sock"' in cfg
+    args = [str(py), "-m", "peersync.cli", "containerd-config", "--cri"]
+    cfg = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+    assert tomllib.loads(cfg) == tomllib.loads((share / "peersync.toml").read_text())
+
+
+def _setup_check(root: Path) -> str:
+    """`containerd-setup.py check`, what the .deb's postinst prints, on a host tree at `root`."""
+    script = ROOT / "packaging" / "containerd" / "containerd-setup.py"
+    done = subprocess.run([sys.executable, str(script), "check", f"--host-root={root}"],
+                          capture_output=True, text=True, check=True)
+    return done.stdout
+
+
+def test_postinst_check_names_the_import_and_the_hidden_cri_settings(tmp_path: Path) -> None:
+    etc = tmp_path / "etc" / "containerd"
+    (etc / "conf.d").mkdir(parents=True)
+    share = ROOT / "packaging" / "containerd"
+    (etc / "conf.d" / "peersync.toml").symlink_to(share / "peersync.toml")
+    config = etc / "config.toml"
+    config.write_text('version = 2\n[plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]\n'
+                      "  SystemdCgroup = true\n")
+    out = _setup_check(tmp_path)
+    assert 'imports = ["/etc/containerd/conf.d/*.toml"]' in out
+    assert "containerd.runtimes.runc.options.SystemdCgroup" in out and "warning" in out
+    # imported: no more import advice; the warning stays while the drop-in has the CRI section
+    config.write_text('version = 2\nimports = ["/etc/containerd/conf.d/*.toml"]\n' + config.read_text()[12:])
+    out = _setup_check(tmp_path)
+    assert "imports =" not in out and "SystemdCgroup" in out
+    # the opt-out: the no-CRI drop-in hides nothing
+    (etc / "conf.d" / "peersync.toml").unlink()
+    (etc / "conf.d" / "peersync.toml").symlink_to(share / "peersync-no-cri.toml")
+    assert _setup_check(tmp_path) == ""

@@ -185,11 +185,15 @@ def test_containerd_config_cli(tmp_path: Path) -> None:
 
 
 def test_packaged_dropin_matches_cli() -> None:
+    """The .deb's drop-ins are what `peersync containerd-config [--cri]` prints, comments aside."""
     from peersync.containerd_config import render
 
-    text = (ROOT / "packaging" / "containerd" / "peersync.toml").read_text()
-    body = "\n".join(line for line in text.splitlines() if not line.startswith("#")) + "\n"
-    assert body == render(Path("/run/peersync/peersync.sock"))
+    def body(name: str) -> str:
+        text = (ROOT / "packaging" / "containerd" / name).read_text()
+        return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#")) + "\n"
+
+    assert body("peersync.toml") == render(Path("/run/peersync/peersync.sock"), cri=True)
+    assert body("peersync-no-cri.toml") == render(Path("/run/peersync/peersync.sock"))
 
 
 def start_activated(listener: socket.socket, root: Path, sock: Path) -> subprocess.Popen[bytes]:
