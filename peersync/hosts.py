@@ -10,7 +10,7 @@ inserted before the user's first table (and the comments right above it) or appe
 out again byte for byte:
 
     # peersync-managed-begin [flags] -- managed by `peersync hosts`: edits inside are lost
-    [host."http://127.0.0.1:5000"]
+    [host."http://127.0.0.1:5380"]
       capabilities = ["pull", "resolve"]
     # peersync-managed-end
 
@@ -37,11 +37,13 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from kernel.config import MirrorConfig
 from kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from kernel.store.fsutil import fsync_dir
 
 DEFAULT_DIR = Path("/etc/containerd/certs.d")
-DEFAULT_MIRROR = "http://127.0.0.1:5000"
+# Where the daemon's mirror listens by default ([mirror] listen): the entry must point at it.
+DEFAULT_MIRROR = f"http://{MirrorConfig().listen}"
 CAPABILITIES = ("pull", "resolve")
 BEGIN = "# peersync-managed-begin"
 END = "# peersync-managed-end"

@@ -267,3 +267,9 @@ def test_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "docker.io: deleted" in out and "quay.io: removed" in out
     assert path.read_text() == USER_FILES["rich"] and broken.read_text() == "server = "
     assert not (tmp_path / "docker.io").exists()
+
+
+def test_default_mirror_is_where_the_daemon_listens_by_default() -> None:
+    from kernel.config import Config
+
+    assert hosts.DEFAULT_MIRROR == f"http://{Config().mirror.listen}"
