@@ -199,12 +199,19 @@ def load(path: Path | None) -> Config:
     if path is None:
         return Config()
     try:
-        data = tomllib.loads(Path(path).read_text())
+        text = Path(path).read_text()
     except OSError as exc:
         raise InvalidArgument(f"cannot read config {path}: {exc.strerror}") from exc
+    return loads(text, where=str(path))
+
+
+def loads(text: str, where: str = "config") -> Config:
+    """Parse config TOML text, validating every key (`where` names it in errors)."""
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise InvalidArgument(f"config {path} is not valid TOML: {exc}") from exc
-    return _build(Config, data, where=str(path))
+        raise InvalidArgument(f"config {where} is not valid TOML: {exc}") from exc
+    return _build(Config, data, where=where)
 
 
 def _build(cls: type[_D], data: dict[str, Any], where: str) -> _D:

@@ -36,7 +36,7 @@ import functools
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -129,6 +129,9 @@ class Engine:
         }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
         self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
+        # told True when downloads start running and False when the last one ends (the control
+        # plane syncs more often while this node downloads)
+        self.on_busy: Callable[[bool], None] | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -256,6 +259,8 @@ class Engine:
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
+            if self.on_busy is not None:
+                self.on_busy(True)
             self._poller = asyncio.create_task(self._poll(), name="peer poller")
 
     async def _poll(self) -> None:
@@ -263,6 +268,8 @@ class Engine:
         while not self._closed:
             active = [d for d, dl in self.downloads.items() if not dl.task.done()]
             if not active:
+                if self.on_busy is not None:
+                    self.on_busy(False)
                 return
             await self.refresh(active)
             await asyncio.sleep(self.config.poll_interval)

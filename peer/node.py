@@ -1,8 +1,14 @@
-"""Assembly of the network side: origin client, peer exchange, download engine, registry mirror.
+"""Assembly of the network side: origin client, peer exchange, download engine, registry mirror,
+control plane.
 
 `PeerNode(config, store, meta)` is what `peersync.service` starts next to the gRPC server; the
 content store reaches its engine only through the daemon's adapter (`peersync.blobs`), never
 directly: `peer/` and `snapshotter/` do not import each other.
+
+When the peer exchange listens, the node runs a control plane (`peer.control.plane`: discovery,
+membership, tracker election, the sync message) on the same port, and the engine's peers come
+from it (the static `[peer] peers` list included); without a listen address there is nobody to
+meet, and the engine keeps the static list alone.
 """
 
 from __future__ import annotations
@@ -20,11 +26,12 @@ from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog
+from peer.control.plane import ControlPlane
 from peer.engine import Engine
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
-from peer.peers import StaticPeers
+from peer.peers import PeerSource, StaticPeers
 
 log = structlog.get_logger(__name__)
 
@@ -39,6 +46,7 @@ class PeerNode:
         self._runners: list[web.AppRunner] = []
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
+        self.control: ControlPlane | None = None
         self.self_url = advertised_url(config)
 
     async def start(self) -> None:
@@ -47,11 +55,18 @@ class PeerNode:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
-        peers = StaticPeers(cfg.peer.peers, self.self_url)
+        peers: PeerSource = StaticPeers(cfg.peer.peers, self.self_url)
+        if cfg.peer.listen:
+            self.control = ControlPlane(cfg, self.self_url)
+            peers = self.control
         self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        if self.control is not None:
+            self.engine.on_busy = self.control.set_busy
         if cfg.peer.listen:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
+            if self.control is not None:
+                app.add_routes(self.control.routes())
             app.router.add_get("/peersync/v1/stats", self._stats)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
@@ -61,6 +76,8 @@ class PeerNode:
             )
             app.add_routes(mirror.routes())
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")
+        if self.control is not None:
+            await self.control.start()
         self.engine.resume()
         log.info("peer side up", url=self.self_url, peers=peers.peers())
 
@@ -71,9 +88,13 @@ class PeerNode:
         now = time.monotonic()
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
         body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
+        if self.control is not None:
+            body["control"] = self.control.counters.snapshot()
         return web.json_response(body)
 
     async def stop(self) -> None:
+        if self.control is not None:
+            await self.control.stop()
         if self.engine is not None:
             await self.engine.close()
         for runner in self._runners:

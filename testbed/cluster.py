@@ -11,6 +11,10 @@ Modes: "full" (content + snapshotter proxy, lazy reads, pulls through the node's
 
 Clients: "ctr" (`ctr images pull`: fetch everything, then unpack) or "cri" (containerd's CRI
 plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them).
+
+Peers: by default each node's config lists the others (`[peer] peers`); with `discovery=True`
+every node gets the same config naming no peer, listening on the wildcard address, and the
+nodes find each other by multicast DNS on the site's LAN (the control plane runs in both cases).
 """
 
 from __future__ import annotations
@@ -34,13 +38,14 @@ MIRROR = "127.0.0.1:5380"
 REGISTRY = f"{REGISTRY_IP}:5000"
 
 
-def node_config(node: SiteNode, site: Site, extra: str = "") -> str:
-    peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node]
-    return (
-        f'[peer]\nlisten = "{node.ip}:{PEER_PORT}"\npeers = {json.dumps(peers)}\n'
-        f'[mirror]\nlisten = "{MIRROR}"\n'
-        f'[origin]\nplain_http = ["{REGISTRY}"]\n' + extra
-    )
+def node_config(node: SiteNode, site: Site, extra: str = "", discovery: bool = False) -> str:
+    """A node's daemon config: listing the other nodes, or (`discovery`) the same for every node."""
+    if discovery:
+        peer = f'[peer]\nlisten = "0.0.0.0:{PEER_PORT}"\n'
+    else:
+        peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node]
+        peer = f'[peer]\nlisten = "{node.ip}:{PEER_PORT}"\npeers = {json.dumps(peers)}\n'
+    return peer + f'[mirror]\nlisten = "{MIRROR}"\n' + f'[origin]\nplain_http = ["{REGISTRY}"]\n' + extra
 
 
 @dataclass
@@ -67,13 +72,19 @@ class ClusterNode:
 
     def stats(self) -> dict[str, Any]:
         """The daemon's transfer counters (asked inside the node's namespace)."""
+        return self._get("/peersync/v1/stats")
+
+    def control(self) -> dict[str, Any]:
+        """The daemon's control-plane status (role, tracker, members, message counters)."""
+        return self._get("/peersync/v1/control/status")
+
+    def _get(self, path: str) -> dict[str, Any]:
         import urllib.request
 
         def get() -> dict[str, Any]:
-            url = f"http://{self.node.ip}:{PEER_PORT}/peersync/v1/stats"
-            with urllib.request.urlopen(url, timeout=10) as resp:
-                stats: dict[str, Any] = json.loads(resp.read())
-            return stats
+            with urllib.request.urlopen(f"http://{self.node.ip}:{PEER_PORT}{path}", timeout=10) as resp:
+                body: dict[str, Any] = json.loads(resp.read())
+            return body
 
         return self.node.call(get)
 
@@ -81,18 +92,25 @@ class ClusterNode:
 class Cluster:
     """Daemons, containerds and hosts.toml on every node of `site`."""
 
-    def __init__(self, site: Site, mode: str = "full", extra_config: str = "", client: str = "ctr") -> None:
+    def __init__(
+        self,
+        site: Site,
+        mode: str = "full",
+        extra_config: str = "",
+        client: str = "ctr",
+        discovery: bool = False,
+    ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
         if client not in ("ctr", "cri"):
             raise ValueError(f"client must be ctr or cri, not {client!r}")
-        self.site, self.mode, self.client = site, mode, client
+        self.site, self.mode, self.client, self.discovery = site, mode, client, discovery
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
-        daemon = node.start_peersync(config=node_config(node, self.site, extra_config))
+        daemon = node.start_peersync(config=node_config(node, self.site, extra_config, self.discovery))
         full = self.mode == "full"
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"

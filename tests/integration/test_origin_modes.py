@@ -128,8 +128,10 @@ def daemon_config(
     default_registry: str | None = None,
     tag_ttl: float | None = None,
 ) -> str:
-    """The daemon's TOML: loopback listeners, the origin over plain HTTP, its credentials if any."""
+    """The daemon's TOML: loopback listeners, multicast DNS off, the origin over plain HTTP, its
+    credentials if any."""
     lines = ["[peer]", f'listen = "127.0.0.1:{peer_port}"', "peers = []", ""]
+    lines += ["[discovery]", "mdns = false", ""]
     lines += ["[mirror]", f'listen = "127.0.0.1:{free_port()}"']
     if default_registry is not None:
         lines.append(f"default_registry = {q(default_registry)}")

@@ -24,6 +24,8 @@ def test_the_policy_modules_are_all_here() -> None:
         "striping",
         "hedging",
         "gathering",
+        "membership",
+        "election",
     } <= names
 
 
