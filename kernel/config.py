@@ -76,6 +76,22 @@ mdns = true
 # [peer] listen address (every interface when it listens on a wildcard address).
 interfaces = []
 
+[tls]
+# Site membership (docs/tls.md): every peer exchange, tracker and discovery request on [peer]
+# listen is mutual TLS, and a node proves it belongs to the site with a certificate from the site's
+# CA. `peersync site init --dir DIR` makes the CA (keep DIR off the nodes); `peersync site issue
+# NODE --dir DIR --ip ADDR --out /etc/peersync/tls` writes a node's three files where these
+# defaults look for them. The site CA's certificate (several, concatenated, while a CA is rotated):
+ca = "/etc/peersync/tls/ca.crt"
+# This node's certificate (its addresses as SANs) and private key (mode 0600).
+cert = "/etc/peersync/tls/node.crt"
+key = "/etc/peersync/tls/node.key"
+# Without usable certificates the daemon neither serves peers nor asks them: containerd and the
+# mirror keep working (from the origin), and the log and the control plane's status say why.
+# true: plain HTTP on the peer port, no authentication at all: any host that reaches it reads
+# every blob this node holds, private ones included. For labs only; logged as a warning.
+insecure = false
+
 [cache]
 # Disk budget for the store: bytes with a unit ("20GiB", "500MB") or a share of the filesystem
 # holding the root ("80%"). Blobs containerd references, blobs that back snapshots and pinned
@@ -155,6 +171,14 @@ class DiscoveryConfig:
 
 
 @dataclass(frozen=True)
+class TlsConfig:
+    ca: Path = Path("/etc/peersync/tls/ca.crt")
+    cert: Path = Path("/etc/peersync/tls/node.crt")
+    key: Path = Path("/etc/peersync/tls/node.key")
+    insecure: bool = False
+
+
+@dataclass(frozen=True)
 class CacheConfig:
     budget: str = "80%"
     high_watermark: float = 0.95
@@ -187,6 +211,7 @@ class Config:
     origin: OriginConfig = field(default_factory=OriginConfig)
     site: SiteConfig = field(default_factory=SiteConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
 
     def with_overrides(self, **changes: Any) -> Config:

@@ -115,3 +115,29 @@ def test_config_text_parses_like_a_file_and_names_where_it_came_from(tmp_path: P
         config.loads('[site]\nnmae = "x"\n', where="inline")
     with pytest.raises(InvalidArgument, match="config inline is not valid TOML"):
         config.loads("[site", where="inline")
+
+
+def test_tls_is_on_by_default_and_reads_the_files_site_issue_writes() -> None:
+    """Secure by default: no key turns mutual TLS on, the paths are where `peersync site issue
+    --out /etc/peersync/tls` puts a node's files, and plain HTTP needs an explicit `insecure`."""
+    tls = config.Config().tls
+    assert tls.insecure is False
+    assert (tls.ca, tls.cert, tls.key) == tuple(
+        Path("/etc/peersync/tls") / name for name in ("ca.crt", "node.crt", "node.key")
+    )
+    cfg = config.loads('[tls]\ninsecure = true\ncert = "/srv/n1.crt"\n')
+    assert cfg.tls.insecure is True and cfg.tls.cert == Path("/srv/n1.crt")
+
+
+@pytest.mark.parametrize(
+    ("toml", "match"),
+    [
+        ('[tls]\ninsecure = "yes"\n', r"tls: insecure must be true or false"),
+        ('[tls]\nca = ""\n', r"tls: ca must be a non-empty path"),
+        ("[tls]\nkey = 1\n", r"tls: key must be a non-empty path"),
+        ('[tls]\ncrt = "/x"\n', r"tls: unknown key 'crt'"),
+    ],
+)
+def test_tls_keys_are_validated(toml: str, match: str) -> None:
+    with pytest.raises(InvalidArgument, match=match):
+        config.loads(toml)
