@@ -5,6 +5,8 @@
     peersync config-defaults
     peersync hosts install [--dir DIR] [--mirror URL] REGISTRY...
     peersync hosts remove [--dir DIR] (REGISTRY... | --all)
+    peersync site init --dir DIR [--name SITE] [--days N] [--force]
+    peersync site issue NODE --dir DIR [--out DIR] [--ip ADDR ...] [--dns NAME ...] [--days N] [--force]
 """
 
 from __future__ import annotations
@@ -62,7 +64,55 @@ def _parser() -> argparse.ArgumentParser:
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
 
     _hosts_parser(sub)
+    _site_parser(sub)
     return parser
+
+
+def _site_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """The operator's certificate tool (peersync/site.py); run it where the site CA is kept."""
+    from peersync import site
+
+    group = sub.add_parser("site", help="make the site CA and node certificates (mutual TLS between nodes)")
+    ssub = group.add_subparsers(required=True, metavar="ACTION")
+    init = ssub.add_parser("init", help="create the site CA (ca.key, ca.crt) in --dir")
+    init.add_argument("--dir", type=Path, required=True, help="the site directory (keep it off the nodes)")
+    init.add_argument("--name", default="default", help="the site's name, shown in its certificates")
+    init.add_argument("--days", type=int, default=site.CA_DAYS, help="lifetime (default %(default)s)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA (cuts off every node)")
+    init.set_defaults(func=_site_init)
+    issue = ssub.add_parser("issue", help="issue a node certificate signed by the site CA")
+    issue.add_argument("node", metavar="NODE", help="the node's name (the certificate's CN)")
+    issue.add_argument("--dir", type=Path, required=True, help="the site directory (`site init --dir`)")
+    issue.add_argument("--out", type=Path, help="where to write ca.crt, node.crt, node.key (DIR/nodes/NODE)")
+    issue.add_argument("--ip", action="append", default=[], metavar="ADDR",
+                       help="an address peers dial this node at (repeatable)")
+    issue.add_argument("--dns", action="append", default=[], metavar="NAME",
+                       help="a host name peers dial this node by (repeatable)")
+    issue.add_argument("--days", type=int, default=site.NODE_DAYS, help="lifetime (default %(default)s)")
+    issue.add_argument("--force", action="store_true", help="replace the files in --out")
+    issue.set_defaults(func=_site_issue)
+
+
+def _site_init(args: argparse.Namespace) -> int:
+    from peersync import site
+
+    files = site.init_site(args.dir, args.name, force=args.force, days=args.days)
+    print(f"site CA {args.name!r}: {files.cert} (certificate), {files.key} (private key, 0600: the site's")
+    print("  membership; keep it here, off the nodes). Next: peersync site issue NODE --dir "
+          f"{args.dir} --ip ADDR")
+    return 0
+
+
+def _site_issue(args: argparse.Namespace) -> int:
+    from peersync import site
+
+    out = args.out or args.dir / "nodes" / args.node
+    files = site.issue_node(args.dir, args.node, out, args.ip, args.dns, force=args.force, days=args.days)
+    print(f"node {args.node}: {files.cert}, {files.key} (0600), {files.ca}; valid until "
+          f"{files.not_after:%Y-%m-%d}")
+    print("  install on the node: the three files into /etc/peersync/tls/ (the [tls] defaults), then "
+          "restart peersync")
+    return 0
 
 
 def _hosts_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
