@@ -1,6 +1,8 @@
 """The peer exchange protocol: how nodes of a site ask each other for blob chunks.
 
-HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
+HTTP/1.1 on the node's LAN address (`peer.listen`), over mutual TLS with the site's certificates
+(`peer.tls`: a client without one is refused in the handshake, before any route here runs), all
+under `/peersync/v1`:
 
     GET  /blobs/{digest}        {"digest", "size", "chunk_size", "complete", "have"}: which chunks
                                 this node holds (`have` is the presence bitmap, base64, bit i LSB
@@ -26,6 +28,7 @@ from __future__ import annotations
 import base64
 import json
 import re
+import ssl as sslmod
 from collections.abc import Callable
 from typing import Any
 
@@ -166,11 +169,18 @@ class PeerError(Unavailable):
 
 
 class PeerClient:
-    """Asks other nodes for views, tables and chunk bytes."""
+    """Asks other nodes for views, tables and chunk bytes.
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: float = 10.0) -> None:
+    `ssl` is the client context of `peer.tls` when the site speaks mutual TLS: given per request,
+    so the session it shares with the origin client keeps the system's CAs for registries (aiohttp
+    pools connections per context, so peer connections are still reused)."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: float = 10.0, ssl: sslmod.SSLContext | None = None
+    ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
+        self._ssl: sslmod.SSLContext | bool = ssl if ssl is not None else True
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
         body = await self._request(
@@ -189,7 +199,7 @@ class PeerClient:
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         url = f"{peer}{PREFIX}/blobs/{digest}/data"
         try:
-            async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
+            async with self._session.get(url, headers=headers, timeout=self._timeout, ssl=self._ssl) as resp:
                 if resp.status not in (200, 206):
                     raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}")
                 data = await resp.read()
@@ -204,7 +214,7 @@ class PeerClient:
         """The response body of a 200 (`body`, if any, is sent as JSON)."""
         t = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0) if timeout else self._timeout
         try:
-            async with self._session.request(method, url, timeout=t, json=body) as resp:
+            async with self._session.request(method, url, timeout=t, json=body, ssl=self._ssl) as resp:
                 if resp.status == 404:
                     raise NotFound(f"{url}: not found")
                 if resp.status != 200:

@@ -9,13 +9,23 @@ When the peer exchange listens, the node runs a control plane (`peer.control.pla
 membership, tracker election, the sync message) on the same port, and the engine's peers come
 from it (the static `[peer] peers` list included); without a listen address there is nobody to
 meet, and the engine keeps the static list alone.
+
+Everything peer-facing goes through the transport `peer.tls.load` gives (docs/tls.md): with the
+site certificates the peer port requires a client certificate from the site CA and every peer
+client presents this node's; with `[tls] insecure = true` it is plain HTTP, warned about; with
+neither, the peer port is never opened and no peer is asked, while the local side (containerd's
+plugins, the mirror and its pulls from the origin) keeps working: containerd depends on this
+daemon, so a missing certificate must not take it down. The registry mirror stays plain HTTP on
+loopback, and the origin client keeps the system's CAs.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import ssl
 import time
+from dataclasses import replace
 
 import aiohttp
 import structlog
@@ -26,14 +36,18 @@ from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog
+from peer.control.client import PREFIX as CONTROL_PREFIX
 from peer.control.plane import ControlPlane
 from peer.engine import Engine
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
-from peer.peers import PeerSource, StaticPeers
+from peer.peers import PeerSource, StaticPeers, peer_url
+from peer.tls import DISABLED, MTLS, PeerTransport, load
 
 log = structlog.get_logger(__name__)
+
+CONTROL_STATUS = CONTROL_PREFIX + "/status"
 
 
 class PeerNode:
@@ -47,7 +61,12 @@ class PeerNode:
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self.control: ControlPlane | None = None
-        self.self_url = advertised_url(config)
+        if config.peer.listen or config.peer.peers:
+            self.transport = load(config.tls)
+        else:  # no peer side configured at all: nothing to say about certificates
+            self.transport = PeerTransport(DISABLED, reason="[peer] listen and [peer] peers are empty")
+        self.self_url = advertised_url(config, self.transport.scheme)
+        self._check_addresses()
 
     async def start(self) -> None:
         cfg = self.config
@@ -55,31 +74,58 @@ class PeerNode:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
-        peers: PeerSource = StaticPeers(cfg.peer.peers, self.self_url)
+        transport = self.transport
+        static = cfg.peer.peers if transport.enabled else []
+        peers: PeerSource = StaticPeers(static, self.self_url, transport.scheme)
         if cfg.peer.listen:
-            self.control = ControlPlane(cfg, self.self_url)
+            self.control = ControlPlane(cfg, self.self_url, transport=transport)
             peers = self.control
-        self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        client = PeerClient(self.session, ssl=transport.client)
+        self.engine = Engine(self.store, self.catalog, origin, peers, client, self.self_url)
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
-        if cfg.peer.listen:
+        if cfg.peer.listen and transport.enabled:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
             if self.control is not None:
                 app.add_routes(self.control.routes())
             app.router.add_get("/peersync/v1/stats", self._stats)
-            await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
+            await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen", transport.server)
         if cfg.mirror.listen:
             app = web.Application()
             mirror = Mirror(
                 self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
             )
             app.add_routes(mirror.routes())
+            if self.control is not None:  # local callers see the status even with the peer port closed
+                app.router.add_get(CONTROL_STATUS, self._control_status)
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")
         if self.control is not None:
             await self.control.start()
         self.engine.resume()
-        log.info("peer side up", url=self.self_url, peers=peers.peers())
+        log.info("peer side up", url=self.self_url, peers=peers.peers(), transport=transport.mode)
+
+    def _check_addresses(self) -> None:
+        """Say loudly what will make peers fail: a certificate that does not name the address
+        this node advertises, or configured URLs of the other scheme."""
+        t, cfg = self.transport, self.config
+        host = self.self_url.split("://", 1)[-1].rsplit(":", 1)[0].strip("[]")
+        if t.mode == MTLS and host and not t.check_address(host):
+            warning = (
+                f"this node advertises {self.self_url} but its certificate names only "
+                f"{', '.join(t.certificate.get('addresses', [])) or 'no address'}: peers will refuse it "
+                "(issue it with --ip for this address, or set [peer] advertise)"
+            )
+            log.error("site certificate does not match this node's address", warning=warning)
+            self.transport = replace(t, warnings=(*t.warnings, warning))
+        for address in [*cfg.peer.peers, *cfg.peer.bootstrap, cfg.peer.advertise]:
+            if "://" in address and not address.startswith(f"{t.scheme}://") and t.enabled:
+                log.warning("peer address of the other scheme", address=address, scheme=t.scheme)
+
+    async def _control_status(self, request: web.Request) -> web.Response:
+        """The control plane's status for local callers (on the loopback mirror listener)."""
+        assert self.control is not None
+        return web.json_response(self.control.status())
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges)."""
@@ -104,14 +150,17 @@ class PeerNode:
             await self.session.close()
             self.session = None
 
-    async def _serve(self, app: web.Application, listen: str, what: str, key: str) -> None:
-        """Listen on `listen` or fail naming the address, the reason and the config key (`key`):
-        a second daemon on a host with the default config finds the ports taken."""
+    async def _serve(
+        self, app: web.Application, listen: str, what: str, key: str, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """Listen on `listen` (with TLS context `tls`, if any) or fail naming the address, the
+        reason and the config key (`key`): a second daemon on a host with the default config finds
+        the ports taken."""
         host, port = hostport(listen)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         try:
-            await web.TCPSite(runner, host, port, reuse_address=True).start()
+            await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()
         except OSError as exc:
             await runner.cleanup()
             reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
@@ -121,18 +170,17 @@ class PeerNode:
         log.info("listening", what=what, address=listen)
 
 
-def advertised_url(config: Config) -> str:
+def advertised_url(config: Config, scheme: str = "https") -> str:
     """How other nodes reach this one: `peer.advertise`, else the listen address (a wildcard host
-    replaced by this host's primary address)."""
+    replaced by this host's primary address); `scheme` is the transport's (`peer.tls`)."""
     if config.peer.advertise:
-        url = config.peer.advertise
-        return (url if "://" in url else f"http://{url}").rstrip("/")
+        return peer_url(config.peer.advertise, scheme)
     if not config.peer.listen:
         return ""
     host, port = hostport(config.peer.listen)
     if host in ("0.0.0.0", "::", ""):
         host = _primary_address()
-    return f"http://{host}:{port}"
+    return f"{scheme}://{host}:{port}"
 
 
 def _primary_address() -> str:

@@ -13,11 +13,14 @@ per interval whatever the size of the site.
 
 The control plane uses its own aiohttp session: a sync must not queue behind the chunk
 transfers that fill the data plane's connection pool (a late sync looks like a dead tracker).
+With site certificates its connections are mutual TLS (`ssl`, the client context of
+`peer.tls`): this node's certificate presented, the other node's checked against the site CA.
 """
 
 from __future__ import annotations
 
 import json
+import ssl as sslmod
 from typing import Any
 
 import aiohttp
@@ -51,16 +54,29 @@ class Counters:
 class ControlClient:
     """Sends control messages to other nodes of site `site` (see the module docstring)."""
 
-    def __init__(self, site: str, counters: Counters, timeout: float, probe_timeout: float) -> None:
+    def __init__(
+        self,
+        site: str,
+        counters: Counters,
+        timeout: float,
+        probe_timeout: float,
+        ssl: sslmod.SSLContext | None = None,
+    ) -> None:
         self.site = site
         self.counters = counters
         self.timeout = timeout
         self.probe_timeout = probe_timeout
+        self.ssl = ssl
         self._session: aiohttp.ClientSession | None = None
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            connector = aiohttp.TCPConnector(limit=128, limit_per_host=4, enable_cleanup_closed=True)
+            connector = aiohttp.TCPConnector(
+                limit=128,
+                limit_per_host=4,
+                enable_cleanup_closed=True,
+                ssl=self.ssl if self.ssl is not None else True,
+            )
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 

@@ -10,6 +10,11 @@ Three sources, merged into one candidate list (`Discovery.candidates()`):
   service type. A node of another site (TXT `site`) is ignored. With the rank fields in TXT, a
   site that boots together can rank its nodes before anyone has been asked anything.
 
+Every URL carries its scheme: `https://` when the node has its site certificate, `http://` in
+insecure mode (`peer.tls`). A bare `host:port` from the config gets this node's own scheme; an
+mDNS `url` of the other scheme is ignored (the two transports cannot talk, and a node with
+certificates must never be steered to plain HTTP).
+
 Discovery only proposes addresses; membership decides who is alive.
 
 Where multicast DNS speaks (`mdns_addresses`): the addresses named by `[discovery] interfaces`
@@ -33,6 +38,7 @@ from zeroconf import IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from kernel.config import Config, hostport
+from peer.peers import peer_url
 from peer.policy.membership import Member
 
 log = structlog.get_logger(__name__)
@@ -42,10 +48,9 @@ TXT_VERSION = "1"
 _WILDCARDS = ("", "0.0.0.0", "::")
 
 
-def peer_urls(addresses: list[str]) -> list[str]:
-    """`host:port` (or URL) entries as base URLs."""
-    urls = [a if "://" in a else f"http://{a}" for a in addresses]
-    return [u.rstrip("/") for u in urls]
+def peer_urls(addresses: list[str], scheme: str = "https") -> list[str]:
+    """`host:port` (or URL) entries as base URLs; a bare address gets `scheme` (this node's own)."""
+    return [peer_url(a, scheme) for a in addresses]
 
 
 def _is_ipv4(text: str) -> bool:
@@ -147,8 +152,9 @@ class Discovery:
 
     def __init__(self, config: Config, me: Member, on_change: Callable[[], None] | None = None) -> None:
         self.me = me
-        self.static = [u for u in peer_urls(config.peer.peers) if u != me.url]
-        self.bootstrap = [u for u in peer_urls(config.peer.bootstrap) if u != me.url]
+        self.scheme = me.url.split("://", 1)[0] if "://" in me.url else "https"
+        self.static = [u for u in peer_urls(config.peer.peers, self.scheme) if u != me.url]
+        self.bootstrap = [u for u in peer_urls(config.peer.bootstrap, self.scheme) if u != me.url]
         self.addresses = mdns_addresses(config)
         self._on_change = on_change
         self._found: dict[str, tuple[str, Member | None]] = {}  # mDNS instance name -> (url, record)
@@ -230,6 +236,11 @@ class Discovery:
         site, url, record = parsed
         if site != self.me.site or url == self.me.url:
             return  # another site on the same LAN, or ourselves under an old name
+        if not url.startswith(f"{self.scheme}://"):
+            # a node of this site name speaking the other transport (TLS vs insecure): the two
+            # cannot talk, and an https node must never be steered to plain HTTP
+            log.debug("discovered a node of another transport; ignored", url=url, scheme=self.scheme)
+            return
         known = self._found.get(name)
         self._found[name] = (url, record)
         if known != (url, record):

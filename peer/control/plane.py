@@ -8,18 +8,26 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
 - `peers()` (the engine's `PeerSource`): the static `[peer] peers` list, plus every member while
   there is a tracker, or at most `fanout` members (chosen per node by rendezvous hashing) while
   there is none: the engine's direct `/have` questions stay bounded without a tracker;
-- `role` ("tracker", "member" or "electing"), `tracker` (a `TrackerRef`: `.id`, `.url`,
-  `.epoch`, `.record`; None while electing), `node_id`, `me` (this node's record);
+- `role` ("tracker", "member", "electing", or "disabled" when this node has no usable site
+  certificate: then the plane never starts, asks nobody and names no peer), `tracker` (a
+  `TrackerRef`: `.id`, `.url`, `.epoch`, `.record`; None while electing), `node_id`, `me` (this
+  node's record);
 - `register(member_section, tracker_section)`: a concern that rides on the sync message
   (`peer.control.sections`); `wake()`: sync (or hold the next election round) now;
   `set_busy(bool)`: the engine says whether downloads run (syncs every 0.25 s, else 1 s);
 - `status()`: a JSON-compatible dict for `peersync status`, also served at
-  `GET /peersync/v1/control/status`:
+  `GET /peersync/v1/control/status` (on the peer port to site members, and on the loopback mirror
+  listener to local callers, so the status says why even when the peer port is closed):
 
       id            this node's id (32 hex digits, kept in <root>/node-id)
       site          [site] name
       url           where other nodes reach this one
-      role          "tracker" | "member" | "electing"
+      role          "tracker" | "member" | "electing" | "disabled" (no site certificate:
+                    the peer side is off, `transport.reason` says why)
+      transport     how this node speaks to peers (`peer.tls.PeerTransport.status`): mode
+                    ("mtls" | "insecure" | "disabled"), scheme, reason (disabled: why;
+                    insecure: the warning), warnings, certificate (subject, issuer,
+                    not_after, expires_in_days, addresses)
       tracker       {"id", "url", "epoch"} of the tracker followed (this node when it is
                     tracker), or null while electing
       epoch_seen    the highest tracker epoch this node has seen
@@ -58,6 +66,7 @@ from peer.control.sections import MemberSection, Sections, TrackerSection
 from peer.control.tracker import routes
 from peer.policy.election import TrackerRef
 from peer.policy.membership import Member
+from peer.tls import PeerTransport, plain
 
 log = structlog.get_logger(__name__)
 
@@ -66,17 +75,33 @@ class ControlPlane:
     """Discovery, membership, tracker election and the sync transport of one node.
 
     Lifecycle: build, mount `routes()`, `await start()`, `await stop()` (tells the tracker this
-    node leaves, says goodbye on multicast DNS)."""
+    node leaves, says goodbye on multicast DNS).
 
-    def __init__(self, config: Config, url: str, tunables: ControlConfig | None = None) -> None:
+    `transport` (`peer.tls.load`) gives the client context its messages go out with; without
+    one they are plain HTTP (in-process tests of other concerns). A disabled transport makes a
+    dormant plane: `start()` only logs, nothing is discovered, asked or announced, and
+    `status()` says why (the node keeps its id and record for the status)."""
+
+    def __init__(
+        self,
+        config: Config,
+        url: str,
+        tunables: ControlConfig | None = None,
+        transport: PeerTransport | None = None,
+    ) -> None:
         self.config = config
         self.tunables = tunables or ControlConfig()
+        self.transport = transport or plain()
         self.node_id = node_id(config.root)
         self.me = local_record(config, self.node_id, url)
         self.sections = Sections()
         self.counters = Counters()
         self.client = ControlClient(
-            config.site.name, self.counters, self.tunables.sync_timeout, self.tunables.probe_timeout
+            config.site.name,
+            self.counters,
+            self.tunables.sync_timeout,
+            self.tunables.probe_timeout,
+            ssl=self.transport.client,
         )
         self.discovery = Discovery(config, self.me, on_change=self._discovered)
         self.agent = MemberAgent(
@@ -89,9 +114,12 @@ class ControlPlane:
 
     def routes(self) -> web.RouteTableDef:
         """`/peersync/v1/control/{sync,whois,tracker,status}` (see `peer.control.tracker`)."""
-        return routes(self.agent)
+        return routes(self.agent, self.status)
 
     async def start(self) -> None:
+        if not self.transport.enabled:
+            log.error("control plane off: this node has no usable site certificate", id=self.node_id)
+            return
         await self.discovery.start()
         self._task = asyncio.create_task(self.agent.run(), name="control plane")
         log.info("control plane up", id=self.node_id, site=self.me.site, url=self.me.url)
@@ -111,8 +139,8 @@ class ControlPlane:
 
     @property
     def role(self) -> str:
-        """ "tracker", "member" or "electing"."""
-        return self.agent.role
+        """ "tracker", "member", "electing", or "disabled" (no usable site certificate)."""
+        return self.agent.role if self.transport.enabled else "disabled"
 
     @property
     def tracker(self) -> TrackerRef | None:
@@ -129,6 +157,8 @@ class ControlPlane:
 
     def peers(self) -> list[str]:
         """The engine's `PeerSource`: the static list plus the members it may ask directly."""
+        if not self.transport.enabled:
+            return []
         urls = [*self.discovery.static, *self.agent.direct_peers()]
         return [u for u in dict.fromkeys(urls) if u != self.me.url]
 
@@ -147,4 +177,4 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """This node's control-plane state (keys in the module docstring)."""
-        return self.agent.status()
+        return {**self.agent.status(), "role": self.role, "transport": self.transport.status()}

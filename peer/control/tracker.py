@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,8 +198,9 @@ class ControlNode(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-def routes(node: ControlNode) -> web.RouteTableDef:
-    """The control routes over `node` (mounted on the peer exchange's app by `peer.node`)."""
+def routes(node: ControlNode, status: Callable[[], dict[str, Any]] | None = None) -> web.RouteTableDef:
+    """The control routes over `node` (mounted on the peer exchange's app by `peer.node`);
+    `status` (default `node.status`) answers the status route (the plane adds its transport)."""
     r = web.RouteTableDef()
 
     def answer(body: dict[str, Any], status: int = 200) -> web.Response:
@@ -247,8 +248,10 @@ def routes(node: ControlNode) -> web.RouteTableDef:
             raise web.HTTPBadRequest(text=str(exc)) from exc
         return answer(node.announced(ref))
 
+    status_of = status or node.status
+
     @r.get(PREFIX + "/status")
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(node.status())
+    async def status_route(request: web.Request) -> web.Response:
+        return web.json_response(status_of())
 
     return r
