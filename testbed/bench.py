@@ -1,7 +1,8 @@
 """`peersync-testbed site`: the emulated edge site benchmark, one command (needs root).
 
     peersync-testbed site [--nodes 8] [--image-mb 200] [--layers 6] [--uplink-mbit 100]
-                     [--systems baseline,cache,bittorrent,peersync-full,peersync-mirror]
+                     [--systems baseline,cache,bittorrent,peersync-full,peersync-mirror
+                                [,peersync-full-insecure,peersync-mirror-insecure]]
                      [--scenarios burst,staggered,varying,node-death] [--out DIR] [--quick]
                      [--client cri|ctr]
 
@@ -44,6 +45,9 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
+# PeerSync with [tls] insecure = true (plain HTTP between nodes): only when named, to measure
+# TLS's cost side by side (`--systems peersync-full,peersync-full-insecure --scenarios burst`)
+KNOWN_SYSTEMS = (*ALL_SYSTEMS, "peersync-full-insecure", "peersync-mirror-insecure")
 ALL_SCENARIOS = ("burst", "staggered", "varying", "node-death")
 DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)
 CACHE = Path("/var/cache/peersync-testbed")
@@ -100,7 +104,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generated (build_sized_image) or debian (debootstrap Python+NumPy runtime)",
     )
     p.add_argument("--uplink-mbit", type=float, default=100.0, help="uplink rate, both ways (100)")
-    p.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--systems",
+        help=f"comma-separated, from {','.join(KNOWN_SYSTEMS)} (default: {','.join(ALL_SYSTEMS)})",
+    )
     p.add_argument("--scenarios", help=f"comma-separated, from {','.join(ALL_SCENARIOS)} (default: all)")
     p.add_argument(
         "--scenario-systems",
@@ -168,9 +175,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         compressibility=args.compressibility,
         image=args.image,
         uplink_mbit=args.uplink_mbit,
-        systems=names(pick("systems"), ALL_SYSTEMS, "system"),
+        systems=names(pick("systems"), KNOWN_SYSTEMS, "system"),
         scenarios=names(pick("scenarios"), ALL_SCENARIOS, "scenario"),
-        scenario_systems=names(args.scenario_systems, ALL_SYSTEMS, "system"),
+        scenario_systems=names(args.scenario_systems, KNOWN_SYSTEMS, "system"),
         full_matrix=args.full_matrix,
         stagger_s=args.stagger,
         vary=vary,

@@ -15,6 +15,10 @@ plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemo
 Peers: by default each node's config lists the others (`[peer] peers`); with `discovery=True`
 every node gets the same config naming no peer, listening on the wildcard address, and the
 nodes find each other by multicast DNS on the site's LAN (the control plane runs in both cases).
+
+Transport: every node gets a certificate from the site's CA (`Site.pki`, `peersync site issue
+--ip <node>`) and the nodes speak mutual TLS, the product's default; `insecure=True` gives every
+node `[tls] insecure = true` instead (plain HTTP: the benchmark's reference for TLS's cost).
 """
 
 from __future__ import annotations
@@ -38,14 +42,19 @@ MIRROR = "127.0.0.1:5380"
 REGISTRY = f"{REGISTRY_IP}:5000"
 
 
-def node_config(node: SiteNode, site: Site, extra: str = "", discovery: bool = False) -> str:
-    """A node's daemon config: listing the other nodes, or (`discovery`) the same for every node."""
+def node_config(
+    node: SiteNode, site: Site, extra: str = "", discovery: bool = False, insecure: bool = False
+) -> str:
+    """A node's daemon config: listing the other nodes, or (`discovery`) the same for every node;
+    without `[tls]` (the harness issues the node's certificate) unless `insecure`."""
     if discovery:
         peer = f'[peer]\nlisten = "0.0.0.0:{PEER_PORT}"\n'
     else:
         peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node]
         peer = f'[peer]\nlisten = "{node.ip}:{PEER_PORT}"\npeers = {json.dumps(peers)}\n'
-    return peer + f'[mirror]\nlisten = "{MIRROR}"\n' + f'[origin]\nplain_http = ["{REGISTRY}"]\n' + extra
+    tls = "[tls]\ninsecure = true\n" if insecure else ""
+    origin = f'[origin]\nplain_http = ["{REGISTRY}"]\n'
+    return peer + f'[mirror]\nlisten = "{MIRROR}"\n' + origin + tls + extra
 
 
 @dataclass
@@ -79,14 +88,9 @@ class ClusterNode:
         return self._get("/peersync/v1/control/status")
 
     def _get(self, path: str) -> dict[str, Any]:
-        import urllib.request
-
-        def get() -> dict[str, Any]:
-            with urllib.request.urlopen(f"http://{self.node.ip}:{PEER_PORT}{path}", timeout=10) as resp:
-                body: dict[str, Any] = json.loads(resp.read())
-            return body
-
-        return self.node.call(get)
+        """GET `path` on the daemon's peer port, as a site member, from inside its namespace."""
+        body: dict[str, Any] = self.node.call(self.daemon.peer_json, path)
+        return body
 
 
 class Cluster:
@@ -99,18 +103,21 @@ class Cluster:
         extra_config: str = "",
         client: str = "ctr",
         discovery: bool = False,
+        insecure: bool = False,
     ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
         if client not in ("ctr", "cri"):
             raise ValueError(f"client must be ctr or cri, not {client!r}")
         self.site, self.mode, self.client, self.discovery = site, mode, client, discovery
+        self.insecure = insecure
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
-        daemon = node.start_peersync(config=node_config(node, self.site, extra_config, self.discovery))
+        text = node_config(node, self.site, extra_config, self.discovery, self.insecure)
+        daemon = node.start_peersync(config=text)
         full = self.mode == "full"
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"

@@ -3,6 +3,8 @@
 1. a `docker-registry` on 127.0.0.1 (the origin) and a generated 5-layer image pushed to it;
 2. three nodes, each a `peersync daemon` plus its own containerd configured by
    `peersync containerd-config`, listing each other as peers, pulling through their own mirror;
+   they are one site, with node certificates from a site CA made by `peersync site init/issue`,
+   and speak mutual TLS to each other;
 3. node A pulls (everything comes from the origin) and runs the image;
 4. node B pulls: every chunk comes from node A, none from the origin; it runs the image too, and
    its unpacked filesystem is compared with what the layers say, attribute by attribute;
@@ -70,15 +72,15 @@ def _run(work: Path) -> None:
             lambda: push_image(image, registry, "demo/app"),
         )
         ports = [free_port(), free_port(), free_port()]
-        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        addresses = [f"127.0.0.1:{p}" for p in ports]  # the nodes speak mutual TLS (site certificates)
         a, b, c = (
             stack.enter_context(
-                start_node(work / name, port, [u for u in urls if u != url], registry.address, cri=cri)
+                start_node(work / name, port, [u for u in addresses if u != url], registry.address, cri=cri)
             )
             for name, port, url, cri in (
-                ("node-a", ports[0], urls[0], False),
-                ("node-b", ports[1], urls[1], False),
-                ("node-c", ports[2], urls[2], True),
+                ("node-a", ports[0], addresses[0], False),
+                ("node-b", ports[1], addresses[1], False),
+                ("node-c", ports[2], addresses[2], True),
             )
         )
         for name, node in (("A", a), ("B", b), ("C (CRI)", c)):

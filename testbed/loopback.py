@@ -1,12 +1,11 @@
 """One PeerSync node on loopback: a daemon, a containerd using it, and a hosts.toml pointing
 containerd at the daemon's registry mirror. Several of them, listing each other as peers, make a
-site on one machine without namespaces (the demo and the P2P tests)."""
+site on one machine without namespaces (the demo and the P2P tests); their site certificates come
+from `pki.loopback_site()`, so they speak mutual TLS to each other as deployed nodes do."""
 
 from __future__ import annotations
 
 import contextlib
-import json
-import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +51,8 @@ class LoopbackNode:
         return self.containerd.run(ref, list(cmd), snapshotter=SNAPSHOTTER)
 
     def stats(self) -> dict[str, Any]:
-        """The daemon's transfer counters (`GET /peersync/v1/stats`)."""
-        with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
-            stats: dict[str, Any] = json.loads(resp.read())
+        """The daemon's transfer counters (`GET /peersync/v1/stats`, as a site member)."""
+        stats: dict[str, Any] = self.daemon.peer_json("/peersync/v1/stats")
         return stats
 
     def rootfs_differences(self, ref: str, image: BuiltImage) -> list[str]:
@@ -74,12 +72,10 @@ def start_node(
     workdir: Path, port: int, peers: Sequence[str], registry: str, cri: bool = False, extra: str = ""
 ) -> Iterator[LoopbackNode]:
     """A node whose peer exchange listens on 127.0.0.1:`port`, pulling from the plain-HTTP
-    `registry` (host:port) through its mirror, with `peers` (URLs) as the other nodes. With `cri`
-    its containerd also serves CRI (snapshotter peersync, layer labels on) in namespace k8s.io.
-    `extra` is appended to the daemon's config."""
-    config = loopback_config(
-        plain_http=[registry], peers=[p.removeprefix("http://") for p in peers], extra=extra
-    )
+    `registry` (host:port) through its mirror, with `peers` (host:port or URLs: the scheme is the
+    daemon's own) as the other nodes. With `cri` its containerd also serves CRI (snapshotter
+    peersync, layer labels on) in namespace k8s.io. `extra` is appended to the daemon's config."""
+    config = loopback_config(plain_http=[registry], peers=[p.split("://", 1)[-1] for p in peers], extra=extra)
     config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
     hosts_dir = workdir / "hosts.d"
     with start_peersync(workdir, config=config) as daemon:
@@ -93,4 +89,4 @@ def start_node(
             hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
             toml = hosts_dir / registry / "hosts.toml"  # the test registry speaks plain HTTP
             toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))
-            yield LoopbackNode(daemon, ctrd, hosts_dir, f"http://127.0.0.1:{port}")
+            yield LoopbackNode(daemon, ctrd, hosts_dir, daemon.peer_url)

@@ -58,6 +58,7 @@ from typing import Any, TypeVar
 from .containerd import Containerd, start_containerd
 from .images import BuiltImage
 from .peersyncd import PeerSyncDaemon, start_peersync
+from .pki import SiteCA
 from .procs import ManagedProcess, run_checked
 from .registry import Registry, start_registry
 
@@ -374,9 +375,13 @@ class SiteNode:
     def start_peersync(
         self, *args: str, workdir: Path | None = None, config: str | None = None
     ) -> PeerSyncDaemon:
-        """`peersync daemon` inside this node's namespace; stopped with the node or the site."""
-        work = workdir or Path(tempfile.mkdtemp(prefix="peersync-", dir=self.workdir))
-        return self.stack.enter_context(start_peersync(work, *args, prefix=self.prefix, config=config))
+        """`peersync daemon` inside this node's namespace; stopped with the node or the site. A
+        config without `[tls]` gets a certificate for this node's address from the site's CA."""
+        work = workdir or Path(tempfile.mkdtemp(prefix=f"peersync-{self.name}-", dir=self.workdir))
+        daemon = start_peersync(
+            work, *args, prefix=self.prefix, config=config, site=self.site.pki, addresses=[self.ip]
+        )
+        return self.stack.enter_context(daemon)
 
     def stop_services(self) -> None:
         """Stop this node's containerd/peersync (reverse start order)."""
@@ -438,6 +443,17 @@ class Site:
         self.sampler = UplinkSampler(self._uplink_counters, sample_interval)
         self._split: set[int] = set()  # node indices on the second bridge (partition())
         self._started = False
+        self._pki: SiteCA | None = None
+        self._pki_lock = threading.Lock()
+
+    @property
+    def pki(self) -> SiteCA:
+        """This site's CA (made with `peersync site init` on first use, in the site's workdir):
+        daemons started on its nodes get their certificates from it."""
+        with self._pki_lock:
+            if self._pki is None:
+                self._pki = SiteCA(self.workdir / "pki", name=self.prefix)
+            return self._pki
 
     # --- names ---------------------------------------------------------------------------------
 

@@ -5,22 +5,36 @@ not speak multicast DNS on any interface but loopback: mDNS multicasts on every 
 given, and the host's are real networks. `start_peersync` refuses such a config before anything
 runs (`check_host_config`); inside a test network namespace mDNS is fine. `loopback_config`
 turns mDNS off: daemons on the host that should meet each other list each other as peers.
+
+Site certificates: a daemon whose config has a peer listen address and no `[tls]` section gets a
+node certificate from a site CA (`testbed.pki`, made with `peersync site init/issue`), so the
+harness runs the product's default, mutual TLS, unless a test says otherwise (`[tls] insecure =
+true`, or its own `[tls]` paths). Daemons on the host share `pki.loopback_site()`; a network
+namespace site passes its own CA and the node's address. `daemon.peer_json(path)` asks the
+daemon's peer port as a site member would.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
+import re
 import signal
+import ssl
 import sys
 import tempfile
+import tomllib
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from kernel.config import Config, loads
+from kernel.config import Config, hostport, loads
 from peer.control.discovery import beyond_loopback
+from testbed.pki import NodeCert, SiteCA, loopback_site
 from testbed.procs import ManagedProcess, free_port, unix_socket_accepts
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +47,19 @@ class PeerSyncDaemon:
     root: Path
     socket: Path
     process: ManagedProcess
+    peer_url: str = ""  # how peers reach it ("" without a peer listen address)
+    tls: NodeCert | None = None  # its site certificate when the harness issued one
+
+    def client_context(self) -> ssl.SSLContext | None:
+        """A site member's client context for this daemon's peer port (None: plain HTTP)."""
+        return self.tls.client_context() if self.tls is not None else None
+
+    def peer_json(self, path: str, timeout: float = 10.0) -> Any:
+        """GET `path` on the peer port as a site member (with this node's own certificate: the
+        caller has to be in the daemon's network namespace)."""
+        context = self.client_context()
+        with urllib.request.urlopen(self.peer_url + path, timeout=timeout, context=context) as resp:
+            return json.loads(resp.read())
 
     def start(self, timeout: float = 30.0) -> None:
         self.process.start()
@@ -124,9 +151,41 @@ def check_host_config(config: str | Config, where: str = "daemon config") -> Non
         )
 
 
+def peer_side(config: str, addresses: Sequence[str] = ()) -> tuple[str, str, bool]:
+    """(scheme, the host peers dial, whether the harness should issue a certificate) for a
+    daemon config: a certificate when it listens for peers and has no `[tls]` section."""
+    cfg = loads(config)
+    if not cfg.peer.listen:
+        return "https", "", False
+    host, _port = hostport(cfg.peer.listen)
+    if host in ("", "0.0.0.0", "::"):
+        host = addresses[0] if addresses else "127.0.0.1"
+    scheme = "http" if cfg.tls.insecure else "https"
+    return scheme, host, "tls" not in tomllib.loads(config)
+
+
+def with_certificate(
+    config: str, workdir: Path, site: SiteCA | None = None, addresses: Sequence[str] = ()
+) -> tuple[str, NodeCert | None]:
+    """`config` with a `[tls]` section for a node certificate issued into `workdir/tls` by
+    `site` (default `pki.loopback_site()`) for `addresses` (default: the listen host), when it
+    listens for peers and has no `[tls]` of its own; else `config` as it is, and None."""
+    _scheme, host, issue = peer_side(config, addresses)
+    if not issue:
+        return config, None
+    name = re.sub(r"[^A-Za-z0-9._-]", "-", workdir.name)[:64].lstrip(".-_") or "node"
+    tls = (site or loopback_site()).issue(name, workdir / "tls", ips=list(addresses) or [host])
+    return config.rstrip("\n") + "\n\n" + tls.toml(), tls
+
+
 @contextlib.contextmanager
 def start_peersync(
-    workdir: Path, *extra_args: str, prefix: Sequence[str] = (), config: str | None = None
+    workdir: Path,
+    *extra_args: str,
+    prefix: Sequence[str] = (),
+    config: str | None = None,
+    site: SiteCA | None = None,
+    addresses: Sequence[str] = (),
 ) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
@@ -135,14 +194,22 @@ def start_peersync(
     default the peer exchange and the mirror listen on free loopback ports (`daemon.mirror`).
     Without a network-namespace `prefix` the daemon runs on the host: a config whose multicast
     DNS would speak beyond loopback is refused (`UnsafeDaemonConfig`) before anything is made.
+    A config that listens for peers without a `[tls]` section gets a node certificate from `site`
+    (default: `pki.loopback_site()`) for `addresses` (default: the listen address; 127.0.0.1 for
+    a wildcard) in `workdir/tls`.
     """
     if config is None:
         config = loopback_config()
     if not in_test_namespace(prefix):
         check_host_config(config)
+    scheme, host, _issue = peer_side(config, addresses)
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     workdir.mkdir(parents=True, exist_ok=True)
+    config, tls = with_certificate(config, workdir, site, addresses)
+    peer_url = ""
+    if host:
+        peer_url = f"{scheme}://{host}:{hostport(loads(config).peer.listen)[1]}"
     (workdir / "peersync.toml").write_text(config)
     args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
@@ -153,7 +220,11 @@ def start_peersync(
         *extra_args,
     ]
     daemon = PeerSyncDaemon(
-        workdir / "root", sockdir / "peersync.sock", ManagedProcess(args, workdir / "peersync.log", env)
+        workdir / "root",
+        sockdir / "peersync.sock",
+        ManagedProcess(args, workdir / "peersync.log", env),
+        peer_url,
+        tls,
     )
     try:
         daemon.start()

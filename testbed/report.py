@@ -5,10 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-SYSTEM_ORDER = ("baseline", "cache", "bittorrent", "peersync-mirror", "peersync-full")
+SYSTEM_ORDER = (
+    "baseline",
+    "cache",
+    "bittorrent",
+    "peersync-mirror",
+    "peersync-mirror-insecure",
+    "peersync-full",
+    "peersync-full-insecure",
+)
+COLORS = ("#888888", "#d08c2c", "#7b4fb0", "#3b8fd0", "#9cc7ea", "#1a9e4a", "#8fd4a6")
 TARGET_SPEEDUP = 4.0
 TARGET_UPLINK_X = 1.1
 TARGET_VS_LIMIT = 1.5
+TARGET_TLS_COST = 1.1  # mutual TLS between nodes vs plain HTTP ([tls] insecure), all runnable
 
 
 def _f(v: float | None, digits: int = 1) -> str:
@@ -63,6 +73,16 @@ def targets(results: dict[str, Any]) -> dict[str, Any]:
             "runnable_value": round(base["all_runnable_s"] / ps["all_runnable_s"], 2),
             "target": f">= {TARGET_SPEEDUP:g}x",
             "met": value >= TARGET_SPEEDUP,
+        }
+    plain = _find(results, "peersync-full-insecure", "burst")
+    if ps is not None and plain is not None:
+        cost = ps["all_runnable_s"] / plain["all_runnable_s"]
+        out["tls_cost"] = {
+            "value": round(cost, 3),
+            "tls_s": ps["all_runnable_s"],
+            "plain_s": plain["all_runnable_s"],
+            "target": f"<= {TARGET_TLS_COST}x",
+            "met": cost <= TARGET_TLS_COST,
         }
     if ps is not None:
         ratio = ps["uplink_bytes"] / size
@@ -163,6 +183,7 @@ def markdown(results: dict[str, Any]) -> str:
         ("speedup_vs_baseline", "PeerSync all-nodes-done speedup over baseline"),
         ("uplink_x_image", "PeerSync uplink bytes (x image)"),
         ("vs_physical_limit", "PeerSync all-nodes-done / physical limit"),
+        ("tls_cost", "PeerSync all runnable, mutual TLS / plain HTTP (peersync-full-insecure)"),
     ):
         if key in t:
             v = t[key]
@@ -232,7 +253,7 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
         s for s in ("burst", "staggered", "varying", "node-death") if any(r["scenario"] == s for r in runs)
     ]
     systems = [s for s in SYSTEM_ORDER if any(r["system"] == s for r in runs)]
-    colors = dict(zip(SYSTEM_ORDER, ("#888888", "#d08c2c", "#7b4fb0", "#3b8fd0", "#1a9e4a"), strict=True))
+    colors = dict(zip(SYSTEM_ORDER, COLORS, strict=True))
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     width = 0.8 / max(1, len(systems))
     for k, system in enumerate(systems):

@@ -17,7 +17,10 @@ Systems:
 - bittorrent: opentracker + an aria2c seeder on the registry host (WAN side, behind the uplink) seed
   the image's OCI layout as fetched from the registry; every node downloads it with aria2c (and keeps
   seeding), then `ctr images import` (tar streamed from the downloaded layout) unpacks it.
-- peersync-full / peersync-mirror: `cluster.Cluster` in the two integration modes.
+- peersync-full / peersync-mirror: `cluster.Cluster` in the two integration modes, the nodes
+  speaking mutual TLS with certificates from the site's CA (the product's default);
+  peersync-full-insecure / peersync-mirror-insecure: the same with `[tls] insecure = true`
+  (plain HTTP between nodes), to measure what TLS costs side by side.
 
 Clients (`client`): "cri" pulls as kubelet does, through containerd's CRI plugin (layers are
 unpacked as they arrive; PeerSync's full mode unpacks them in the daemon); "ctr" uses
@@ -48,7 +51,15 @@ from .registry import REGISTRY_BINARY, registry_config
 
 T = TypeVar("T")
 R = TypeVar("R")
-SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
+SYSTEMS = (
+    "baseline",
+    "cache",
+    "bittorrent",
+    "peersync-full",
+    "peersync-mirror",
+    "peersync-full-insecure",
+    "peersync-mirror-insecure",
+)
 PROXY_PORT = 5000
 SETUP_WORKERS = 4  # parallel service starts; more only queues on a 2-core machine
 
@@ -280,15 +291,17 @@ class BitTorrent(System):
 
 
 class PeerSync(System):
-    """`peersync daemon` + containerd on every node (`cluster.Cluster`), full or mirror-only mode."""
+    """`peersync daemon` + containerd on every node (`cluster.Cluster`), full or mirror-only mode,
+    mutual TLS between the nodes unless `insecure`."""
 
-    def __init__(self, *args: Any, mode: str = "full", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mode: str = "full", insecure: bool = False, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
-        self.name = f"peersync-{mode}"
+        self.insecure = insecure
+        self.name = f"peersync-{mode}" + ("-insecure" if insecure else "")
 
     def setup(self) -> None:
-        self.cluster = Cluster(self.site, mode=self.mode, client=self.client)
+        self.cluster = Cluster(self.site, mode=self.mode, client=self.client, insecure=self.insecure)
         self.ctrds = [cn.containerd for cn in self.cluster.nodes]
         self.snapshotter = self.cluster.nodes[0].snapshotter
 
@@ -331,6 +344,6 @@ def make_system(
         return Cache(*args)
     if name == "bittorrent":
         return BitTorrent(*args)
-    if name in ("peersync-full", "peersync-mirror"):
-        return PeerSync(*args, mode=name.split("-", 1)[1])
+    if name in ("peersync-full", "peersync-mirror", "peersync-full-insecure", "peersync-mirror-insecure"):
+        return PeerSync(*args, mode=name.split("-")[1], insecure=name.endswith("-insecure"))
     raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")

@@ -16,7 +16,7 @@
 # - /etc/containerd/config.toml is never edited: postinst says what to add (the imports line) and
 #   which of its CRI settings the drop-in would hide.
 # purge also removes the daemon's state (/var/lib/peersync: the blob cache and snapshots) and
-# /etc/peersync.
+# /etc/peersync (the node's site certificate in /etc/peersync/tls included).
 #
 # Usage: packaging/deb/build.sh [OUTDIR]     (needs python3-venv and dpkg-deb)
 set -euo pipefail
@@ -134,6 +134,9 @@ if [ "$1" = purge ]; then
   # The daemon's state: blob cache, snapshots and metadata. --one-file-system: never descend into
   # something mounted below it.
   rm -rf --one-file-system /var/lib/peersync
+  # The node's site certificate and private key (`peersync site issue --out /etc/peersync/tls`):
+  # a purged node is no longer a site member, and its key must not outlive the package.
+  rm -rf --one-file-system /etc/peersync/tls
   rm -f /etc/peersync/config.toml.dpkg-old /etc/peersync/config.toml.dpkg-dist
   rmdir /etc/peersync 2>/dev/null || true
 fi

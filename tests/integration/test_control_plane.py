@@ -8,7 +8,8 @@ LAN in two (each side its own tracker) and heal it (one tracker again within 10 
 another site on the same LAN is ignored; a site where no node may lead runs leaderless.
 
 Each test polls the daemons' `GET /peersync/v1/control/status` (asked from inside each node's
-namespace) until a condition holds or a deadline passes, and prints the measured times.
+namespace, as a site member: the nodes speak mutual TLS with certificates from the site's CA)
+until a condition holds or a deadline passes, and prints the measured times.
 """
 
 from __future__ import annotations
@@ -71,9 +72,11 @@ def start(nodes: Sequence[SiteNode], configs: Sequence[str]) -> list[PeerSyncDae
 def status(node: SiteNode) -> Status | None:
     """A daemon's control-plane status, or None if it does not answer."""
 
+    context = node.site.pki.client().client_context()
+
     def get() -> Status:
-        url = f"http://{node.ip}:{PORT}/peersync/v1/control/status"
-        with urllib.request.urlopen(url, timeout=1.0) as resp:
+        url = f"https://{node.ip}:{PORT}/peersync/v1/control/status"
+        with urllib.request.urlopen(url, timeout=1.0, context=context) as resp:
             body: Status = json.loads(resp.read())
         return body
 

@@ -181,8 +181,7 @@ class Node:
         return self.ctr.run(ref, snapshotter=self.snapshotter)
 
     def stats(self) -> dict:
-        with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
-            return json.loads(resp.read())
+        return self.daemon.peer_json("/peersync/v1/stats")
 
 
 @contextlib.contextmanager
@@ -199,7 +198,7 @@ def start_node(
     config = daemon_config(origin, peer_port, credentials, **mirror)  # type: ignore[arg-type]
     with ExitStack() as stack:
         daemon = stack.enter_context(start_peersync(workdir / "daemon", config=config))
-        node = Node(daemon, f"http://127.0.0.1:{peer_port}", mode or "")
+        node = Node(daemon, daemon.peer_url, mode or "")
         if mode is not None:
             extra = daemon.containerd_config() if mode == "full" else None
             node.containerd = stack.enter_context(

@@ -19,7 +19,8 @@ import pytest
 from testbed.images import BuiltImage, build_sized_image, push_image
 from testbed.loopback import LoopbackNode, start_node
 from testbed.peersyncd import REPO
-from testbed.procs import ManagedProcess, free_port, http_answers, running
+from testbed.pki import loopback_site
+from testbed.procs import ManagedProcess, free_port, running, tcp_port_accepts
 from testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
@@ -56,8 +57,8 @@ def test_second_node_pulls_from_the_first(
     make_node: NodeFactory, test_image: BuiltImage, test_image_ref: str
 ) -> None:
     pa, pb = free_port(), free_port()
-    a = make_node(pa, [f"http://127.0.0.1:{pb}"])
-    b = make_node(pb, [f"http://127.0.0.1:{pa}"])
+    a = make_node(pa, [f"127.0.0.1:{pb}"])
+    b = make_node(pb, [f"127.0.0.1:{pa}"])
     a.pull(test_image_ref)
     assert a.containerd.run(test_image_ref, snapshotter="peersync") == test_image.expected_output
     layers = sum(layer.descriptor.size for layer in test_image.layers)
@@ -76,12 +77,16 @@ def test_corrupt_peer_is_detected_and_dropped(
     make_node: NodeFactory, tmp_path: Path, small_image: tuple[BuiltImage, str], mode: str
 ) -> None:
     """A peer serving corrupted chunks (with the honest hash, or with a hash of its own garbage)
-    is caught chunk by chunk against the verified table, dropped, and the image is still right."""
+    is caught chunk by chunk against the verified table, dropped, and the image is still right.
+    It is a site member gone bad: it holds a certificate of the site, so TLS lets it in and
+    only chunk verification stands between it and B's image."""
     image, ref = small_image
     pa, pe, pb = free_port(), free_port(), free_port()
     a = make_node(pa, [])
     a.pull(ref)  # A holds the complete, verified blobs
-    evil_url = f"http://127.0.0.1:{pe}"
+    evil_url = f"https://127.0.0.1:{pe}"
+    cert = loopback_site().issue("evil", tmp_path / "evil-tls")
+    tls = ["--ca", str(cert.ca), "--cert", str(cert.cert), "--key", str(cert.key)]
     evil = ManagedProcess(
         [
             sys.executable,
@@ -93,14 +98,16 @@ def test_corrupt_peer_is_detected_and_dropped(
             a.peer_url,
             "--mode",
             mode,
+            *tls,
         ],
         tmp_path / "evil.log",
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
-    with running(evil, lambda: http_answers(f"{evil_url}/evil/served")):
+    with running(evil, lambda: tcp_port_accepts("127.0.0.1", pe)):
         b = make_node(pb, [a.peer_url, evil_url])
         b.pull(ref)
-        with urllib.request.urlopen(f"{evil_url}/evil/served", timeout=10) as resp:
+        context = cert.client_context()
+        with urllib.request.urlopen(f"{evil_url}/evil/served", timeout=10, context=context) as resp:
             served = json.loads(resp.read())["chunks"]
     stats = b.stats()
     assert served >= 1, "the corrupt peer was never asked: the test proves nothing"

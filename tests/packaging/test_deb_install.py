@@ -20,7 +20,9 @@ The system containerd's config is never edited (its /etc/containerd/config.toml 
 the whole /etc/containerd tree is compared before and after). The registry is a local
 `docker-registry` on loopback; the daemon's peer exchange and mirror are moved to free loopback
 ports in /etc/peersync/config.toml (as an operator edits it) and the mirror entry is re-pointed with
-`peersync hosts install`, so nothing listens beyond loopback.
+`peersync hosts install`, so nothing listens beyond loopback. The node's site certificate is made
+with the installed `peersync site init` / `site issue --out /etc/peersync/tls` (where the default
+config looks for it), and the test reads the daemon's stats over mutual TLS as a site member.
 
 Restoring the machine: the test refuses to run when the package or any of its paths is already
 there (it never purges someone else's install), holds a lock against a concurrent run from another
@@ -41,6 +43,7 @@ import shlex
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import tempfile
@@ -52,6 +55,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kernel.config import Config
 from peersync.containerd_config import render
 from testbed.containerd import start_containerd
 from testbed.cri import CRI_NAMESPACE, CriClient
@@ -280,7 +284,12 @@ def replace_once(text: str, old: str, new: str) -> str:
 
 
 def stats(peer_port: int) -> dict[str, int]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{peer_port}/peersync/v1/stats", timeout=10) as resp:
+    """The daemon's counters, asked with the node's own certificate (a site member's client)."""
+    tls = Config().tls
+    context = ssl.create_default_context(cafile=str(tls.ca))
+    context.load_cert_chain(tls.cert, tls.key)
+    url = f"https://127.0.0.1:{peer_port}/peersync/v1/stats"
+    with urllib.request.urlopen(url, timeout=10, context=context) as resp:
         data: dict[str, int] = json.loads(resp.read())
     return data
 
@@ -309,7 +318,7 @@ def test_install_pull_with_ctr_and_cri_then_purge(
             assert installed.returncode == 0, installed.stdout + installed.stderr
             _check_installed(installed.stdout + installed.stderr)
             peer_port, mirror_port = free_port(), free_port()
-            _configure_as_an_operator(registry.address, peer_port, mirror_port)
+            _configure_as_an_operator(registry.address, peer_port, mirror_port, tmp_path / "site")
             service = Service(tmp_path / "peersync.log")  # from the installed unit files
             service.start()
             service.wait_serving()
@@ -385,9 +394,16 @@ def _check_the_warning_is_true() -> None:
         assert cri["cni"]["bin_dir"] == "/opt/cni/bin", cri["cni"]
 
 
-def _configure_as_an_operator(registry: str, peer_port: int, mirror_port: int) -> None:
+def _configure_as_an_operator(registry: str, peer_port: int, mirror_port: int, site: Path) -> None:
     """Loopback ports and the plain-HTTP test registry in /etc/peersync/config.toml, the mirror
-    entry re-pointed at the new port: what an operator does after changing `mirror.listen`."""
+    entry re-pointed at the new port: what an operator does after changing `mirror.listen`; a
+    site CA in `site` (the operator's machine) and this node's certificate where the config
+    looks for it by default."""
+    env = {"PATH": SYSTEMD_PATH}
+    subprocess.run(["/usr/bin/peersync", "site", "init", "--dir", str(site)], check=True, env=env,
+                   capture_output=True)
+    subprocess.run(["/usr/bin/peersync", "site", "issue", "node", "--dir", str(site), "--ip", "127.0.0.1",
+                    "--out", "/etc/peersync/tls"], check=True, env=env, capture_output=True)
     path = Path("/etc/peersync/config.toml")
     text = path.read_text()
     text = replace_once(text, 'listen = "0.0.0.0:5381"', f'listen = "127.0.0.1:{peer_port}"')

@@ -17,17 +17,19 @@ import pytest
 
 from kernel.errors import PeerSyncError
 from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
-from testbed.peersyncd import check_host_config, loopback_config
+from testbed.peersyncd import check_host_config, loopback_config, with_certificate
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def loopback_ports(root: Path) -> list[str]:
     """`--config` with the peer exchange and the mirror on free loopback ports: the defaults
-    (5381, 5380) would clash with any other daemon on this host, another test run's included."""
+    (5381, 5380) would clash with any other daemon on this host, another test run's included;
+    with a site certificate, so the peer port is opened as on a deployed node."""
     base = next(d for d in root.parents if d.is_dir())  # some tests give an unusable root
-    config = base / f"{root.name}-loopback-{os.urandom(4).hex()}.toml"
-    config.write_text(loopback_config())
+    name = f"{root.name}-loopback-{os.urandom(4).hex()}"
+    config = base / f"{name}.toml"
+    config.write_text(with_certificate(loopback_config(), base / name)[0])
     return ["--config", str(config)]
 
 
@@ -115,7 +117,7 @@ def test_refuses_a_port_in_use_and_says_which(tmp_path: Path, section: str) -> N
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         address = f"127.0.0.1:{taken.getsockname()[1]}"
-        config = loopback_config()
+        config, _cert = with_certificate(loopback_config(), tmp_path / "node")
         start = config.index(f"[{section}]\nlisten = ") + len(f"[{section}]\nlisten = ")
         end = config.index("\n", start)
         cfg = tmp_path / "c.toml"
