@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+import tomllib
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from kernel.config import Config
 from kernel.errors import PeerSyncError
 from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
 from testbed.peersyncd import check_host_config, loopback_config, with_certificate
@@ -286,3 +291,70 @@ def test_containerd_config_cri_points_kubelet_pulls_at_peersync(tmp_path: Path) 
     cri = tomllib.loads(out)["plugins"]["io.containerd.grpc.v1.cri"]
     assert cri["containerd"] == {"snapshotter": "peersync", "disable_snapshot_annotations": False}
     assert cri["registry"] == {"config_path": "/etc/hosts.d"}
+
+
+def peer_and_mirror(config: str) -> tuple[int, int]:
+    cfg = tomllib.loads(config)
+    return int(cfg["peer"]["listen"].rsplit(":", 1)[1]), int(cfg["mirror"]["listen"].rsplit(":", 1)[1])
+
+
+def local_status(mirror: int) -> dict[str, Any]:
+    """The control plane's status as a local caller sees it (on the loopback mirror listener)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{mirror}/peersync/v1/control/status", timeout=10) as resp:
+        status: dict[str, Any] = json.loads(resp.read())
+    return status
+
+
+@pytest.mark.parametrize("how", ["missing-files", "defaults"])
+def test_without_a_site_certificate_containerd_is_served_and_no_peer(tmp_path: Path, how: str) -> None:
+    """The chosen default (docs/tls.md): no usable certificate and no `insecure` -> the daemon
+    starts (containerd depends on it), its peer port stays closed, the mirror works, and the
+    log and the status say why."""
+    config = loopback_config()
+    if how == "defaults":
+        if Config().tls.cert.exists():
+            pytest.skip(f"{Config().tls.cert} exists on this machine: not the no-certificate default")
+        expected = str(Config().tls.ca)
+    else:
+        none = tmp_path / "not-installed"
+        config += f'[tls]\nca = "{none}/ca.crt"\ncert = "{none}/node.crt"\nkey = "{none}/node.key"\n'
+        expected = f"{none}/ca.crt"
+    (tmp_path / "c.toml").write_text(config)
+    peer, mirror = peer_and_mirror(config)
+    root, sock = tmp_path / "root", tmp_path / "s.sock"
+    proc = start_daemon(root, sock, "--config", str(tmp_path / "c.toml"))
+    try:
+        wait_for_socket(proc, sock)
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
+            snaps.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="peersync", key="k"), timeout=30)
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", peer), timeout=5).close()
+        status = local_status(mirror)
+        assert status["role"] == "disabled" and status["transport"]["mode"] == "disabled"
+        assert expected in status["transport"]["reason"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{mirror}/v2/", timeout=10) as resp:
+            assert resp.status == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert b"PEER SIDE DISABLED" in err and b"error" in err
+
+
+def test_insecure_serves_plain_http_on_the_peer_port_and_warns(tmp_path: Path) -> None:
+    config = loopback_config(extra="[tls]\ninsecure = true\n")
+    (tmp_path / "c.toml").write_text(config)
+    peer, mirror = peer_and_mirror(config)
+    sock = tmp_path / "s.sock"
+    proc = start_daemon(tmp_path / "root", sock, "--config", str(tmp_path / "c.toml"))
+    try:
+        wait_for_socket(proc, sock)
+        with urllib.request.urlopen(f"http://127.0.0.1:{peer}/peersync/v1/stats", timeout=10) as resp:
+            assert resp.status == 200
+        transport = local_status(mirror)["transport"]
+        assert transport["mode"] == "insecure" and "without authentication" in transport["reason"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=30)
+    assert b"PEER PORT UNAUTHENTICATED" in err and b"warning" in err
