@@ -1,6 +1,7 @@
 """peer.control.plane.ControlPlane in one process: several nodes on loopback, each with its own
 root, HTTP server and control plane (real aiohttp servers and clients, multicast DNS off, the
-nodes meet through `[peer] bootstrap`), and real sections riding on the sync message.
+nodes meet through `[peer] bootstrap`), and real sections riding on the sync message. The nodes
+speak mutual TLS with certificates from one site CA (`peersync site`), as deployed nodes do.
 
 This is the seam's contract as the index and cache concerns see it: what `outgoing`,
 `incoming`, `failed`, `handle`, `forget` and `reset` are called with, and when, across joins,
@@ -24,6 +25,8 @@ from sections_cases import Board, Broken, Notes
 from kernel.config import loads
 from peer.control.member import ControlConfig
 from peer.control.plane import ControlPlane
+from peer.tls import load
+from testbed.pki import SiteCA
 from testbed.procs import free_port
 
 FAST = ControlConfig(
@@ -64,6 +67,7 @@ class Site:
         self.tmp = tmp
         self.ports: list[int] = []
         self.nodes: list[Node] = []
+        self.ca = SiteCA(tmp / "site")
 
     async def add(
         self, priority: int = 0, site: str = "default", tunables: ControlConfig = FAST, sections: bool = True
@@ -75,15 +79,18 @@ class Site:
             f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\n'.replace("'", '"')
             + f'[site]\nname = "{site}"\ntracker_priority = {priority}\n[discovery]\nmdns = false\n'
         )
-        cfg = loads(text).with_overrides(root=self.tmp / f"n{len(self.ports)}")
-        plane = ControlPlane(cfg, f"http://127.0.0.1:{port}", tunables)
+        name = f"n{len(self.ports)}"
+        text += self.ca.issue(name).toml()
+        cfg = loads(text).with_overrides(root=self.tmp / name)
+        transport = load(cfg.tls)
+        plane = ControlPlane(cfg, f"https://127.0.0.1:{port}", tunables, transport=transport)
         node = Node(plane, web.AppRunner(web.Application()))
         if sections:
             plane.register(node.notes, node.board)
         app = node.runner.app
         app.add_routes(plane.routes())
         await node.runner.setup()
-        await web.TCPSite(node.runner, "127.0.0.1", port).start()
+        await web.TCPSite(node.runner, "127.0.0.1", port, ssl_context=transport.server).start()
         await plane.start()
         self.nodes.append(node)
         return node
