@@ -433,3 +433,34 @@ def test_contexts_speak_tls13_only_and_require_a_client_certificate(site: SiteCA
 def test_default_config_is_mutual_tls_at_the_documented_paths() -> None:
     t = Config().tls
     assert not t.insecure and str(t.cert) == "/etc/peersync/tls/node.crt"
+
+
+async def test_a_ca_bundle_lets_old_and_new_certificates_meet_while_the_site_ca_is_rotated(
+    tmp_path: Path, start: Callable[..., Any]
+) -> None:
+    """docs/tls.md's CA rotation: every node first trusts old + new (one ca.crt holding both),
+    then gets a certificate from the new CA. A node that still trusts only the old CA refuses a
+    rotated node's server, which is why the bundle goes everywhere first."""
+    old, new = SiteCA(tmp_path / "old", name="old"), SiteCA(tmp_path / "new", name="new")
+    bundle = tmp_path / "bundle.crt"
+    bundle.write_bytes(old.ca.read_bytes() + new.ca.read_bytes())
+
+    def files(site: SiteCA, name: str, trust: Path) -> NodeCert:
+        cert = site.issue(name)
+        return NodeCert(trust, cert.cert, cert.key)
+
+    rotated, bundled, late = files(new, "a", bundle), files(old, "b", bundle), files(old, "c", old.ca)
+    nodes = {k: await start(c.toml(), c) for k, c in (("a", rotated), ("b", bundled), ("c", late))}
+    assert all(n.node.transport.mode == tls.MTLS for n in nodes.values())
+    async with aiohttp.ClientSession() as session:
+
+        async def ask(who: NodeCert, server: str) -> None:
+            await PeerClient(session, ssl=who.client_context()).have(nodes[server].url, [DIGEST])
+
+        await ask(bundled, "a")  # old cert, to the rotated node: it trusts the old CA too
+        await ask(rotated, "b")  # new cert, to a bundled node
+        await ask(late, "b")  # old to old: the bundle changed nothing for them
+        with pytest.raises(PeerError, match="CERTIFICATE_VERIFY_FAILED"):
+            await ask(late, "a")  # it cannot check the rotated node's new certificate
+        with pytest.raises(PeerError):
+            await ask(rotated, "c")  # nor does it accept it from a client
