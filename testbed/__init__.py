@@ -13,6 +13,8 @@ Used by the integration tests, the demo (`peersync-testbed demo`) and the benchm
   `run()`, `rmi(sync=True)`, `gc()`, `mount_image()`.
 - `peersyncd`: `start_peersync(workdir, config=TOML)` runs the real daemon; `loopback.start_node()`
   wires a daemon, its containerd and a hosts.toml into one loopback node.
+- `pki`: site CAs and node certificates made with `peersync site init/issue`; every daemon the
+  harness starts gets one unless its config says otherwise, so the nodes speak mutual TLS.
 - `netns` / `cluster`: an emulated edge site (node namespaces, a tbf-shaped uplink, byte counters)
   and a PeerSync node on each of its nodes.
 
