@@ -11,6 +11,7 @@ import pytest
 from kernel.config import loads
 from peer.control.discovery import Discovery, beyond_loopback, mdns_addresses, parse_txt, txt_record
 from peer.control.identity import link_mbit, local_record, node_id
+from peer.peers import StaticPeers
 from peer.policy.membership import Member
 
 ME = Member("ab" * 16, "http://10.0.0.1:5381", "default", 1700000000.125, 2, 4, 8192, 10000)
@@ -89,6 +90,18 @@ def test_candidates_are_the_static_and_bootstrap_addresses_but_never_this_node()
     d = Discovery(loads(text), ME)
     assert d.candidates() == {"http://10.0.0.2:5381": None, "http://10.0.0.3:5381": None}
     assert d.static == ["http://10.0.0.2:5381"] and not d.mdns
+
+
+def test_bare_addresses_get_this_nodes_scheme() -> None:
+    """With site certificates a node's URL is https, and so is every bare address it is given;
+    an explicit URL keeps its scheme (the node warns at start when it differs)."""
+    me = Member("ab" * 16, "https://10.0.0.1:5381", "default", 1.0)
+    text = '[peer]\nlisten = "10.0.0.1:5381"\npeers = ["10.0.0.2:5381", "http://10.0.0.4:5381"]\n'
+    d = Discovery(loads(text + 'bootstrap = ["10.0.0.3:5381"]\n[discovery]\nmdns = false\n'), me)
+    assert d.static == ["https://10.0.0.2:5381", "http://10.0.0.4:5381"]
+    assert d.bootstrap == ["https://10.0.0.3:5381"]
+    assert StaticPeers(["10.0.0.2:5381", "10.0.0.1:5381"], me.url).peers() == ["https://10.0.0.2:5381"]
+    assert StaticPeers(["10.0.0.2:5381"], scheme="http").peers() == ["http://10.0.0.2:5381"]
 
 
 def test_the_node_id_is_made_once_and_kept(tmp_path: Path) -> None:
