@@ -7,7 +7,8 @@ asked for every 1 MiB chunk of it by a client in this process, `concurrency` req
 (the engine's window), over connections kept alive as the engine keeps them. Once with `[tls]
 insecure = true`, once with a site certificate (`peersync site issue`), alternating, `rounds`
 times each. Reports MiB/s as the client sees it and the daemon's CPU seconds per GiB served
-(from /proc/<pid>/stat): what serving chunks costs the node that serves them.
+(from /proc/<pid>/stat) and its peak RSS: what serving chunks costs the node that serves them.
+Medians over the rounds.
 
 Under uvloop (the daemon's loop) aiohttp's FileResponse never gets a zero-copy sendfile, TLS or
 not: `loop.sendfile` is not implemented there, so both paths read the file in the executor and
@@ -53,6 +54,13 @@ def fill(root: Path, mib: int) -> str:
     return digest
 
 
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
 def cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -76,7 +84,7 @@ async def fetch_all(url: str, digest: str, mib: int, concurrency: int, ctx: ssl.
         return time.monotonic() - started
 
 
-def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float]:
+def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float, float]:
     node = work / mode
     root = node / "root"
     root.mkdir(parents=True)
@@ -86,7 +94,8 @@ def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float
         before = cpu_seconds(daemon.process.pid)
         seconds = asyncio.run(fetch_all(daemon.peer_url, digest, mib, concurrency, daemon.client_context()))
         cpu = cpu_seconds(daemon.process.pid) - before
-    return mib / seconds, cpu / (mib / 1024)
+        rss = peak_rss_mb(daemon.process.pid)
+    return mib / seconds, cpu / (mib / 1024), rss
 
 
 def main() -> int:
@@ -95,17 +104,18 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8)
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float]]] = {"plain": [], "tls": []}
+    results: dict[str, list[tuple[float, float, float]]] = {"plain": [], "tls": []}
     with tempfile.TemporaryDirectory(prefix="tls-serving-") as tmp:
         for r in range(args.rounds):
             for mode in ("plain", "tls") if r % 2 == 0 else ("tls", "plain"):
-                rate, cpu = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency)
-                results[mode].append((rate, cpu))
-                print(f"round {r} {mode:5}: {rate:7.1f} MiB/s, daemon CPU {cpu:5.2f} s/GiB", flush=True)
-    print("\n| transport | MiB/s (median) | daemon CPU s/GiB (median) |\n|---|---|---|")
+                rate, cpu, rss = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency)
+                results[mode].append((rate, cpu, rss))
+                line = f"round {r} {mode:5}: {rate:7.1f} MiB/s, daemon CPU {cpu:5.2f} s/GiB"
+                print(f"{line}, peak RSS {rss:.0f} MB", flush=True)
+    print("\n| transport | MiB/s | daemon CPU s/GiB | daemon peak RSS MB |\n|---|---|---|---|")
     for mode, rows in results.items():
-        rates, cpus = sorted(r for r, _ in rows), sorted(c for _, c in rows)
-        print(f"| {mode} | {rates[len(rates) // 2]:.0f} | {cpus[len(cpus) // 2]:.2f} |")
+        med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
+        print(f"| {mode} | {med[0]:.0f} | {med[1]:.2f} | {med[2]:.0f} |")
     return 0
 
 
