@@ -13,9 +13,9 @@ under `/peersync/v1`:
                                 concatenated); only served for complete blobs, whose whole digest
                                 this node has verified.
     GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
-                                that are present; answered from the file (`FileResponse`), read
-                                in pieces of `SERVE_READ`. `X-Chunk-Sha256` carries the server's
-                                hash of the range when it is exactly one chunk.
+                                that are present; answered from the file with sendfile (zero
+                                copy). `X-Chunk-Sha256` carries the server's hash of the range
+                                when it is exactly one chunk.
 
 A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
 partial blobs: against the table, or hashed as received from the origin), so announcing while
@@ -46,12 +46,6 @@ log = structlog.get_logger(__name__)
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
-# aiohttp's FileResponse never gets zero-copy sendfile here: uvloop (the daemon's loop) does not
-# implement loop.sendfile, and TLS could not use it anyway, so it reads the file in the executor
-# and writes what it read. One read per 1 MiB chunk instead of aiohttp's four of 256 KiB: about
-# 10% less daemon CPU per byte served in plain HTTP and 20% under TLS (bench/tls_serving.py,
-# bench/RESULTS.md "Mutual TLS between nodes").
-SERVE_READ = 1 << 20
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -129,7 +123,7 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
         except (Unavailable, OutOfRange, InvalidArgument) as exc:
             raise web.HTTPRequestRangeNotSatisfiable(text=str(exc)) from exc
         headers = {"X-Chunk-Sha256": sha.hex()} if sha else {}
-        return web.FileResponse(path, chunk_size=SERVE_READ, headers=headers)
+        return web.FileResponse(path, headers=headers)
 
     return r
 
