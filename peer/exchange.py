@@ -13,9 +13,11 @@ under `/peersync/v1`:
                                 concatenated); only served for complete blobs, whose whole digest
                                 this node has verified.
     GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
-                                that are present; answered from the file with sendfile (zero
-                                copy). `X-Chunk-Sha256` carries the server's hash of the range
-                                when it is exactly one chunk.
+                                that are present; answered from the file (`FileResponse`: read
+                                in 256 KiB pieces in the executor and written; no zero-copy
+                                sendfile, which neither uvloop nor TLS offers, bench/RESULTS.md).
+                                `X-Chunk-Sha256` carries the server's hash of the range when it is
+                                exactly one chunk.
 
 A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
 partial blobs: against the table, or hashed as received from the origin), so announcing while
