@@ -164,6 +164,13 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
 # A node unpacking layers on a small, shared CPU can take seconds to answer; a slow answer is not
 # a dead peer (two failures in a row suspend it, see Engine._ask).
 HAVE_TIMEOUT = 5.0
+# A TCP connect needs only the peer's kernel: 2 s without an answer means the host is gone. A TLS
+# handshake needs the peer's event loop too, several turns of it on both sides; a peer busy
+# unpacking and serving a burst shakes hands slowly but is alive (a stopped daemon still refuses
+# at once). So under TLS the connect phase is bounded by the request's own timeout: measured on
+# the 8-node burst, a 2 s bound dropped busy peers as unreachable and sent their chunks to the
+# origin (bench/RESULTS.md, "Mutual TLS between nodes").
+TCP_CONNECT_TIMEOUT = 2.0
 
 
 class PeerError(Unavailable):
@@ -181,8 +188,9 @@ class PeerClient:
         self, session: aiohttp.ClientSession, timeout: float = 10.0, ssl: sslmod.SSLContext | None = None
     ) -> None:
         self._session = session
-        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
         self._ssl: sslmod.SSLContext | bool = ssl if ssl is not None else True
+        self._connect = TCP_CONNECT_TIMEOUT if ssl is None else None
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
         body = await self._request(
@@ -214,7 +222,7 @@ class PeerClient:
 
     async def _request(self, method: str, url: str, timeout: float | None = None, body: Any = None) -> bytes:
         """The response body of a 200 (`body`, if any, is sent as JSON)."""
-        t = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0) if timeout else self._timeout
+        t = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect) if timeout else self._timeout
         try:
             async with self._session.request(method, url, timeout=t, json=body, ssl=self._ssl) as resp:
                 if resp.status == 404:
