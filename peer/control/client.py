@@ -15,6 +15,10 @@ The control plane uses its own aiohttp session: a sync must not queue behind the
 transfers that fill the data plane's connection pool (a late sync looks like a dead tracker).
 With site certificates its connections are mutual TLS (`ssl`, the client context of
 `peer.tls`): this node's certificate presented, the other node's checked against the site CA.
+A message's timeout then bounds the wait for its answer once the connection is up, and a new
+connection's handshake gets `HANDSHAKE_TIMEOUT` of its own: it needs several turns of the other
+node's event loop, so a busy node shakes hands slowly without being dead (a stopped one refuses
+at once, and a warm connection, the usual case for syncs, needs no handshake).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from peer.policy.membership import Member
 log = structlog.get_logger(__name__)
 
 PREFIX = "/peersync/v1/control"
+HANDSHAKE_TIMEOUT = 3.0
 KINDS = ("sync", "whois", "tracker")
 PROTOCOL = 1
 
@@ -80,6 +85,14 @@ class ControlClient:
             self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         return self._session
 
+    def _timeout(self, timeout: float) -> aiohttp.ClientTimeout:
+        """`timeout` for the whole message over plain HTTP; over TLS, for the answer once
+        connected (no read waits longer), the handshake bounded apart (module docstring)."""
+        if self.ssl is None:
+            return aiohttp.ClientTimeout(total=timeout)
+        return aiohttp.ClientTimeout(total=None, connect=HANDSHAKE_TIMEOUT + timeout,
+                                     sock_connect=HANDSHAKE_TIMEOUT, sock_read=timeout)
+
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
@@ -92,7 +105,7 @@ class ControlClient:
                 method,
                 f"{url}{PREFIX}/{kind}",
                 json=body,
-                timeout=aiohttp.ClientTimeout(total=timeout),
+                timeout=self._timeout(timeout),
             ) as resp:
                 if resp.status != 200:
                     raise ValueError(f"HTTP {resp.status}")
