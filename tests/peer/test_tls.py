@@ -14,6 +14,8 @@ import datetime
 import hashlib
 import socket
 import ssl
+import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +34,7 @@ from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer import tls
 from peer.control.client import ControlClient, Counters
-from peer.exchange import PREFIX, PeerClient, PeerError
+from peer.exchange import PREFIX, TCP_CONNECT_TIMEOUT, PeerClient, PeerError
 from peer.node import PeerNode
 from testbed.pki import NodeCert, SiteCA
 from testbed.procs import free_port
@@ -464,3 +466,40 @@ async def test_a_ca_bundle_lets_old_and_new_certificates_meet_while_the_site_ca_
             await ask(late, "a")  # it cannot check the rotated node's new certificate
         with pytest.raises(PeerError):
             await ask(rotated, "c")  # nor does it accept it from a client
+
+
+async def test_a_peer_slow_to_shake_hands_is_waited_for_not_given_up_on(site: SiteCA) -> None:
+    """A TLS handshake needs the peer's event loop: one busy unpacking answers its ClientHello
+    late. The exchange client waits for it within the request's timeout instead of the 2 s a bare
+    TCP connect gets (with which busy peers of an 8-node burst were dropped as unreachable)."""
+    server_ctx = site.issue("busy").server_context()
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve_once() -> None:
+        conn, _ = listener.accept()  # the kernel completed the TCP handshake at once
+        time.sleep(TCP_CONNECT_TIMEOUT + 0.5)  # the loop was busy: the ClientHello waits
+        with server_ctx.wrap_socket(conn, server_side=True) as tls_conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += tls_conn.recv(65536)
+            head, _, body = request.partition(b"\r\n\r\n")
+            lengths = [h for h in head.split(b"\r\n") if h.lower().startswith(b"content-length")]
+            length = int(lengths[0].split(b":")[1])
+            while len(body) < length:
+                body += tls_conn.recv(65536)
+            answer = b'{"blobs": []}'
+            tls_conn.sendall(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(answer), answer)
+            )
+
+    server = threading.Thread(target=serve_once, daemon=True)
+    server.start()
+    try:
+        async with aiohttp.ClientSession() as session:
+            client = PeerClient(session, ssl=member(site).client_context())
+            assert await client.have(f"https://127.0.0.1:{port}", [DIGEST]) == {}
+    finally:
+        await asyncio.to_thread(server.join, 10)
+        listener.close()
