@@ -7,8 +7,8 @@ asked for every 1 MiB chunk of it by a client in this process, `concurrency` req
 (the engine's window), over connections kept alive as the engine keeps them. Once with `[tls]
 insecure = true`, once with a site certificate (`peersync site issue`), alternating, `rounds`
 times each. Reports MiB/s as the client sees it and the daemon's CPU seconds per GiB served
-(from /proc/<pid>/stat) and its peak RSS: what serving chunks costs the node that serves them.
-Medians over the rounds.
+(from /proc/<pid>/stat) and its peak RSS: what serving chunks costs the node that serves them;
+and the client's CPU per GiB (this process: the exchange client receiving). Medians over the rounds.
 
 Under uvloop (the daemon's loop) aiohttp's FileResponse never gets a zero-copy sendfile, TLS or
 not: `loop.sendfile` is not implemented there, so both paths read the file in the executor and
@@ -31,6 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import aiohttp  # noqa: E402
+import uvloop  # noqa: E402
 
 from kernel.store.chunkstore import ChunkStore  # noqa: E402
 from kernel.store.meta import Meta  # noqa: E402
@@ -84,18 +85,22 @@ async def fetch_all(url: str, digest: str, mib: int, concurrency: int, ctx: ssl.
         return time.monotonic() - started
 
 
-def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float, float]:
+def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float, float, float]:
     node = work / mode
     root = node / "root"
     root.mkdir(parents=True)
     digest = fill(root, mib)
     extra = "[tls]\ninsecure = true\n" if mode == "plain" else ""
     with start_peersync(node, config=loopback_config(extra=extra)) as daemon:
-        before = cpu_seconds(daemon.process.pid)
-        seconds = asyncio.run(fetch_all(daemon.peer_url, digest, mib, concurrency, daemon.client_context()))
+        before, client_before = cpu_seconds(daemon.process.pid), time.process_time()
+        fetch = fetch_all(daemon.peer_url, digest, mib, concurrency, daemon.client_context())
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the daemon's loop
+            seconds = runner.run(fetch)
         cpu = cpu_seconds(daemon.process.pid) - before
+        client = time.process_time() - client_before
         rss = peak_rss_mb(daemon.process.pid)
-    return mib / seconds, cpu / (mib / 1024), rss
+    gib = mib / 1024
+    return mib / seconds, cpu / gib, client / gib, rss
 
 
 def main() -> int:
@@ -104,18 +109,19 @@ def main() -> int:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8)
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float, float]]] = {"plain": [], "tls": []}
+    results: dict[str, list[tuple[float, float, float, float]]] = {"plain": [], "tls": []}
     with tempfile.TemporaryDirectory(prefix="tls-serving-") as tmp:
         for r in range(args.rounds):
             for mode in ("plain", "tls") if r % 2 == 0 else ("tls", "plain"):
-                rate, cpu, rss = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency)
-                results[mode].append((rate, cpu, rss))
-                line = f"round {r} {mode:5}: {rate:7.1f} MiB/s, daemon CPU {cpu:5.2f} s/GiB"
-                print(f"{line}, peak RSS {rss:.0f} MB", flush=True)
-    print("\n| transport | MiB/s | daemon CPU s/GiB | daemon peak RSS MB |\n|---|---|---|---|")
+                row = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency)
+                results[mode].append(row)
+                line = f"round {r} {mode:5}: {row[0]:7.1f} MiB/s, daemon CPU {row[1]:5.2f} s/GiB"
+                print(f"{line}, client CPU {row[2]:5.2f} s/GiB, daemon peak RSS {row[3]:.0f} MB", flush=True)
+    head = "| transport | MiB/s | daemon (server) CPU s/GiB | client CPU s/GiB | daemon peak RSS MB |"
+    print(f"\n{head}\n|---|---|---|---|---|")
     for mode, rows in results.items():
         med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
-        print(f"| {mode} | {med[0]:.0f} | {med[1]:.2f} | {med[2]:.0f} |")
+        print(f"| {mode} | {med[0]:.0f} | {med[1]:.2f} | {med[2]:.2f} | {med[3]:.0f} |")
     return 0
 
 
