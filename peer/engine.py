@@ -126,6 +126,9 @@ class Engine:
             # we inherited the stripe of an owner that stalled (heir); the rest were our stripes
             "origin_solo_chunks": 0,
             "origin_heir_chunks": 0,
+            # control messages this node sent (`/have` polls; tracker syncs are added by the
+            # control plane's index section): what must stay flat as the site grows
+            "control_requests": 0,
         }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
         self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
@@ -283,6 +286,7 @@ class Engine:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
         failures in a row suspend the peer (dead or partitioned), which drops its views."""
         st = self.stat(peer)
+        self.counters["control_requests"] += 1
         try:
             res = await self.client.have(peer, digests)
         except (PeerError, ValueError, KeyError, TypeError) as exc:

@@ -34,8 +34,10 @@ MIRROR = "127.0.0.1:5380"
 REGISTRY = f"{REGISTRY_IP}:5000"
 
 
-def node_config(node: SiteNode, site: Site, extra: str = "") -> str:
-    peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node]
+def node_config(node: SiteNode, site: Site, extra: str = "", static_peers: bool = True) -> str:
+    """The node's daemon config; without `static_peers` it names no other node (the control
+    plane's discovery finds them)."""
+    peers = [f"{n.ip}:{PEER_PORT}" for n in site.nodes if n is not node] if static_peers else []
     return (
         f'[peer]\nlisten = "{node.ip}:{PEER_PORT}"\npeers = {json.dumps(peers)}\n'
         f'[mirror]\nlisten = "{MIRROR}"\n'
@@ -81,18 +83,26 @@ class ClusterNode:
 class Cluster:
     """Daemons, containerds and hosts.toml on every node of `site`."""
 
-    def __init__(self, site: Site, mode: str = "full", extra_config: str = "", client: str = "ctr") -> None:
+    def __init__(
+        self,
+        site: Site,
+        mode: str = "full",
+        extra_config: str = "",
+        client: str = "ctr",
+        static_peers: bool = True,
+    ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
         if client not in ("ctr", "cri"):
             raise ValueError(f"client must be ctr or cri, not {client!r}")
         self.site, self.mode, self.client = site, mode, client
+        self.static_peers = static_peers
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
-        daemon = node.start_peersync(config=node_config(node, self.site, extra_config))
+        daemon = node.start_peersync(config=node_config(node, self.site, extra_config, self.static_peers))
         full = self.mode == "full"
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"
