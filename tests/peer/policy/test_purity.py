@@ -24,6 +24,7 @@ def test_the_policy_modules_are_all_here() -> None:
         "striping",
         "hedging",
         "gathering",
+        "index",
     } <= names
 
 
