@@ -278,21 +278,16 @@ class Index:
     def _adopt(
         self, digest: str, blob: _Blob, member: str, runs: Iterable[tuple[int, int]], now: float
     ) -> None:
-        """Record the origin fetches a member announced as its leases, where no other live lease
-        covers them (the one-lease-per-chunk invariant wins over the announcement)."""
+        """Record the origin fetches a member announced as its leases, where no live lease (its
+        own included) covers them yet: the one-lease-per-chunk invariant wins over the announcement."""
         cfg = self.config
         blob.leases = [le for le in blob.leases if le.live(now, cfg.lease_grace)]
-        taken = 0
-        for le in blob.leases:
-            if le.member != member:
-                taken |= le.mask
-        mine = [le for le in blob.leases if le.member == member]
+        taken = blob.leased()
         for first, last in runs:
             free = _run_mask(first, last, blob.nchunks) & ~taken & ~blob.held
             for lo, hi in _runs(free):
-                if not any(le.first == lo and le.last == hi for le in mine):
-                    blob.leases.append(Lease(digest, member, lo, hi, now, now))
-                taken |= _run_mask(lo, hi, blob.nchunks)
+                blob.leases.append(Lease(digest, member, lo, hi, now, now))
+            taken |= free
 
     def _remove(self, digest: str, blob: _Blob, member: str) -> None:
         blob.complete.discard(member)
