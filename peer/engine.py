@@ -3,16 +3,22 @@
 One `Download` per blob runs in the background until the blob is complete and verified (a claimed
 blob is always finished, whoever asked for it). Each round of its loop it:
 
-1. learns which peers hold which chunks (`POST /have`, polled while downloads run, so a chunk a
-   peer got a moment ago is fetched from it, not from the uplink: announce-while-downloading);
+1. learns which peers hold which chunks: from the site's tracker, whose index answers each sync
+   with a bounded candidate set per blob (`Coordination`, implemented by
+   `peer.control.index_sections.IndexMember`), or, with no tracker, by polling up to `fanout`
+   peers' `POST /have` while downloads run (`policy.fanout`); either way a chunk a peer got a
+   moment ago is fetched from it, not from the uplink: announce-while-downloading;
 2. fetches chunks that peers hold, keeping a window of requests in flight; per chunk it picks the
    peer with the best predicted completion time (measured throughput and latency, queue depth,
    failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
    second peer;
-3. fetches from the origin the chunks no peer holds, but only its share of them: the nodes that
-   are downloading the same blob at the same moment split it into stripes, so in a burst the
-   uplink carries each chunk about once. The stripes of an owner that makes no progress (dead,
-   slow, gone) pass to exactly one heir.
+3. fetches from the origin the chunks no peer holds, but only its share of them. With a tracker,
+   only the runs it leased us (the tracker grants each chunk to one member at a time and
+   re-grants the run of a holder that makes no progress), so the uplink carries each chunk once
+   in bursts and staggered arrivals alike. Without one, the nodes downloading the same blob at
+   the same moment split it into stripes, so in a burst the uplink carries each chunk about
+   once; the stripes of an owner that makes no progress (dead, slow, gone) pass to exactly one
+   heir.
 
 Every decision in these steps (peer choice, window, chunk order, stripes and heirs, origin runs,
 hedges, gathering) is made by the pure functions of `peer.policy`, which take the state this
