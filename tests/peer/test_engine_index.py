@@ -52,7 +52,7 @@ class Node:
         self.engine: Engine | None = None
         self.member: IndexMember | None = None
 
-    async def start(self, link: Link | None = None) -> str:
+    async def start(self, link: Link | None = None, stale_after: float = 3.0) -> str:
         app = web.Application()
         self.server = TestServer(app)
         holder: list[Engine] = []
@@ -70,7 +70,7 @@ class Node:
             config,
         )
         holder.append(self.engine)
-        self.member = IndexMember(self.engine, link)
+        self.member = IndexMember(self.engine, link, stale_after=stale_after)
         return url
 
     async def close(self) -> None:
@@ -313,6 +313,52 @@ async def test_with_no_tracker_the_direct_path_completes(
             assert node.store.read(digest, 0, size) == data
         assert sum(e.counters["leases"] for e in engines) == 0
         assert all(e.counters["control_requests"] > 0 for e in engines)  # /have polls
+    finally:
+        for node in made:
+            await node.close()
+
+
+async def test_pulls_go_on_when_the_tracker_dies_and_a_new_one_rebuilds_the_index(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    test_image: BuiltImage,
+    test_image_ref: str,
+) -> None:
+    """The tracker stops answering once the first lease is out: the members fall back to polling
+    each other and striping, and finish. A new tracker then starts empty and learns everything
+    from the members' full announcements: each one's holdings, exactly as its store has them."""
+    layers = sorted(test_image.layers, key=lambda la: la.descriptor.size)[-2:]
+    blobs = [(la.descriptor.digest, la.descriptor.size) for la in layers]
+    made = [Node(tmp_path / f"n{i}", session, [registry.address], []) for i in range(3)]
+    first = Driver(IndexTracker(IndexConfig()))
+    try:
+        urls = [await node.start(Link(first), stale_after=0.5) for node in made]
+        for i, (node, url) in enumerate(zip(made, urls, strict=True)):
+            assert node.engine is not None and node.member is not None
+            node.engine.peer_source = StaticPeers(urls, url)
+            node.catalog.record([Source(d, n, "", registry.address, TEST_IMAGE_REPO) for d, n in blobs])
+            first.add(f"m{i}", node.member)
+        engines = [node.engine for node in made if node.engine is not None]
+        with first:
+            await asyncio.sleep(0.3)
+            waits = [asyncio.ensure_future(e.wait_complete(d)) for e in engines for d, _ in blobs]
+            while not any(e.counters["leases"] for e in engines):
+                await asyncio.sleep(0.01)
+        await asyncio.wait_for(asyncio.gather(*waits), 60)
+        assert not any(e.coordination.tracking() for e in engines)
+        second = Driver(IndexTracker(IndexConfig()))
+        for i, node in enumerate(made):
+            assert node.member is not None
+            second.add(f"m{i}", node.member)
+        second.round()
+        for node in made:
+            for d, _ in blobs:
+                assert node.store.exists(d)
+        for i in range(3):
+            for d, n in blobs:
+                assert second.tracker.index.holdings(d, f"m{i}") == (1 << -(-n // CHUNK)) - 1
+                assert second.tracker.index.replicas(d) == 3
     finally:
         for node in made:
             await node.close()
