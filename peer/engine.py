@@ -600,13 +600,17 @@ class Download:
             self._rescue = True  # until the tracker grants us a lease again
             log.info("no lease and no progress: fetching unheld chunks from the origin", digest=self.digest)
         if self._rescue:
-            held = holders(self._views(), missing, self.chunk_size)
+            views = self._views()
+            held = holders(views, missing, self.chunk_size)
+            elsewhere = {i for v in views.values() for i in v.fetching}  # other members' leases
+            busy |= elsewhere
             unheld = [i for i in missing if not held[i] and i not in busy]
             if unheld:
                 end = unheld[0]
                 while (
                     end + 1 in todo
                     and not held.get(end + 1)
+                    and end + 1 not in busy
                     and end + 1 - unheld[0] < cfg.origin_batch_chunks
                 ):
                     end += 1

@@ -52,14 +52,16 @@ class Node:
         self.engine: Engine | None = None
         self.member: IndexMember | None = None
 
-    async def start(self, link: Link | None = None, stale_after: float = 3.0) -> str:
+    async def start(
+        self, link: Link | None = None, stale_after: float = 3.0, config: EngineConfig | None = None
+    ) -> str:
         app = web.Application()
         self.server = TestServer(app)
         holder: list[Engine] = []
         app.add_routes(routes(self.store, lambda d: holder[0].fetching(d) if holder else []))
         await self.server.start_server()
         url = str(self.server.make_url("")).rstrip("/")
-        config = EngineConfig(gather_delay=0.0, gather_max=0.5)
+        config = config or EngineConfig(gather_delay=0.0, gather_max=0.5)
         self.engine = Engine(
             self.store,
             self.catalog,
@@ -362,3 +364,44 @@ async def test_pulls_go_on_when_the_tracker_dies_and_a_new_one_rebuilds_the_inde
     finally:
         for node in made:
             await node.close()
+
+
+async def test_a_download_stuck_without_a_lease_fetches_from_the_origin_anyway(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    test_image: BuiltImage,
+    test_image_ref: str,
+) -> None:
+    """The index says X holds the blob whole, so nobody gets a lease; but X's exchange is gone and
+    the tracker has not noticed. B drops X after its failed requests, makes no progress for
+    `lease_stuck`, and fetches the chunks nobody usable holds from the origin itself."""
+    digest, size, data = biggest_layer(test_image)
+    nchunks = -(-size // CHUNK)
+    driver = Driver(IndexTracker(IndexConfig()))
+    x, b = await nodes(tmp_path, session, 2, [registry.address])
+    try:
+        for name, node in (("x", x), ("b", b)):
+            config = EngineConfig(gather_delay=0.0, lease_stuck=1.0)
+            await node.start(Link(driver), config=config)
+            assert node.member is not None
+            driver.add(name, node.member)
+            node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+        assert x.engine is not None and b.engine is not None
+        with driver:
+            await asyncio.sleep(0.3)
+            await asyncio.wait_for(x.engine.wait_complete(digest), 30)
+            await asyncio.sleep(0.3)  # the tracker hears that X holds it whole
+            assert driver.tracker.index.replicas(digest) == 1
+            driver.remove("x")
+            await x.close()
+            x.engine = None
+            await asyncio.wait_for(b.engine.wait_complete(digest), 60)
+        assert b.store.read(digest, 0, size) == data
+        assert b.engine.counters["leases"] == 0
+        assert b.engine.counters["origin_rescue_chunks"] == nchunks
+        assert b.engine.counters["origin_bytes"] == size
+    finally:
+        await b.close()
+        with contextlib.suppress(Exception):
+            await x.close()
