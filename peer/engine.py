@@ -301,10 +301,12 @@ class Engine:
         log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
 
     def usable_peers(self) -> list[str]:
-        """The peers polled directly (no tracker): usable ones, at most `fanout` (`policy.fanout`)."""
+        """The peers polled directly (no tracker): at most `fanout` of the site's members
+        (`policy.fanout`, chosen from all of them, so that every node computes the same groups),
+        less those dropped or suspended."""
         now = time.monotonic()
-        usable = [p for p in self.peer_source.peers() if self.stat(p).usable(now)]
-        return fanout(usable, self.self_url, self.config.fanout)
+        chosen = fanout(self.peer_source.peers(), self.self_url, self.config.fanout)
+        return [p for p in chosen if self.stat(p).usable(now)]
 
     def set_views(self, digest: str, views: dict[str, BlobView]) -> None:
         """The holders of `digest` as the tracker answered (its candidate set replaces what we
