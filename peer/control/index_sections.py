@@ -189,9 +189,7 @@ class IndexMember:
             digests |= {rec.digest for rec in store.iter_blobs()}
         announce = []
         for d in sorted(digests):
-            entry = self._announcement(d, rnd)
-            if entry is not None:
-                announce.append(entry)
+            announce += self._announcement(d, rnd)
         query = sorted(d for d in active if not store.exists(d))
         leases = []
         for d, dl in sorted(active.items()):
@@ -210,8 +208,8 @@ class IndexMember:
         self._round = rnd
         return payload
 
-    def _announcement(self, digest: str, rnd: _Round) -> dict[str, Any] | None:
-        """What changed of `digest` since the tracker last acknowledged it (None: nothing)."""
+    def _announcement(self, digest: str, rnd: _Round) -> list[dict[str, Any]]:
+        """What changed of `digest` since the tracker last acknowledged it (nothing: [])."""
         store = self.engine.store
         told = self._told.get(digest)
         complete = False
@@ -223,17 +221,23 @@ class IndexMember:
                 rec = store.record(digest)
             except NotFound:
                 if told is None:
-                    return None
+                    return []
                 rnd.told[digest] = None
-                return {"d": digest, "size": told.size, "cs": told.cs, "drop": True}
+                return [{"d": digest, "size": told.size, "cs": told.cs, "drop": True}]
             complete, bits = True, 0
         now_told = _Told(rec.size, rec.chunk_size, bits, complete, self._fetching(digest))
-        if told is not None and (told.size, told.cs) != (rec.size, rec.chunk_size):
-            told = None  # another object under that digest: announce it afresh
+        before: list[dict[str, Any]] = []
+        if told is not None and (
+            (told.complete and not complete) or (told.size, told.cs) != (rec.size, rec.chunk_size)
+        ):
+            # held whole, then deleted and being fetched again before we noticed (or another
+            # object under that digest): the tracker must forget the old one first
+            before = [{"d": digest, "size": told.size, "cs": told.cs, "drop": True}]
+            told = None
         entry: dict[str, Any] = {"d": digest, "size": rec.size, "cs": rec.chunk_size}
         if complete:
             if told is not None and told.complete:
-                return None
+                return []
             entry["complete"] = True
         else:
             new = bits & ~(told.bits if told else 0)
@@ -244,9 +248,9 @@ class IndexMember:
             if now_told.fetching != (told.fetching if told else ()):
                 entry["fetching"] = [list(r) for r in now_told.fetching]
             if len(entry) == 3:
-                return None
+                return before
         rnd.told[digest] = now_told
-        return entry
+        return [*before, entry]
 
     def _fetching(self, digest: str) -> tuple[tuple[int, int], ...]:
         chunks = self.engine.fetching(digest)

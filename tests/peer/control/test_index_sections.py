@@ -245,3 +245,25 @@ def test_malformed_payloads_change_nothing(payload: Any) -> None:
     reply = tracker.handle("bad", payload, 0.0)
     assert reply in (None, {}, {"leases": {}})
     assert tracker.index.size_of(DIGEST) is None
+
+
+async def test_a_blob_deleted_and_fetched_again_between_syncs_is_dropped_then_announced(
+    members: list[Member],
+) -> None:
+    tracker = IndexTracker()
+    m = members[0]
+    m.chunks(*range(10))
+    m.store.partials.complete(DIGEST)
+    tracker.handle("id0", m.section.outgoing(full=True), 0.0)
+    m.section.incoming({})
+    assert tracker.index.replicas(DIGEST) == 1
+    m.store.delete(DIGEST)  # nobody told the section
+    m.chunks(2)
+    m.section.changed(DIGEST)
+    payload = m.section.outgoing(full=False)
+    assert payload is not None
+    mine = [a for a in payload["announce"] if a["d"] == DIGEST]
+    assert [("drop" in a, a.get("add")) for a in mine] == [(True, None), (False, [[2, 2]])]
+    tracker.handle("id0", payload, 1.0)
+    assert tracker.index.replicas(DIGEST) == 0
+    assert tracker.index.holdings(DIGEST, "id0") == 0b100
