@@ -244,7 +244,12 @@ class IndexMember:
             if told is None:
                 entry["filling"] = True
             if new:
-                entry["add"] = [list(r) for r in runs_of(new)[:MAX_RANGES]]
+                runs = runs_of(new)[:MAX_RANGES]  # the rest in the next sync
+                entry["add"] = [list(r) for r in runs]
+                sent = 0
+                for a, b in runs:
+                    sent |= ((1 << (b - a + 1)) - 1) << a
+                now_told.bits = (told.bits if told else 0) | sent
             if now_told.fetching != (told.fetching if told else ()):
                 entry["fetching"] = [list(r) for r in now_told.fetching]
             if len(entry) == 3:

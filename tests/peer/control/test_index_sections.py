@@ -267,3 +267,18 @@ async def test_a_blob_deleted_and_fetched_again_between_syncs_is_dropped_then_an
     tracker.handle("id0", payload, 1.0)
     assert tracker.index.replicas(DIGEST) == 0
     assert tracker.index.holdings(DIGEST, "id0") == 0b100
+
+
+async def test_ranges_beyond_the_cap_go_in_the_next_sync(
+    members: list[Member], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from peer.control import index_sections
+
+    monkeypatch.setattr(index_sections, "MAX_RANGES", 2)
+    m = members[0]
+    m.chunks(0, 2, 4, 6)
+    first = announced(m.section.outgoing(full=True))
+    assert first is not None and first["add"] == [[0, 0], [2, 2]]
+    m.section.incoming({})
+    second = announced(m.section.outgoing(full=False))
+    assert second is not None and second["add"] == [[4, 4], [6, 6]]
