@@ -258,7 +258,7 @@ async def test_a_dead_lease_holders_run_is_regranted(
     rescue, which waits longer."""
     digest, size, data = biggest_layer(test_image)
     nchunks = -(-size // CHUNK)
-    driver = Driver(IndexTracker(IndexConfig(lease_grace=1.0)))
+    driver = Driver(IndexTracker(IndexConfig(lease_grace=3.0)))
     a, b = await nodes(tmp_path, session, 2, [registry.address, hanging_origin])
     try:
         for name, node, origin in (("a", a, hanging_origin), ("b", b, registry.address)):
