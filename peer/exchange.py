@@ -12,7 +12,7 @@ HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
                                 this node has verified.
     GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
                                 that are present; answered from the file with sendfile (zero
-                                copy) for a complete blob, read through an fd for a partial one
+                                copy) for a complete blob, streamed from an fd for a partial one
                                 (whose file is renamed when it is promoted). `X-Chunk-Sha256`
                                 carries the server's hash of the range when it is exactly one
                                 chunk.
@@ -46,6 +46,7 @@ log = structlog.get_logger(__name__)
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+SEND_PIECE = 256 << 10  # a partial blob's range is streamed in pieces of this size
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -126,18 +127,29 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
         if path.startswith(str(store.blob_dir)):
             return web.FileResponse(path, headers=headers)
         # A partial blob's file is renamed into blobs/ when it is promoted, which can happen
-        # between here and the moment a FileResponse opens it (in a worker thread): read the
-        # chunks through an fd opened now instead (a chunk or a few, and the fd stays valid).
+        # between here and the moment a FileResponse opens it (in a worker thread): stream the
+        # range from an fd opened now instead, in pieces (bounded memory, with back-pressure).
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
             return web.FileResponse(store.blob_path(digest), headers=headers)
         try:
-            body = os.pread(fd, end - start + 1, start)
             headers["Content-Range"] = f"bytes {start}-{end}/{os.fstat(fd).st_size}"
+            resp = web.StreamResponse(status=206, headers=headers)
+            resp.content_type = "application/octet-stream"
+            resp.content_length = end - start + 1
+            await resp.prepare(request)
+            pos = start
+            while pos <= end:
+                piece = os.pread(fd, min(SEND_PIECE, end + 1 - pos), pos)  # page cache: just written
+                if not piece:
+                    raise ConnectionResetError(f"{path} ended at {pos}")  # cannot happen: sized file
+                await resp.write(piece)
+                pos += len(piece)
+            await resp.write_eof()
+            return resp
         finally:
             os.close(fd)
-        return web.Response(status=206, body=body, headers=headers, content_type="application/octet-stream")
 
     return r
 
