@@ -70,6 +70,7 @@ class BenchConfig:
     kill_fraction: float = 0.4
     timeout_s: float = 420.0
     client: str = "cri"
+    static_peers: bool = True
     out: Path = Path("bench/results")
     quick: bool = False
     cache: Path = CACHE
@@ -133,6 +134,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
         "ctr = `ctr images pull` (fetch all, then unpack)",
     )
+    p.add_argument(
+        "--no-static-peers",
+        action="store_true",
+        help="PeerSync configs name no other node (the control plane's discovery must find them)",
+    )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")
     p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
@@ -177,6 +183,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         kill_fraction=args.kill_fraction,
         timeout_s=args.timeout or (120.0 if args.quick else 420.0),
         client=args.client,
+        static_peers=not args.no_static_peers,
         out=args.out or root / "bench" / "results" / stamp,
         quick=args.quick,
         cache=args.cache_dir,
@@ -339,7 +346,9 @@ def run_one(
     try:
         site.start()
         ref = origin.start(site)
-        system = make_system(system_name, site, image, ref, run_dir / "system", check_cmd, cfg.client)
+        system = make_system(
+            system_name, site, image, ref, run_dir / "system", check_cmd, cfg.client, cfg.static_peers
+        )
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)

@@ -282,13 +282,14 @@ class BitTorrent(System):
 class PeerSync(System):
     """`peersync daemon` + containerd on every node (`cluster.Cluster`), full or mirror-only mode."""
 
-    def __init__(self, *args: Any, mode: str = "full", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, mode: str = "full", static_peers: bool = True, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.mode = mode
+        self.static_peers = static_peers  # False: configs name no peers (discovery finds them)
         self.name = f"peersync-{mode}"
 
     def setup(self) -> None:
-        self.cluster = Cluster(self.site, mode=self.mode, client=self.client)
+        self.cluster = Cluster(self.site, mode=self.mode, client=self.client, discovery=not self.static_peers)
         self.ctrds = [cn.containerd for cn in self.cluster.nodes]
         self.snapshotter = self.cluster.nodes[0].snapshotter
 
@@ -323,6 +324,7 @@ def make_system(
     workdir: Path,
     check_cmd: Sequence[str],
     client: str = "cri",
+    static_peers: bool = True,
 ) -> System:
     args = (site, image, ref, workdir, check_cmd, client)
     if name == "baseline":
@@ -332,5 +334,5 @@ def make_system(
     if name == "bittorrent":
         return BitTorrent(*args)
     if name in ("peersync-full", "peersync-mirror"):
-        return PeerSync(*args, mode=name.split("-", 1)[1])
+        return PeerSync(*args, mode=name.split("-", 1)[1], static_peers=static_peers)
     raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")

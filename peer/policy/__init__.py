@@ -20,4 +20,7 @@ The model, one module per concept:
                owners and their single heir, the run one origin request covers.
 - `hedging`    which straggling peer requests get a second request, and to whom.
 - `gathering`  whether to keep waiting for the nodes of a burst to join before dealing stripes.
+- `index`      the tracker's index: holdings per blob and member, bounded candidate sets, origin
+               leases (who fetches which run from the uplink), replica counts.
+- `fanout`     which peers a node polls itself when there is no tracker (at most 8, stable).
 """
