@@ -24,6 +24,9 @@ def test_the_policy_modules_are_all_here() -> None:
         "striping",
         "hedging",
         "gathering",
+        "popularity",
+        "eviction",
+        "replication",
     } <= names
 
 
