@@ -1,8 +1,14 @@
-"""Assembly of the network side: origin client, peer exchange, download engine, registry mirror.
+"""Assembly of the network side: origin client, peer exchange, download engine, registry mirror,
+cache manager, popularity and replication.
 
 `PeerNode(config, store, meta)` is what `peersync.service` starts next to the gRPC server; the
-content store reaches its engine only through the daemon's adapter (`peersync.blobs`), never
-directly: `peer/` and `snapshotter/` do not import each other.
+content store reaches its engine and cache manager only through the daemon's adapters
+(`peersync.blobs`), never directly: `peer/` and `snapshotter/` do not import each other.
+
+For the control plane: `member_sections` and `tracker_sections` are the concerns of this node that
+ride on the sync message (`peer.control.sections`); today, popularity (`peer.control.popularity`).
+The sync loop registers them; until one runs, the node knows nothing of the site (every site count
+and replica count is unknown, and nothing is replicated).
 """
 
 from __future__ import annotations
@@ -16,15 +22,20 @@ import structlog
 from aiohttp import web
 
 from kernel.config import Config, hostport
-from kernel.errors import FailedPrecondition
+from kernel.errors import FailedPrecondition, PeerSyncError
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from peer.cache import CacheManager
 from peer.catalog import Catalog
+from peer.control.popularity import PopularityMember, PopularityTracker
+from peer.control.sections import MemberSection, TrackerSection
 from peer.engine import Engine
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import StaticPeers
+from peer.policy.popularity import Window
+from peer.replication import Replicator
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +51,33 @@ class PeerNode:
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self.self_url = advertised_url(config)
+        self.window = Window()
+        self.popularity = PopularityMember(self.window, self._manifest_size, self._asking)
+        self.popularity_tracker = PopularityTracker()
+        self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
+        self.replicator: Replicator | None = None
+
+    def member_sections(self) -> list[MemberSection]:
+        """This node's parts of the sync message, member side."""
+        return [self.popularity]
+
+    def tracker_sections(self) -> list[TrackerSection]:
+        """This node's parts of the sync message, tracker side (used while it is the tracker)."""
+        return [self.popularity_tracker]
+
+    def _manifest_size(self, digest: str) -> int | None:
+        """A blob's size from a manifest (the catalog) or its verified record: what members tell
+        the tracker with their requests."""
+        src = self.catalog.lookup(digest)
+        if src is not None:
+            return src.size
+        try:
+            return self.store.record(digest).size
+        except PeerSyncError:
+            return None
+
+    def _asking(self) -> list[str]:
+        return self.cache.asking()
 
     async def start(self) -> None:
         cfg = self.config
@@ -48,7 +86,9 @@ class PeerNode:
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         peers = StaticPeers(cfg.peer.peers, self.self_url)
-        self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        self.engine = Engine(
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, cache=self.cache
+        )
         if cfg.peer.listen:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
@@ -62,18 +102,28 @@ class PeerNode:
             app.add_routes(mirror.routes())
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")
         self.engine.resume()
+        self.cache.start()
+        self.replicator = Replicator(self.engine, self.cache, self.popularity)
+        self.replicator.start()
         log.info("peer side up", url=self.self_url, peers=peers.peers())
 
     async def _stats(self, request: web.Request) -> web.Response:
-        """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges)."""
+        """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges), and
+        the cache (`CacheManager.cache_status`, read-only)."""
         assert self.engine is not None
         active = [d for d, dl in self.engine.downloads.items() if not dl.task.done()]
         now = time.monotonic()
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
-        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
+        replicated = self.replicator.started if self.replicator is not None else 0
+        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped,
+                "replications": replicated, "cache": self.cache.cache_status()}
         return web.json_response(body)
 
     async def stop(self) -> None:
+        if self.replicator is not None:
+            await self.replicator.stop()
+            self.replicator = None
+        await self.cache.stop()
         if self.engine is not None:
             await self.engine.close()
         for runner in self._runners:
