@@ -192,6 +192,7 @@ class Mirror:
             self.engine.cache.used(digest, request=not asked or asked.startswith("bytes=0-"))
             file = web.FileResponse(self.store.blob_path(digest), headers=headers)
             await file.prepare(request)  # here, inside `busy`: the file is sent before we return
+            await file.write_eof()  # done already when a file was sent; not for a 416 or a 304
             return file
         ranged = _range(request, size, headers)
         if isinstance(ranged, web.Response):
@@ -217,19 +218,32 @@ class Mirror:
 
     async def _relay(self, request: web.Request, registry: str, repo: str, digest: str) -> web.StreamResponse:
         """A blob no manifest we served names (and not in the store): relayed from the origin,
-        never stored, so the origin's word on its size never becomes a partial file here."""
+        never stored, so the origin's word on its size never becomes a partial file here. The
+        origin's HEAD answers a HEAD, and says where an open-ended range ends; a whole blob is
+        relayed chunked, as long as the origin's body is."""
+        headers = _blob_headers(digest)
+        m = _RANGE.match(request.headers.get("Range", ""))
+        start, length, status = 0, None, 200
         try:
-            size = await self.origin.blob_size(registry, repo, digest)
+            if request.method == "HEAD" or (m and not m.group(2)):
+                size = await self.origin.blob_size(registry, repo, digest)
+                ranged = _range(request, size, headers)
+                if isinstance(ranged, web.Response):
+                    return ranged
+                start, end, status = ranged
+                if request.method == "HEAD":
+                    return web.Response(status=status, headers=headers)
+                length = end - start
+            elif m:
+                start, last = int(m.group(1)), int(m.group(2))
+                if last < start:
+                    return web.Response(status=416, headers={"Content-Range": "bytes */*"})
+                length, status = last - start + 1, 206
+                headers["Content-Range"] = f"bytes {start}-{last}/*"
+                headers["Content-Length"] = str(length)
         except errors.PeerSyncError as exc:
             return _error(exc, "BLOB_UNKNOWN")
-        headers = _blob_headers(digest)
-        ranged = _range(request, size, headers)
-        if isinstance(ranged, web.Response):
-            return ranged
-        start, end, status = ranged
-        if request.method == "HEAD":
-            return web.Response(status=status, headers=headers)
-        pieces = self.origin.read_blob(registry, repo, digest, start, end - start, size)
+        pieces = self.origin.read_blob(registry, repo, digest, start, length)
         resp: web.StreamResponse | None = None
         try:
             async with contextlib.aclosing(pieces):
@@ -243,7 +257,7 @@ class Mirror:
                 return _error(exc, "BLOB_UNKNOWN")
             log.warning("relayed blob stream cut", digest=digest, error=str(exc))
             raise
-        if resp is None:  # an empty range: nothing came
+        if resp is None:  # an empty blob: nothing came
             resp = web.StreamResponse(status=status, headers=headers)
             await resp.prepare(request)
         await resp.write_eof()
