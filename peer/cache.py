@@ -10,13 +10,13 @@ nothing is ever evicted or refused). Usage counts complete blobs, partial blobs 
 size, ingests (`ChunkStore.usage`) and downloads admitted but not claimed yet.
 
 When. `check` runs after every download ends, after containerd commits or Deletes a blob
-(`changed`), and every `interval` seconds: above `high_watermark` x budget it evicts down to
-`low_watermark` x budget, in the order of the eviction score, and the last copy of a hot blob only
-if nothing else can go and the budget itself is exceeded. Admission (`admit`, called by the
-engine before a new download claims its blob): a download that fits below the high watermark
-starts at once; otherwise the plan is computed with its size added, and it starts after those
-evictions, or is refused with `ResourceExhausted` (gRPC RESOURCE_EXHAUSTED, HTTP 507 from the
-mirror) naming the budget, when even evicting every evictable blob would not make room. So the
+(`changed`), and every `interval` seconds (`gc` every `GC_EVERY`): above `high_watermark` x budget
+it evicts down to `low_watermark` x budget, in the order of the eviction score, and the last copy
+of a hot blob only if nothing else can go and the budget itself is exceeded. Admission (`admit`,
+called by the engine before a new download claims its blob): a download that fits below the high
+watermark starts at once; otherwise the plan is computed with its size added, and it starts after
+those evictions, or is refused with `ResourceExhausted` (gRPC RESOURCE_EXHAUSTED, HTTP 507 from
+the mirror) naming the budget, when even evicting every evictable blob would not make room. So the
 store never grows past the budget through downloads; what containerd writes itself (ingests) is
 never refused, since containerd owns it, but makes the next check evict to room.
 
@@ -27,8 +27,11 @@ site says comes in through a `SiteView` (the control plane's popularity section,
 `peer.control.popularity.PopularityMember`); without one, every site count and replica count is
 unknown.
 
-API for the `peersync cache` CLI (over the admin socket; every call is synchronous, cheap, and
-safe on the event loop):
+Checks, admission and evictions run on the event loop: planning reads the blob records (one LMDB
+pass), each eviction is an unlink, a directory fsync and one transaction, a few milliseconds.
+
+API for the `peersync cache` CLI (over the admin socket; every call is synchronous and runs on
+the event loop, like the daemon's own checks):
 
     cache_status()   -> dict: budget (bytes, the configured text, the filesystem size), the two
                         watermarks (ratio and bytes), usage by side (complete, partial, ingest,
@@ -76,6 +79,7 @@ STALE_FLAG = 600.0  # seconds: gc drops a containerd flag on a digest absent and
 NEXT_SHOWN = 16  # next evictions listed in cache_status
 LAST_SHOWN = 16  # evictions remembered for cache_status and for replication's shunning
 ASKED = 64  # eviction candidates whose replica counts are asked of the tracker
+GC_EVERY = 3600.0  # seconds between two gc runs of the periodic loop
 
 
 class SiteView(Protocol):
@@ -395,14 +399,21 @@ class CacheManager:
 
     async def _run(self) -> None:
         assert self._kick is not None
+        last_gc = self.clock()
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._kick.wait(), timeout=self.interval)
             self._kick.clear()
+            now = self.clock()
             try:
-                self.check()
+                if now - last_gc >= GC_EVERY:
+                    self.gc()  # checks too
+                    last_gc = now
+                else:
+                    self.check()
                 self.owners.flush()
-                self.window.prune(self.clock())
+                self.window.prune(now)
+                self._touched = {d: t for d, t in self._touched.items() if 0.0 <= now - t < TOUCH_EVERY}
             except (PeerSyncError, OSError) as exc:  # a failed check must not end the loop
                 log.warning("cache check failed", error=str(exc))
 

@@ -242,6 +242,7 @@ class Engine:
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a blob, waiting (with priority) for missing chunks."""
+        self.cache.used(digest)  # renews its last use (cheap: the cache manager coalesces)
         while True:
             with contextlib.suppress(NotFound):
                 if self.store.exists(digest):

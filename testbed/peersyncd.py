@@ -78,7 +78,8 @@ class PeerSyncDaemon:
         flight (what a store holds once containerd removed everything: bytes kept for peers and
         for later pulls until the budget needs the room)."""
         blobs = self.stats()["cache"]["blobs"]
-        return bool(blobs["cache_only"] == blobs["complete"] == len(self.blob_files()) and not blobs["partial"])
+        every = blobs["cache_only"] == blobs["complete"] == len(self.blob_files())
+        return bool(every and not blobs["partial"])
 
     def corrupt_blobs(self) -> list[str]:
         """Committed blob files whose content does not hash to their name (must always be empty)."""

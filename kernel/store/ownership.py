@@ -154,7 +154,11 @@ class Ownership:
         return self._set(digest, pinned=False)
 
     def _set(
-        self, digest: str, containerd: bool | None = None, held: bool | None = None, pinned: bool | None = None
+        self,
+        digest: str,
+        containerd: bool | None = None,
+        held: bool | None = None,
+        pinned: bool | None = None,
     ) -> bool:
         with self.lock:
             old = self._recs.get(digest) or OwnerRecord(digest)
