@@ -38,11 +38,13 @@ Blobs
 Ingests
 - `writer(ref, total, expected)` opens or resumes the ingest `ref` (resuming re-hashes the data
   already stored, in a thread) and holds it until `close()`/`commit()`. Another writer on the same
-  ref: Unavailable("ref X locked for Ns"). If `info(expected)` finds the blob: AlreadyExists.
+  ref: Unavailable("ref X locked for Ns"). If `expected` is here and `info` finds it:
+  AlreadyExists.
 - `Writer.write_at(offset, data)`: offset equal to the current offset appends; offset 0 over
   existing data truncates and restarts; any other offset: OutOfRange. Returns the new offset.
-- `Writer.expect(digest)`: if `info` finds that blob, the ingest is removed and AlreadyExists
-  raised (containerd's service does this, through Info, for any message carrying `expected`).
+- `Writer.expect(digest)`: if that blob is here and `info` finds it, the ingest is removed and
+  AlreadyExists raised (containerd's service does this, through Info, for any message carrying
+  `expected`).
 - `Writer.commit(size, expected, labels)`: size (if > 0) must equal the bytes written and the
   digest must equal `expected` (if given), else FailedPrecondition and the ingest stays, ready to
   resume; a blob already containerd's is AlreadyExists and the ingest is removed. A blob we keep
@@ -236,9 +238,12 @@ class ContentStore:
         return self.chunks.owners.containerds(digest)
 
     async def known(self, digest: str) -> bool:
-        """True if `info` finds the blob (and so, if we kept it for another owner, it is
-        containerd's now): what a writer expecting it checks first, as containerd's own
-        content service does."""
+        """True if the blob is here and `info` finds it (and so, if we kept it for another owner,
+        it is containerd's now): what a writer expecting it checks first, as containerd's own
+        content service does. A blob the source could fetch but that is not here is not known
+        to a writer: containerd is writing the bytes itself, the cheapest copy there is."""
+        if not self.chunks.exists(digest):
+            return False
         try:
             await self.info(digest)
         except NotFound:
