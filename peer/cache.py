@@ -147,6 +147,7 @@ class CacheManager:
         self.interval = interval
         self._fs_bytes = filesystem_bytes or self._statvfs
         self._reserved: dict[str, int] = {}  # admitted downloads, until they end
+        self._writing: dict[str, int] = {}  # admitted ingests, until they exist
         self._touched: dict[str, float] = {}
         self.evictions = 0
         self.evicted_bytes = 0
@@ -169,7 +170,7 @@ class CacheManager:
     def usage(self) -> tuple[Usage, int]:
         """(the store's usage, bytes reserved for admitted downloads not yet claimed)."""
         used = self.store.usage()
-        reserved = 0
+        reserved = sum(self._writing.values())
         for digest, size in list(self._reserved.items()):
             if not self._claimed(digest):
                 reserved += size
@@ -205,25 +206,39 @@ class CacheManager:
 
     def admit(self, digest: str, size: int) -> None:
         """Make room for a download of `size` bytes, or refuse it (the module docstring)."""
+        self._make_room(f"blob {digest}", size)
+        self._reserved[digest] = size
+
+    def admit_write(self, ref: str, size: int) -> None:
+        """Make room for an ingest containerd opens (it fetches a blob itself), or refuse it; the
+        room is held until `wrote(ref)`, after which the ingest's record counts itself."""
+        self._make_room(f"a write of {ref!r}", size)
+        self._writing[ref] = size
+
+    def wrote(self, ref: str) -> None:
+        """The ingest `ref` exists now (or its opening failed)."""
+        self._writing.pop(ref, None)
+
+    def _make_room(self, what: str, size: int) -> None:
         budget = self.budget()
         if budget is None:
             return
         used, reserved = self.usage()
         total = used.total + reserved + size
-        if total > self.config.high_watermark * budget:
-            plan = eviction.plan(self._candidates(), total, int(self.config.low_watermark * budget), budget,
-                                 self.clock(), self.weights)
-            if not plan.fits:
-                self.refused += 1
-                protected = total - size - self._evictable_bytes()
-                raise ResourceExhausted(
-                    f"blob {digest} ({_fmt(size)}) does not fit the cache budget of {_fmt(budget)} "
-                    f"(cache.budget = {self.config.budget!r}): {_fmt(protected)} of the store is protected "
-                    f"(containerd's, held, pinned or in flight) and cannot be evicted; raise the budget, "
-                    f"unpin blobs or remove images"
-                )
-            self._evict(plan.evict)
-        self._reserved[digest] = size
+        if total <= self.config.high_watermark * budget:
+            return
+        plan = eviction.plan(self._candidates(), total, int(self.config.low_watermark * budget), budget,
+                             self.clock(), self.weights)
+        if not plan.fits:
+            self.refused += 1
+            protected = total - size - self._evictable_bytes()
+            raise ResourceExhausted(
+                f"{what} ({_fmt(size)}) does not fit the cache budget of {_fmt(budget)} "
+                f"(cache.budget = {self.config.budget!r}): {_fmt(protected)} of the store is protected "
+                f"(containerd's, held, pinned or in flight) and cannot be evicted; raise the budget, "
+                f"unpin blobs or remove images"
+            )
+        self._evict(plan.evict)
 
     def finished(self, digest: str) -> None:
         """The download of `digest` ended (complete or not): its reservation goes; check soon."""

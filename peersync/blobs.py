@@ -1,5 +1,5 @@
 """The content store's view of the network side: `snapshotter.content.BlobSource` over the engine,
-and `snapshotter.content.Uses` over the cache manager.
+and `snapshotter.content.CacheHooks` over the cache manager.
 
 The seam adapters of the content store (the other is `peersync.layers`, for the snapshotter): the
 snapshotter side owns the interfaces, the network side the engine and the cache manager, and only
@@ -45,9 +45,9 @@ class LazyBlobs:
         return await self.engine.read(digest, offset, size)
 
 
-class CacheUses:
-    """`snapshotter.content.Uses` over the cache manager: what containerd does to blobs, for
-    their last use, their popularity and the budget."""
+class ContentCache:
+    """`snapshotter.content.CacheHooks` over the cache manager: what containerd does to blobs, for
+    their last use, their popularity and the budget, and room for what containerd writes."""
 
     def __init__(self, cache: CacheManager) -> None:
         self.cache = cache
@@ -59,3 +59,11 @@ class CacheUses:
     def changed(self) -> None:
         """A commit or a Delete: the cache manager checks the budget soon."""
         self.cache.changed()
+
+    def admit_write(self, ref: str, size: int) -> None:
+        """containerd writes a blob itself: room for it, or ResourceExhausted naming the budget."""
+        self.cache.admit_write(ref, size)
+
+    def wrote(self, ref: str) -> None:
+        """The ingest exists: it counts itself from now on."""
+        self.cache.wrote(ref)

@@ -24,7 +24,7 @@ from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync.activation import inherited_socket
-from peersync.blobs import CacheUses, LazyBlobs
+from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
@@ -57,7 +57,7 @@ class Service:
         await self.peer.start()
         engine = self.peer.engine
         assert engine is not None
-        self.content = ContentStore(chunks, source=LazyBlobs(engine), uses=CacheUses(self.peer.cache))
+        self.content = ContentStore(chunks, source=LazyBlobs(engine), cache=ContentCache(self.peer.cache))
         layers = None
         if cfg.snapshotter.unpack_layers:
             layers = DaemonLayers(self.content, engine, chunks.owners)

@@ -62,10 +62,14 @@ that are not present locally, so a blob can be served lazily, chunk by chunk, fr
 on pull"). Without a source such blobs are NotFound. Delete, Update and Walk see containerd's
 local blobs only.
 
-Uses (the seam for the cache manager; `peersync.blobs.CacheUses` implements it over
-`peer.cache.CacheManager`). A ContentStore may be given `uses`: it hears of every use of a blob
+CacheHooks (the seam for the cache manager; `peersync.blobs.ContentCache` implements it over
+`peer.cache.CacheManager`). A ContentStore may be given `cache`: it hears of every use of a blob
 (its last use keeps it in the cache; Info and commits count as requests toward its popularity)
-and of every change that may need room (a commit, a Delete that leaves a cache-only blob).
+and of every change that may need room (a commit, a Delete that leaves a cache-only blob), and it
+admits containerd's own writes: a new ingest of `total` bytes that cannot fit the cache budget,
+even after every evictable blob went, is refused with ResourceExhausted (in full mode the store
+is containerd's content store: when the daemon refuses to download a blob, containerd fetches it
+itself from the next host in hosts.toml and writes it here, and the budget must hold for that too).
 """
 
 from __future__ import annotations
@@ -139,15 +143,15 @@ class BlobSource(Protocol):
 
 
 @runtime_checkable
-class Uses(Protocol):
+class CacheHooks(Protocol):
     """What the content store tells the cache manager, consumer side.
 
     Why a seam: the cache manager lives on the network side (it scores blobs by the site's
     popularity and replica counts), which this side never imports. The content store only reports
     what containerd did; the daemon assembly adapts the cache manager to it.
 
-    Contract: both methods are cheap and never raise (`used` is called on every Read, thousands
-    of times a second during an unpack)."""
+    Contract: `used` and `changed` are cheap and never raise (`used` is called on every Read,
+    thousands of times a second during an unpack); `admit_write` raises only ResourceExhausted."""
 
     def used(self, digest: str, request: bool) -> None:
         """containerd used `digest`: renews its last use. `request` marks a request of the blob
@@ -157,6 +161,15 @@ class Uses(Protocol):
     def changed(self) -> None:
         """The store grew (a commit) or a blob became cache-only (a Delete): the budget may need
         a look soon."""
+        ...
+
+    def admit_write(self, ref: str, size: int) -> None:
+        """containerd opens a new ingest `ref` of `size` bytes: make room for it (evictions), or
+        raise ResourceExhausted if it cannot fit. The room is held until `wrote(ref)`."""
+        ...
+
+    def wrote(self, ref: str) -> None:
+        """The ingest `ref` exists now (or never will): its record counts its bytes from here."""
         ...
 
 
@@ -227,11 +240,11 @@ class ContentStore:
     """containerd's content store over a ChunkStore (the module docstring is the spec)."""
 
     def __init__(
-        self, chunks: ChunkStore, source: BlobSource | None = None, uses: Uses | None = None
+        self, chunks: ChunkStore, source: BlobSource | None = None, cache: CacheHooks | None = None
     ) -> None:
         self.chunks = chunks
         self.source = source
-        self.uses = uses
+        self.cache = cache
 
     def mine(self, digest: str) -> bool:
         """True if `digest` is containerd's (visible to it locally)."""
@@ -251,12 +264,12 @@ class ContentStore:
         return True
 
     def used(self, digest: str, request: bool = False) -> None:
-        if self.uses is not None:
-            self.uses.used(digest, request)
+        if self.cache is not None:
+            self.cache.used(digest, request)
 
     def changed(self) -> None:
-        if self.uses is not None:
-            self.uses.changed()
+        if self.cache is not None:
+            self.cache.changed()
 
     # -- blobs -------------------------------------------------------------------------------
 
@@ -375,8 +388,25 @@ class ContentStore:
     async def writer(self, ref: str, total: int = 0, expected: str = "") -> Writer:
         if expected and await self.known(expected):
             raise AlreadyExists(f"content {expected}: already exists")
-        ingest = await asyncio.to_thread(self.chunks.ingests.open, ref, total, expected)
+        admitted = self.cache is not None and total > 0 and not self._ingesting(ref)
+        if admitted:
+            assert self.cache is not None
+            self.cache.admit_write(ref, total)  # ResourceExhausted if it cannot fit the budget
+        try:
+            ingest = await asyncio.to_thread(self.chunks.ingests.open, ref, total, expected)
+        finally:
+            if admitted:
+                assert self.cache is not None
+                self.cache.wrote(ref)
         return Writer(self, ingest)
+
+    def _ingesting(self, ref: str) -> bool:
+        """True if the ingest `ref` exists (a resume: its bytes are counted already)."""
+        try:
+            self.chunks.ingests.status(ref)
+        except NotFound:
+            return False
+        return True
 
     async def status(self, ref: str) -> Status:
         return self.chunks.ingests.status(ref)
@@ -429,4 +459,6 @@ def _read_range(digest: str, blob_size: int, offset: int, size: int) -> tuple[in
     return start, end
 
 
-__all__ = ["BlobSource", "ContentStore", "INLINE_READ", "Info", "READ_PIECE", "Status", "Uses", "Writer"]
+__all__ = [
+    "BlobSource", "CacheHooks", "ContentStore", "INLINE_READ", "Info", "READ_PIECE", "Status", "Writer",
+]

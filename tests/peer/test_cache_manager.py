@@ -292,3 +292,17 @@ def test_a_share_of_the_filesystem_follows_its_size(tmp_path: Path) -> None:
     finally:
         store.close()
         meta.close()
+
+
+def test_containerds_own_writes_make_room_or_are_refused(node: Node) -> None:
+    old = node.put("old", 40 * KIB, at=T0)
+    mine = node.put("mine", 40 * KIB, at=T0 + 1)
+    node.store.owners.adopt(mine)
+    node.cache.admit_write("default/1/layer", 30 * KIB)  # 110: the cache-only blob makes room
+    assert node.here() == {mine}
+    assert node.cache.cache_status()["usage"]["reserved"] == 30 * KIB  # held until the ingest exists
+    node.cache.wrote("default/1/layer")
+    assert node.cache.cache_status()["usage"]["reserved"] == 0
+    with pytest.raises(ResourceExhausted, match="a write of 'default/2/layer'"):
+        node.cache.admit_write("default/2/layer", 61 * KIB)
+    assert old not in node.here()

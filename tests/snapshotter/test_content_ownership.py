@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from kernel.errors import AlreadyExists, FailedPrecondition, NotFound
+from kernel.errors import AlreadyExists, FailedPrecondition, NotFound, ResourceExhausted
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
-from snapshotter.content import BlobSource, ContentStore, Info, Uses
+from snapshotter.content import BlobSource, CacheHooks, ContentStore, Info
 
 CHUNK = 64 * 1024
 
@@ -42,16 +42,30 @@ class LocalSource:
         return self.chunks.read(digest, offset, size)
 
 
-class RecordedUses:
-    def __init__(self) -> None:
+class RecordedHooks:
+    """A cache manager that records what it hears and admits writes up to `room` bytes."""
+
+    def __init__(self, room: int = 1 << 40) -> None:
         self.uses: list[tuple[str, bool]] = []
         self.changes = 0
+        self.room = room
+        self.writing: dict[str, int] = {}
+        self.admitted: list[str] = []
 
     def used(self, digest: str, request: bool) -> None:
         self.uses.append((digest, request))
 
     def changed(self) -> None:
         self.changes += 1
+
+    def admit_write(self, ref: str, size: int) -> None:
+        if size > self.room:
+            raise ResourceExhausted(f"a write of {ref!r} does not fit the cache budget")
+        self.writing[ref] = size
+        self.admitted.append(ref)
+
+    def wrote(self, ref: str) -> None:
+        self.writing.pop(ref, None)
 
 
 @pytest.fixture
@@ -83,7 +97,7 @@ async def read_all(content: ContentStore, digest: str) -> bytes:
 
 
 def test_the_test_doubles_fit_the_seams(chunks: ChunkStore) -> None:
-    assert isinstance(LocalSource(chunks), BlobSource) and isinstance(RecordedUses(), Uses)
+    assert isinstance(LocalSource(chunks), BlobSource) and isinstance(RecordedHooks(), CacheHooks)
 
 
 async def test_a_blob_nobody_claimed_is_invisible_to_containerd(chunks: ChunkStore) -> None:
@@ -202,8 +216,8 @@ async def test_without_a_source_a_writer_expecting_a_kept_blob_writes_and_takes_
 
 
 async def test_uses_reach_the_cache_manager(chunks: ChunkStore) -> None:
-    uses = RecordedUses()
-    content = ContentStore(chunks, uses=uses)
+    uses = RecordedHooks()
+    content = ContentStore(chunks, cache=uses)
     digest = await commit(content, b"used")
     assert uses.uses == [(digest, True)] and uses.changes == 1
     await content.info(digest)
@@ -212,3 +226,25 @@ async def test_uses_reach_the_cache_manager(chunks: ChunkStore) -> None:
     assert uses.uses[1:] == [(digest, True), (digest, False), (digest, False)]
     await content.delete(digest)
     assert uses.changes == 2
+
+
+async def test_containerds_own_writes_are_admitted_and_a_write_that_cannot_fit_is_refused(
+    chunks: ChunkStore,
+) -> None:
+    """In full mode containerd fetches a blob itself when the daemon refused to download it, and
+    writes it here: the budget holds for that too."""
+    hooks = RecordedHooks(room=100)
+    content = ContentStore(chunks, cache=hooks)
+    with pytest.raises(ResourceExhausted, match="does not fit"):
+        await content.writer("default/9/big", 101)
+    assert chunks.ingests.list() == [] and hooks.writing == {}
+    writer = await content.writer("default/9/small", 10)
+    assert hooks.admitted == ["default/9/small"] and hooks.writing == {}  # the ingest counts itself
+    await writer.write_at(0, b"0123")
+    writer.close()
+    writer = await content.writer("default/9/small", 10)  # a resume: counted already
+    assert hooks.admitted == ["default/9/small"]
+    await writer.write_at(4, b"456789")
+    assert await writer.commit(10, sha(b"0123456789")) == sha(b"0123456789")
+    await content.writer("default/9/unsized", 0)  # no size announced: nothing to admit
+    assert hooks.admitted == ["default/9/small"]
