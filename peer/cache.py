@@ -17,8 +17,11 @@ called by the engine before a new download claims its blob): a download that fit
 watermark starts at once; otherwise the plan is computed with its size added, and it starts after
 those evictions, or is refused with `ResourceExhausted` (gRPC RESOURCE_EXHAUSTED, HTTP 507 from
 the mirror) naming the budget, when even evicting every evictable blob would not make room. So the
-store never grows past the budget through downloads; what containerd writes itself (ingests) is
-never refused, since containerd owns it, but makes the next check evict to room.
+store never grows past the budget through downloads. What containerd writes itself is admitted the
+same way (`admit_write`, from the content store's `CacheHooks`): a new ingest of a known size
+makes room or is refused, because in full mode a download the daemon refused is fetched by
+containerd from the next host in hosts.toml and written here. Only writes of unknown size, and the
+manifests the mirror keeps (small), go unadmitted: the check after them evicts.
 
 Uses. `used(digest, request)` renews a blob's last use (kept in LMDB by the store's ownership
 records, written in batches every `interval`, on `stop` and before any eviction, so a restart
