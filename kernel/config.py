@@ -78,9 +78,10 @@ interfaces = []
 
 [cache]
 # Disk budget for the store: bytes with a unit ("20GiB", "500MB") or a share of the filesystem
-# holding the root ("80%"). Blobs containerd references, blobs that back snapshots and pinned
-# blobs are never evicted; cache-only blobs go by popularity, recency and how many other nodes
-# hold them. "" means no budget.
+# holding the root ("80%"). Blobs containerd references, blobs that back snapshots, pinned blobs
+# and downloads in flight are never evicted; cache-only blobs (fetched for the mirror or for
+# peers, or deleted by containerd) go by popularity, recency and how many other nodes hold them.
+# A download that cannot fit even then is refused, saying so. "" means no budget.
 budget = "80%"
 # Eviction starts above high_watermark x budget and stops below low_watermark x budget.
 high_watermark = 0.95

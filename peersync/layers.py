@@ -4,14 +4,17 @@ This is where the two halves meet for the remote-snapshot handshake: the snapsho
 layer a chain ID is made of; we read the image's manifest and config (from the content store,
 which serves them locally or from peers), check that the chain ID really is that layer on top of
 its parents, and stream the blob through the download engine, so the layer is unpacked while its
-chunks arrive from peers or the origin. A blob fetched for this is *held* (`kernel.store.holds`)
-until the last snapshot made from it is removed.
+chunks arrive from peers or the origin. A blob fetched for this is *held* (the store's ownership,
+`kernel.store.ownership`) until the last snapshot made from it is removed; then it stays as a
+cache-only blob (peers may still want it) until the cache manager needs the room.
+
+Reads go to the engine (local blobs from disk, others as their chunks arrive), never through the
+content store: that store answers containerd, and answering hands a blob to containerd.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import json
 from collections.abc import Mapping, Sequence
@@ -19,8 +22,8 @@ from typing import Any
 
 import structlog
 
-from kernel.errors import NotFound, PeerSyncError
-from kernel.store.holds import Holds
+from kernel.errors import PeerSyncError
+from kernel.store.ownership import Ownership
 from peer.engine import Engine
 from snapshotter import remote
 from snapshotter.apply import MEDIA_TYPES
@@ -36,14 +39,13 @@ PREFETCH_CONCURRENT = 2  # layer downloads at once: the uplink stays busy, the n
 class DaemonLayers:
     """Layers for the snapshotter, from this node's store and the download engine.
 
-    The snapshotter cannot import the network side, so the daemon assembly hands it this. It
-    goes through the content store rather than the engine alone because the manifest and config
-    it checks may be local or lazy blobs, and the content store serves both."""
+    The snapshotter cannot import the network side, so the daemon assembly hands it this. The
+    manifest and config it checks may be local or lazy blobs: the engine serves both."""
 
-    def __init__(self, content: ContentStore, engine: Engine, holds: Holds) -> None:
+    def __init__(self, content: ContentStore, engine: Engine, owners: Ownership) -> None:
         self.content = content
         self.engine = engine
-        self.holds = holds
+        self.owners = owners
         self._queue: list[str] = []  # layers to download, in image order
         self._active: set[str] = set()  # layers downloading because we asked
 
@@ -64,7 +66,7 @@ class DaemonLayers:
             if self.engine.known_size(digest) is None:
                 log.info("layer not provided: no source known for it", layer=digest)
                 return None
-            self.holds.hold(digest)
+            self.owners.hold(digest)
         return layer
 
     def prefetch(self, digests: Sequence[str]) -> None:
@@ -94,20 +96,15 @@ class DaemonLayers:
         self._pump()
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes of the layer through the content store, which reads a complete blob from disk
-        and a partial one through the engine, waiting for its chunks. BlobReader asks for at most
-        one chunk, which the store yields as one piece: the join is rarely needed."""
-        parts = [data async for _, data in self.content.read(digest, offset, size)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """Bytes of the layer from the engine: from disk when complete, else waiting for the
+        chunks the range needs (BlobReader asks for at most one chunk at a time)."""
+        return await self.engine.read(digest, offset, size)
 
     async def release(self, digest: str) -> None:
-        """Delete the blob if it is still held: nothing else would (containerd's GC never knew
-        it). One that containerd adopted since is containerd's to delete, and stays."""
-        if not self.holds.release(digest):
-            return  # containerd adopted it: its GC decides
-        with contextlib.suppress(NotFound):
-            await asyncio.to_thread(self.content.chunks.delete, digest)
-        log.info("released layer blob", layer=digest)
+        """The blob is no longer held: the cache manager may evict it when it needs the room
+        (unless containerd took it meanwhile, or it is pinned)."""
+        if self.owners.release(digest):
+            log.info("released layer blob; kept as cache", layer=digest)
 
     async def _verified_layer(self, target: str, digest: str, manifest_digest: str) -> Layer:
         """The manifest's entry for `digest`, with the diff ID from the config, if the chain ID
@@ -131,8 +128,9 @@ class DaemonLayers:
         return Layer(digest, media_type, int(layers[index]["size"]), diff_ids[index])
 
     async def _json(self, digest: str) -> Any:
-        info = await self.content.info(digest)
-        if info.size > MAX_JSON:
-            raise ValueError(f"{digest} is {info.size} bytes, too big for a manifest or config")
-        data = b"".join([d async for _, d in self.content.read(digest)])
-        return json.loads(data)
+        size = self.engine.known_size(digest)
+        if size is None:
+            raise ValueError(f"{digest}: not here and not catalogued")
+        if size > MAX_JSON:
+            raise ValueError(f"{digest} is {size} bytes, too big for a manifest or config")
+        return json.loads(await self.engine.read(digest, 0, size))

@@ -21,11 +21,10 @@ import structlog
 from kernel.config import Config
 from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
-from kernel.store.holds import Holds
 from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync.activation import inherited_socket
-from peersync.blobs import LazyBlobs
+from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
@@ -56,13 +55,12 @@ class Service:
         await asyncio.to_thread(chunks.recover)
         self.peer = PeerNode(cfg, chunks, self.meta)
         await self.peer.start()
-        holds = Holds(self.meta)
         engine = self.peer.engine
         assert engine is not None
-        self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
+        self.content = ContentStore(chunks, source=LazyBlobs(engine), cache=ContentCache(self.peer.cache))
         layers = None
         if cfg.snapshotter.unpack_layers:
-            layers = DaemonLayers(self.content, engine, holds)
+            layers = DaemonLayers(self.content, engine, chunks.owners)
         self.snapshotter = Snapshotter(cfg.root, self.meta, layers=layers)
         self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()

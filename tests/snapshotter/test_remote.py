@@ -19,11 +19,8 @@ from pathlib import Path
 import pytest
 
 from kernel.errors import AlreadyExists, NotFound
-from kernel.store.chunkstore import ChunkStore
-from kernel.store.holds import Holds
 from kernel.store.meta import Meta
 from snapshotter import remote
-from snapshotter.content import ContentStore
 from snapshotter.remote import Layer
 from snapshotter.snapshots import Kind, Snapshotter
 
@@ -185,42 +182,3 @@ def test_upcoming_and_chain_ids() -> None:
     assert remote.upcoming({remote.LAYER_DIGEST_LABEL: "sha256:x"}) == ["sha256:x"]
     a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
     assert remote.chain_ids([a, b]) == [a, sha(f"{a} {b}".encode())]
-
-
-# --- holds: what containerd's GC may see --------------------------------------------------------
-
-
-@pytest.fixture
-def content(tmp_path: Path, meta: Meta) -> ContentStore:
-    chunks = ChunkStore(tmp_path, meta, 1 << 20)
-    chunks.recover()
-    yield ContentStore(chunks, holds=Holds(meta))
-    chunks.close()
-
-
-async def put(content: ContentStore, data: bytes) -> str:
-    writer = await content.writer(f"ref-{sha(data)}", len(data))
-    await writer.write_at(0, data)
-    return await writer.commit(len(data), sha(data))
-
-
-async def test_held_blobs_are_hidden_from_walk_until_containerd_adopts_them(
-    content: ContentStore, meta: Meta
-) -> None:
-    held, other = await put(content, b"layer"), await put(content, b"config")
-    assert content.holds is not None
-    content.holds.hold(held)
-    assert [i.digest async for i in content.walk()] == [other]
-    assert Holds(meta).__contains__(held)  # persisted
-    with pytest.raises(AlreadyExists):
-        await content.writer("pull-ref", 5, expected=held)  # a ctr pull of the same layer
-    assert held not in content.holds
-    assert sorted([i.digest async for i in content.walk()]) == sorted([held, other])
-
-
-async def test_info_adopts_a_held_blob(content: ContentStore) -> None:
-    digest = await put(content, b"layer")
-    assert content.holds is not None
-    content.holds.hold(digest)
-    assert (await content.info(digest)).size == 5
-    assert digest not in content.holds
