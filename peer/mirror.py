@@ -11,7 +11,9 @@ OCI distribution API, read-only, on a loopback address:
 
 containerd appends `?ns=<registry>` to mirror requests; without it the configured default registry
 is assumed. Every manifest served is recorded in the catalog (layers, config, child manifests)
-so the content store can answer for those blobs lazily and the engine knows where to fetch them.
+so the content store can answer for those blobs lazily and the engine knows where to fetch them,
+and, if it is an image manifest, noted in the chain index (`kernel.store.chains`), so a layer can
+later be recognised by the chain ID alone when containerd prepares its snapshot.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import structlog
 from aiohttp import web
 
 from kernel import errors
+from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from peer.catalog import Catalog, Source
 from peer.engine import Engine
@@ -56,8 +59,10 @@ class Mirror:
         engine: Engine,
         default_registry: str = "docker.io",
         tag_ttl: float = 2.0,
+        chains: ChainIndex | None = None,
     ) -> None:
         self.store, self.catalog, self.origin, self.engine = store, catalog, origin, engine
+        self.chains = chains
         self.default_registry = default_registry
         self.tag_ttl = tag_ttl
         self._tags: dict[tuple[str, str, str], tuple[float, str]] = {}
@@ -103,6 +108,8 @@ class Mirror:
             if not DIGEST.match(ref):  # only an answer from the origin starts a tag's TTL, not a hit
                 self._tags[(registry, repo, ref)] = (time.monotonic(), digest)
         self._catalog_children(body, registry, repo)
+        if self.chains is not None:
+            self.chains.note_manifest(digest, body)
         return body, media_type, digest
 
     def _cached_tag(self, registry: str, repo: str, tag: str) -> str | None:

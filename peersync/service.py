@@ -44,6 +44,7 @@ class Service:
         self.server: grpc.aio.Server | None = None
         self._bound = False  # only a socket we bound is ours to remove
         self.peer: PeerNode | None = None
+        self.snapshotter: Snapshotter | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -62,9 +63,12 @@ class Service:
         self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
         layers = None
         if cfg.snapshotter.unpack_layers:
-            layers = DaemonLayers(self.content, engine, holds)
-        self.snapshotter = Snapshotter(cfg.root, self.meta, layers=layers)
-        self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
+            prefetch = cfg.snapshotter.prefetch_layers
+            layers = DaemonLayers(self.content, engine, holds, self.peer.chains, prefetch_concurrent=prefetch)
+        ahead = cfg.snapshotter.unpack_ahead
+        snapshotter = Snapshotter(cfg.root, self.meta, layers=layers, unpack_ahead=ahead)
+        self.snapshotter = snapshotter
+        self.server = build_server(cfg.socket, snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
@@ -82,6 +86,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.snapshotter is not None:
+            await self.snapshotter.close()
+            self.snapshotter = None
         if self.peer is not None:
             await self.peer.stop()
             self.peer = None

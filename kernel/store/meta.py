@@ -15,8 +15,10 @@ either state.
 Schema: database `schema` holds key `version`. `SCHEMA_VERSION` names the layout of every other
 database, whoever owns it, so it lives here, below all of them: `snapshots` and
 `snapshot_children` are described in `snapshotter.storage`; `blobs`, `chunks` and `ingests` in
-`kernel.store.schema`; `holds` in `kernel.store.holds`; `sources` in `peer.catalog`; `counters`
-at `next_id`. A store written by a newer layout is refused rather than misread.
+`kernel.store.schema`; `holds` in `kernel.store.holds`; `chains` in `kernel.store.chains`
+(added within version 1: older code never opens it; a store without it starts it empty);
+`sources` in `peer.catalog`; `counters` at `next_id`. A store written by a newer layout is
+refused rather than misread.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from kernel.errors import FailedPrecondition
 SCHEMA_VERSION = 1
 DATABASES = (
     "schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters", "sources",
-    "holds",
+    "holds", "chains",
 )
 DEFAULT_MAP_SIZE = 1 << 34  # 16 GiB of address space; LMDB only uses what it writes
 
