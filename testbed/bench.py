@@ -46,6 +46,10 @@ REPO = Path(__file__).resolve().parents[2]
 ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
 ALL_SCENARIOS = ("burst", "staggered", "varying", "node-death")
 DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)
+# How nodes pull. "go": containerd's Go client as nerdctl pulls (`client.Pull` + WithPullUnpack, no
+# CRI handler: chain IDs only), testbed/go/pull on the `go` branch; wired in systems.py when it
+# merges (until then a run with it fails at setup, saying so).
+CLIENTS = ("cri", "ctr", "go")
 CACHE = Path("/var/cache/peersync-testbed")
 REPO_NAME = "bench/app"
 QUICK = {"nodes": 3, "image_mb": 16, "layers": 4, "systems": "baseline,peersync-full", "scenarios": "burst"}
@@ -80,7 +84,8 @@ class BenchConfig:
         runs = []
         for scenario in self.scenarios:
             for system in self.systems:
-                if scenario == "burst" or self.full_matrix or system in self.scenario_systems:
+                base = system.partition("@")[0]
+                if scenario == "burst" or self.full_matrix or base in self.scenario_systems:
                     runs.append((system, scenario))
         return runs
 
@@ -100,7 +105,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generated (build_sized_image) or debian (debootstrap Python+NumPy runtime)",
     )
     p.add_argument("--uplink-mbit", type=float, default=100.0, help="uplink rate, both ways (100)")
-    p.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--systems",
+        help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all); SYSTEM@CLIENT pulls with "
+        "that client instead of --client, so one run can compare clients side by side "
+        "(e.g. peersync-full@cri,peersync-full@ctr,peersync-mirror@ctr)",
+    )
     p.add_argument("--scenarios", help=f"comma-separated, from {','.join(ALL_SCENARIOS)} (default: all)")
     p.add_argument(
         "--scenario-systems",
@@ -128,10 +138,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--client",
-        choices=("cri", "ctr"),
+        choices=CLIENTS,
         default="cri",
         help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
-        "ctr = `ctr images pull` (fetch all, then unpack)",
+        "ctr = `ctr images pull` (fetch all, then unpack); go = containerd's Go client with "
+        "WithPullUnpack, as nerdctl (not wired until the Go client merges)",
     )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")
     p.add_argument(
@@ -148,7 +159,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     def names(text: str, known: tuple[str, ...], what: str) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in known]
+        bad = [
+            s for s in items if s.partition("@")[0] not in known or s.partition("@")[2] not in ("", *CLIENTS)
+        ]
         if bad:
             raise SystemExit(
                 f"peersync-testbed site: unknown {what}: {', '.join(bad)} (known: {', '.join(known)})"
@@ -333,13 +346,16 @@ def run_one(
     from .systems import make_system
 
     result: dict[str, Any] = {"system": system_name, "scenario": scenario, "ok": False}
-    run_dir = work / f"{system_name}-{scenario}"
+    base_name, _, client = system_name.partition("@")
+    run_dir = work / f"{system_name.replace('@', '-')}-{scenario}"
     site = Site(nodes=cfg.nodes, uplink_mbit=cfg.uplink_mbit, workdir=run_dir / "site")
     started = time.monotonic()
     try:
         site.start()
         ref = origin.start(site)
-        system = make_system(system_name, site, image, ref, run_dir / "system", check_cmd, cfg.client)
+        client = client or cfg.client
+        result["client"] = client
+        system = make_system(base_name, site, image, ref, run_dir / "system", check_cmd, client)
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)

@@ -84,6 +84,10 @@ class Cluster:
     def __init__(self, site: Site, mode: str = "full", extra_config: str = "", client: str = "ctr") -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
+        if client == "go":
+            # --client go: containerd's Go client pulling as nerdctl does (testbed/go/pull, branch
+            # `go`). WIRE IT HERE when that branch merges: start it in ClusterNode.pull like ctr.
+            raise NotImplementedError("the Go test client (testbed/go/pull) is not merged yet")
         if client not in ("ctr", "cri"):
             raise ValueError(f"client must be ctr or cri, not {client!r}")
         self.site, self.mode, self.client = site, mode, client
