@@ -171,11 +171,8 @@ class Unpacker:
         if job.task.cancelled() or job.task.exception() is not None:
             if not job.urgent:  # nobody waits: say why once, and let a Prepare try afresh
                 error = "cancelled" if job.task.cancelled() else repr(job.task.exception())
-                log.info(
-                    "unpacking a layer ahead failed", chain=job.chain, layer=job.layer.digest, error=error
-                )
-                if self._jobs.get(job.chain) is job:
-                    del self._jobs[job.chain]
+                log.info("unpacking ahead failed", chain=job.chain, layer=job.layer.digest, error=error)
+                self._drop(job)
             return
         job.done_at = time.monotonic()
         if not job.urgent:
@@ -184,9 +181,14 @@ class Unpacker:
     def _expire(self, job: _Job) -> None:
         if self._jobs.get(job.chain) is not job or job.urgent:
             return
-        del self._jobs[job.chain]
-        job.discarded = True
         log.info("dropping a layer unpacked ahead that containerd never asked for", chain=job.chain)
+        self._drop(job)
+
+    def _drop(self, job: _Job) -> None:
+        """Forget a job nobody waits for; its directory goes, and the source hears of its blob."""
+        if self._jobs.get(job.chain) is job:
+            del self._jobs[job.chain]
+        job.discarded = True
         task = asyncio.create_task(self._discard(job))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
@@ -195,7 +197,8 @@ class Unpacker:
         if job.dir is not None:
             await asyncio.to_thread(shutil.rmtree, job.dir, True)
             job.dir = None
-        await self._on_discard(job.layer.digest)
+        if not any(j.layer.digest == job.layer.digest for j in self._jobs.values()):
+            await self._on_discard(job.layer.digest)  # no other job reads that blob
 
     async def _unpack(self, job: _Job) -> None:
         """Unpack the job's layer into a fresh staging directory (removed again on failure)."""
