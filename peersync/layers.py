@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -24,15 +23,13 @@ from kernel.errors import NotFound, PeerSyncError
 from kernel.store.chains import MAX_DOCUMENT, ChainIndex, ChainLayer
 from kernel.store.holds import Holds
 from peer.engine import Engine
+from peersync.prefetch import Prefetcher
 from snapshotter import remote
 from snapshotter.apply import MEDIA_TYPES
 from snapshotter.content import ContentStore
 from snapshotter.remote import Layer, Planned
 
 log = structlog.get_logger(__name__)
-
-PREFETCH_CONCURRENT = 2  # layer downloads at once: the uplink stays busy, the next layer is early
-
 
 class DaemonLayers:
     """Layers for the snapshotter, from this node's store, the download engine and the chain index.
@@ -47,15 +44,13 @@ class DaemonLayers:
         engine: Engine,
         holds: Holds,
         chains: ChainIndex,
-        prefetch_concurrent: int = PREFETCH_CONCURRENT,
+        prefetcher: Prefetcher | None = None,
     ) -> None:
         self.content = content
         self.engine = engine
         self.holds = holds
         self.chains = chains
-        self.prefetch_concurrent = prefetch_concurrent
-        self._queue: list[str] = []  # layers to download, in image order
-        self._active: set[str] = set()  # layers downloading because we asked
+        self.prefetcher = prefetcher or Prefetcher(engine)
         self._examined: set[str] = set()  # small blobs of the store already read for manifests
         self._learning = asyncio.Lock()
 
@@ -121,30 +116,11 @@ class DaemonLayers:
         return [Planned(layer.chain, layer.parent) for layer in layers[above[0].index + 1 :]]
 
     def prefetch(self, digests: Sequence[str]) -> None:
-        """Queue the layers in order; `_pump` keeps `prefetch_concurrent` of them downloading,
-        and starts the next one when one completes, not when its turn to be unpacked comes, so a
-        slow unpack never leaves the uplink idle. (A layer being unpacked is always downloading:
-        its reads start it.)"""
-        for digest in digests:
-            if digest not in self._queue and digest not in self._active:
-                self._queue.append(digest)
-        self._pump()
-
-    def _pump(self) -> None:
-        while self._queue and len(self._active) < self.prefetch_concurrent:
-            digest = self._queue.pop(0)
-            try:
-                download = self.engine.ensure(digest)
-            except PeerSyncError:
-                continue  # not catalogued: containerd will fetch it
-            if download is None:
-                continue  # here already
-            self._active.add(digest)
-            download.task.add_done_callback(functools.partial(self._finished, digest))
-
-    def _finished(self, digest: str, _task: asyncio.Task[None]) -> None:
-        self._active.discard(digest)
-        self._pump()
+        """Queue the layers in order on the node's prefetcher (`peersync.prefetch`): a few of them
+        download at once, each next one as soon as one completes, not when its turn to be
+        unpacked comes, so a slow unpack never leaves the uplink idle. (A layer being unpacked
+        is always downloading: its reads start it.)"""
+        self.prefetcher.add(digests)
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         """Bytes of the layer through the content store, which reads a complete blob from disk

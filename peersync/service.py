@@ -27,6 +27,7 @@ from peer.node import PeerNode
 from peersync.activation import inherited_socket
 from peersync.blobs import LazyBlobs
 from peersync.layers import DaemonLayers
+from peersync.prefetch import Prefetcher
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
@@ -60,11 +61,11 @@ class Service:
         holds = Holds(self.meta)
         engine = self.peer.engine
         assert engine is not None
-        self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
+        prefetcher = Prefetcher(engine, cfg.snapshotter.prefetch_layers)  # one queue for both adapters
+        self.content = ContentStore(chunks, source=LazyBlobs(engine, prefetcher), holds=holds)
         layers = None
         if cfg.snapshotter.unpack_layers:
-            prefetch = cfg.snapshotter.prefetch_layers
-            layers = DaemonLayers(self.content, engine, holds, self.peer.chains, prefetch_concurrent=prefetch)
+            layers = DaemonLayers(self.content, engine, holds, self.peer.chains, prefetcher)
         ahead = cfg.snapshotter.unpack_ahead
         snapshotter = Snapshotter(cfg.root, self.meta, layers=layers, unpack_ahead=ahead)
         self.snapshotter = snapshotter

@@ -78,6 +78,7 @@ class BenchConfig:
     quick: bool = False
     cache: Path = CACHE
     keep_logs: bool = False
+    daemon_config: str = ""  # TOML appended to every PeerSync daemon's config (A/B of its knobs)
 
     def plan(self) -> list[tuple[str, str]]:
         """(system, scenario) pairs in run order: all bursts first."""
@@ -146,6 +147,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")
     p.add_argument(
+        "--daemon-config",
+        default="",
+        help='TOML appended to every PeerSync daemon\'s config, "\\n" for newlines '
+        '(e.g. "[snapshotter]\\nprefetch_layers = 4")',
+    )
+    p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
     )
 
@@ -194,6 +201,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quick=args.quick,
         cache=args.cache_dir,
         keep_logs=args.keep_logs,
+        daemon_config=args.daemon_config.replace("\\n", "\n"),
     )
 
 
@@ -355,7 +363,9 @@ def run_one(
         ref = origin.start(site)
         client = client or cfg.client
         result["client"] = client
-        system = make_system(base_name, site, image, ref, run_dir / "system", check_cmd, client)
+        system = make_system(
+            base_name, site, image, ref, run_dir / "system", check_cmd, client, cfg.daemon_config
+        )
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)
