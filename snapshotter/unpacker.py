@@ -19,10 +19,13 @@ claims within `ttl` seconds is deleted, and the source told (`on_discard`); left
 are deleted when the unpacker starts.
 
 Bounds: at most `concurrency` speculative jobs run at once (each holds a few 1 MiB buffers:
-`snapshotter.apply`). The layer containerd is waiting for is never queued behind them: `take`
-starts it at once. That is also why a job waiting for its parents cannot deadlock the queue: the
-parent it waits for is either committed, or the one containerd waits for (running), or one
-containerd applies itself.
+`snapshotter.apply`). Each runs in a thread of its own, never in the event loop's default
+executor: a job blocks its thread while it waits for the blob's next chunk, and the chunk can only
+arrive through that executor (the store's writes and reads run there), so jobs there would starve
+the very downloads they wait for (seen on the testbed with 8 jobs and the default 6 threads). The
+layer containerd is waiting for is never queued behind them: `take` starts it at once. That is
+also why a job waiting for its parents cannot deadlock the queue: the parent it waits for is
+either committed, or the one containerd waits for (running), or one containerd applies itself.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import contextlib
 import functools
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -211,8 +215,10 @@ class Unpacker:
         if job.parent:
             parents = Lowers(lambda: asyncio.run_coroutine_threadsafe(self._wait_lowers(job), loop).result())
         try:
-            await asyncio.to_thread(
-                apply_layer, reader, job.layer.media_type, directory / "fs", parents, job.layer.diff_id
+            await _in_own_thread(
+                functools.partial(
+                    apply_layer, reader, job.layer.media_type, directory / "fs", parents, job.layer.diff_id
+                )
             )
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, directory, True)
@@ -233,3 +239,32 @@ class Unpacker:
                 raise Unavailable(f"parent {job.parent} of {job.chain} was never committed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(event.wait(), remaining)
+
+
+async def _in_own_thread(fn: Callable[[], object]) -> None:
+    """Run `fn` in a new thread and wait for it (see "Bounds" above for why not the executor).
+
+    Cancelling the wait does not stop the thread: it ends when its reads fail or the layer is
+    done, and its result is dropped."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is None:
+            done.set_result(None)
+        else:
+            done.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:  # handed to the waiting task
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody waits
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="layer-unpack", daemon=True).start()
+    await done
