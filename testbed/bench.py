@@ -79,15 +79,19 @@ class BenchConfig:
     cache: Path = CACHE
     keep_logs: bool = False
     daemon_config: str = ""  # TOML appended to every PeerSync daemon's config (A/B of its knobs)
+    compare_python: str = ""  # another installation's interpreter: its daemon runs each PeerSync system too
 
     def plan(self) -> list[tuple[str, str]]:
-        """(system, scenario) pairs in run order: all bursts first."""
+        """(system, scenario) pairs in run order: all bursts first. With `compare_python` every
+        PeerSync system also runs with that installation's daemon ("SYSTEM#base"), right after."""
         runs = []
         for scenario in self.scenarios:
             for system in self.systems:
                 base = system.partition("@")[0]
                 if scenario == "burst" or self.full_matrix or base in self.scenario_systems:
                     runs.append((system, scenario))
+                    if self.compare_python and base.startswith("peersync-"):
+                        runs.append((f"{system}#base", scenario))
         return runs
 
 
@@ -153,6 +157,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         '(e.g. "[snapshotter]\\nprefetch_layers = 4")',
     )
     p.add_argument(
+        "--compare-python",
+        default="",
+        help="the python of another PeerSync installation (e.g. main's checkout): each PeerSync system "
+        "also runs with its daemon, labelled SYSTEM#base, right after ours (before/after in one run)",
+    )
+    p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
     )
 
@@ -202,6 +212,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         cache=args.cache_dir,
         keep_logs=args.keep_logs,
         daemon_config=args.daemon_config.replace("\\n", "\n"),
+        compare_python=args.compare_python,
     )
 
 
@@ -354,8 +365,10 @@ def run_one(
     from .systems import make_system
 
     result: dict[str, Any] = {"system": system_name, "scenario": scenario, "ok": False}
-    base_name, _, client = system_name.partition("@")
-    run_dir = work / f"{system_name.replace('@', '-')}-{scenario}"
+    label, _, variant = system_name.partition("#")
+    base_name, _, client = label.partition("@")
+    daemon_python = cfg.compare_python if variant == "base" else None
+    run_dir = work / f"{system_name.replace('@', '-').replace('#', '-')}-{scenario}"
     site = Site(nodes=cfg.nodes, uplink_mbit=cfg.uplink_mbit, workdir=run_dir / "site")
     started = time.monotonic()
     try:
@@ -364,8 +377,9 @@ def run_one(
         client = client or cfg.client
         result["client"] = client
         system = make_system(
-            base_name, site, image, ref, run_dir / "system", check_cmd, client, cfg.daemon_config
-        )
+            base_name, site, image, ref, run_dir / "system", check_cmd, client, cfg.daemon_config,
+            daemon_python,
+        )  # fmt: skip
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)

@@ -81,7 +81,14 @@ class ClusterNode:
 class Cluster:
     """Daemons, containerds and hosts.toml on every node of `site`."""
 
-    def __init__(self, site: Site, mode: str = "full", extra_config: str = "", client: str = "ctr") -> None:
+    def __init__(
+        self,
+        site: Site,
+        mode: str = "full",
+        extra_config: str = "",
+        client: str = "ctr",
+        daemon_python: str | None = None,
+    ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
         if client == "go":
@@ -91,12 +98,14 @@ class Cluster:
         if client not in ("ctr", "cri"):
             raise ValueError(f"client must be ctr or cri, not {client!r}")
         self.site, self.mode, self.client = site, mode, client
+        self.daemon_python = daemon_python  # another installation's daemon (before/after runs)
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
-        daemon = node.start_peersync(config=node_config(node, self.site, extra_config))
+        daemon_config = node_config(node, self.site, extra_config)
+        daemon = node.start_peersync(config=daemon_config, python=self.daemon_python)
         full = self.mode == "full"
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"

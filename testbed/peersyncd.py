@@ -91,13 +91,18 @@ def loopback_config(plain_http: Sequence[str] = (), peers: Sequence[str] = (), e
 
 @contextlib.contextmanager
 def start_peersync(
-    workdir: Path, *extra_args: str, prefix: Sequence[str] = (), config: str | None = None
+    workdir: Path,
+    *extra_args: str,
+    prefix: Sequence[str] = (),
+    config: str | None = None,
+    python: str | None = None,
 ) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
     `prefix` is a command the daemon is launched under (e.g. `nsenter --net=/var/run/netns/NS --`,
     which execs it, so the PID we stop is the daemon's). `config` is the daemon's TOML config; by
     default the peer exchange and the mirror listen on free loopback ports (`daemon.mirror`).
+    `python` runs another installation's daemon (the benchmark's before/after), default this one.
     """
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
     env = dict(os.environ, PYTHONPATH=str(REPO))
@@ -105,7 +110,8 @@ def start_peersync(
     if config is None:
         config = loopback_config()
     (workdir / "peersync.toml").write_text(config)
-    args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    interpreter = python or sys.executable
+    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),

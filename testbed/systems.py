@@ -282,14 +282,20 @@ class BitTorrent(System):
 class PeerSync(System):
     """`peersync daemon` + containerd on every node (`cluster.Cluster`), full or mirror-only mode."""
 
-    def __init__(self, *args: Any, mode: str = "full", daemon_config: str = "", **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, mode: str = "full", daemon_config: str = "", daemon_python: str | None = None,
+        **kwargs: Any,
+    ) -> None:  # fmt: skip
         super().__init__(*args, **kwargs)
         self.mode = mode
         self.name = f"peersync-{mode}"
         self.daemon_config = daemon_config
+        self.daemon_python = daemon_python
 
     def setup(self) -> None:
-        self.cluster = Cluster(self.site, mode=self.mode, extra_config=self.daemon_config, client=self.client)
+        self.cluster = Cluster(
+            self.site, self.mode, self.daemon_config, client=self.client, daemon_python=self.daemon_python
+        )
         self.ctrds = [cn.containerd for cn in self.cluster.nodes]
         self.snapshotter = self.cluster.nodes[0].snapshotter
 
@@ -330,6 +336,7 @@ def make_system(
     check_cmd: Sequence[str],
     client: str = "cri",
     daemon_config: str = "",
+    daemon_python: str | None = None,
 ) -> System:
     _check_client(client)
     args = (site, image, ref, workdir, check_cmd, client)
@@ -340,5 +347,6 @@ def make_system(
     if name == "bittorrent":
         return BitTorrent(*args)
     if name in ("peersync-full", "peersync-mirror"):
-        return PeerSync(*args, mode=name.split("-", 1)[1], daemon_config=daemon_config)
+        mode = name.split("-", 1)[1]
+        return PeerSync(*args, mode=mode, daemon_config=daemon_config, daemon_python=daemon_python)
     raise ValueError(f"unknown system {name!r} (known: {', '.join(SYSTEMS)})")
