@@ -49,7 +49,7 @@ DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)
 # How nodes pull. "go": containerd's Go client as nerdctl pulls (`client.Pull` + WithPullUnpack, no
 # CRI handler: chain IDs only), testbed/go/pull on the `go` branch; wired in systems.py when it
 # merges (until then a run with it fails at setup, saying so).
-CLIENTS = ("cri", "ctr", "go")
+CLIENTS = ("cri", "ctr", "chain", "go")
 CACHE = Path("/var/cache/peersync-testbed")
 REPO_NAME = "bench/app"
 QUICK = {"nodes": 3, "image_mb": 16, "layers": 4, "systems": "baseline,peersync-full", "scenarios": "burst"}
@@ -146,7 +146,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=CLIENTS,
         default="cri",
         help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
-        "ctr = `ctr images pull` (fetch all, then unpack); go = containerd's Go client with "
+        "ctr = `ctr images pull` (fetch all, then unpack); chain = the Go client's Prepares (chain IDs "
+        "only) driven over containerd's API, a stand-in; go = containerd's Go client with "
         "WithPullUnpack, as nerdctl (not wired until the Go client merges)",
     )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")

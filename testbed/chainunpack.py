@@ -16,7 +16,9 @@ removed again: this driver applies nothing itself.
 
 from __future__ import annotations
 
+import json
 import secrets
+import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -89,3 +91,26 @@ def _exists(
             return False
         raise
     return True
+
+
+MANIFEST_ACCEPT = (
+    "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+)
+
+
+def diff_ids_through_mirror(mirror: str, ref: str, timeout: float = 60.0) -> tuple[str, list[str]]:
+    """What the client's resolver and config fetch learn, through the node's mirror (`host:port`,
+    hosts.toml's first host): the image manifest, then its config's digest and diff IDs. The mirror
+    sees the manifest as it does in any pull (and notes it in the daemon's chain index)."""
+    registry, _, rest = ref.partition("/")
+    repo, _, tag = rest.rpartition(":")
+    base = f"http://{mirror}/v2/{repo}"
+    request = urllib.request.Request(
+        f"{base}/manifests/{tag}?ns={registry}", headers={"Accept": MANIFEST_ACCEPT}
+    )
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
+        manifest = json.loads(resp.read())
+    config_digest = str(manifest["config"]["digest"])
+    with urllib.request.urlopen(f"{base}/blobs/{config_digest}?ns={registry}", timeout=timeout) as resp:
+        config = json.loads(resp.read())
+    return config_digest, list(config["rootfs"]["diff_ids"])
