@@ -90,7 +90,8 @@ class BenchConfig:
                 base = system.partition("@")[0]
                 if scenario == "burst" or self.full_matrix or base in self.scenario_systems:
                     runs.append((system, scenario))
-                    if self.compare_python and base.startswith("peersync-"):
+                    # (the chain client needs this branch's daemon: an older one would not provide)
+                    if self.compare_python and base.startswith("peersync-") and not system.endswith("@chain"):
                         runs.append((f"{system}#base", scenario))
         return runs
 
