@@ -52,9 +52,8 @@ unpack_layers = true
 # Layers of the same image unpacked ahead of containerd's Prepares, at once (each as soon as its
 # blob streams in; the one containerd waits for always runs besides). 0 unpacks one at a time.
 unpack_ahead = 2
-# Blobs downloaded at once ahead of their readers (layers the daemon unpacks, and blobs containerd
-# was told it need not fetch), in the order asked for; a blob being read always downloads. The
-# origin striping between nodes is sensitive to it (bench/RESULTS.md).
+# Layer blobs downloaded at once ahead of the daemon's unpack, in image order; a blob being read
+# always downloads. The origin striping between nodes is sensitive to it (bench/RESULTS.md).
 prefetch_layers = 2
 
 [peer]

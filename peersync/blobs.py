@@ -3,16 +3,14 @@
 One of the two seam adapters of the daemon assembly (the other is `peersync.layers`): the
 snapshotter side owns the interface, the network side the engine, and only this layer knows both.
 
-`stat` answers for blobs being filled or catalogued by the mirror, and queues their background
-download (`peersync.prefetch`, in the order containerd asked, a few at a time), so by the time
-containerd reads a layer its chunks are already arriving. `read` blocks only until the chunks it
-needs are verified and on disk (and starts the download of its blob at once if it is still queued).
+`stat` answers for blobs being filled or catalogued by the mirror, and starts their background
+download at once, so by the time containerd reads a layer its chunks are already arriving.
+`read` blocks only until the chunks it needs are verified and on disk.
 """
 
 from __future__ import annotations
 
 from peer.engine import Engine
-from peersync.prefetch import Prefetcher
 
 
 class LazyBlobs:
@@ -21,22 +19,22 @@ class LazyBlobs:
     The content store cannot import the engine (the two sides never import each other), so the
     daemon assembly hands it this: the engine's own calls under the names the store asks for."""
 
-    def __init__(self, engine: Engine, prefetcher: Prefetcher | None = None) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self.prefetcher = prefetcher or Prefetcher(engine)
 
     async def stat(self, digest: str) -> int | None:
-        """The engine's size for a blob being filled or catalogued, and its download queued.
+        """The engine's size for a blob being filled or catalogued, and its download started.
 
         A size is the skip signal: containerd will not fetch the blob itself, so the daemon must
-        complete it even if nothing reads it soon: it is queued at once, and its turn comes when
-        the blobs asked for before it are in. Queueing here, at containerd's first Info (a `ctr
-        pull` asks for every layer, bottom first, before it unpacks any), gets the bottom layers'
-        chunks arriving first, while not filling every layer of the image at once (the origin
-        striping between nodes frays with too many blobs at once, `peersync.prefetch`)."""
+        complete it even if nothing reads it soon. Starting the download here, at containerd's
+        first Info, also gets its chunks arriving before the first Read. (Queueing them instead,
+        two at a time in Info order, as `peersync.prefetch` does for the layers the daemon unpacks,
+        was tried: the nodes of a site then start each blob at different moments, and the origin
+        striping, which deals stripes among the nodes filling a blob at once, sent 1.5x the image
+        over the uplink in one of two 4-node runs of tests/integration/test_cluster.py.)"""
         size = self.engine.known_size(digest)
         if size is not None:
-            self.prefetcher.add([digest])  # claimed blobs are always completed in the background
+            self.engine.ensure(digest)  # claimed blobs are always completed in the background
         return size
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:

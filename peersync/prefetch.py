@@ -4,9 +4,8 @@ Why: the origin striping between the nodes of a site (`peer.engine`) holds up wh
 a couple of blobs at once and frays when it fills many (bench/RESULTS.md: three layers at once cost
 1.15-1.26x the image on the uplink, two kept it at 1.02x); and a layer's unpack can only start on
 its first bytes, so the bottom layers should arrive first, not all layers at the same slow pace.
-Both the layers the snapshotter unpacks (`peersync.layers`) and the blobs containerd was told it
-need not fetch (`peersync.blobs`: `ctr images pull` reads them back later, bottom layer first) go
-through one queue per node, so together they never fill more than `concurrent` blobs ahead.
+The layers the snapshotter unpacks (`peersync.layers`) go through it. (The blobs containerd was
+told it need not fetch, `peersync.blobs`, do not: see `LazyBlobs.stat` for what that cost.)
 
 A blob being read is always downloading: a read starts its download at once, queued or not. A
 claimed blob is therefore always completed: at the latest when its turn in the queue comes.

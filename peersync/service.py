@@ -61,8 +61,8 @@ class Service:
         holds = Holds(self.meta)
         engine = self.peer.engine
         assert engine is not None
-        prefetcher = Prefetcher(engine, cfg.snapshotter.prefetch_layers)  # one queue for both adapters
-        self.content = ContentStore(chunks, source=LazyBlobs(engine, prefetcher), holds=holds)
+        prefetcher = Prefetcher(engine, cfg.snapshotter.prefetch_layers)
+        self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
         layers = None
         if cfg.snapshotter.unpack_layers:
             layers = DaemonLayers(self.content, engine, holds, self.peer.chains, prefetcher)

@@ -164,6 +164,8 @@ class Unpacker:
             self._start(self._queue.pop(0))
 
     def _start(self, job: _Job) -> None:
+        if not job.urgent:
+            log.info("unpacking a layer ahead", chain=job.chain, layer=job.layer.digest)
         self._running += 1
         job.task = asyncio.create_task(self._unpack(job), name=f"unpack {job.chain[:19]}")
         job.task.add_done_callback(functools.partial(self._finished, job))
