@@ -11,7 +11,9 @@ OCI distribution API, read-only, on a loopback address:
 
 containerd appends `?ns=<registry>` to mirror requests; without it the configured default registry
 is assumed. Every manifest served is recorded in the catalog (layers, config, child manifests)
-so the content store can answer for those blobs lazily and the engine knows where to fetch them.
+so the content store can answer for those blobs lazily and the engine knows where to fetch them,
+and, if it is an image manifest, noted in the chain index (`kernel.store.chains`), so a layer can
+later be recognised by the chain ID alone when containerd prepares its snapshot.
 
 Sizes. A blob's size comes from the manifest that names it (the catalog) or from the store's own
 record of it, never from the origin's word: a HEAD of a blob no manifest we served names is
@@ -41,6 +43,7 @@ import structlog
 from aiohttp import web
 
 from kernel import errors
+from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from peer.catalog import Catalog, Source
 from peer.engine import Engine
@@ -72,8 +75,10 @@ class Mirror:
         engine: Engine,
         default_registry: str = "docker.io",
         tag_ttl: float = 2.0,
+        chains: ChainIndex | None = None,
     ) -> None:
         self.store, self.catalog, self.origin, self.engine = store, catalog, origin, engine
+        self.chains = chains
         self.default_registry = default_registry
         self.tag_ttl = tag_ttl
         self._tags: dict[tuple[str, str, str], tuple[float, str]] = {}
@@ -124,6 +129,8 @@ class Mirror:
                 self._tags[(registry, repo, ref)] = (time.monotonic(), digest)
         self.engine.cache.used(digest, request=True)
         self._catalog_children(body, registry, repo)
+        if self.chains is not None:
+            self.chains.note_manifest(digest, body)
         return body, media_type, digest
 
     def _cached_tag(self, registry: str, repo: str, tag: str) -> str | None:

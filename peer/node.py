@@ -26,6 +26,7 @@ from aiohttp import web
 
 from kernel.config import Config, hostport
 from kernel.errors import FailedPrecondition, PeerSyncError
+from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.cache import CacheManager
@@ -51,6 +52,7 @@ class PeerNode:
         self.config = config
         self.store = store
         self.catalog = Catalog(meta)
+        self.chains = ChainIndex(meta)  # the mirror notes the image manifests it serves
         self._runners: list[web.AppRunner] = []
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
@@ -112,7 +114,13 @@ class PeerNode:
         if cfg.mirror.listen:
             app = web.Application()
             mirror = Mirror(
-                self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
+                self.store,
+                self.catalog,
+                origin,
+                self.engine,
+                cfg.mirror.default_registry,
+                cfg.mirror.tag_ttl,
+                chains=self.chains,
             )
             app.add_routes(mirror.routes())
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")

@@ -33,7 +33,11 @@ class LazyBlobs:
         complete it even if nothing reads it soon. Starting the download here, at containerd's
         first Info, also gets its chunks arriving before the first Read. A download that cannot
         fit the cache budget raises ResourceExhausted (containerd then tries to fetch the blob
-        itself, through the mirror, which refuses it the same way, saying why)."""
+        itself, through the mirror, which refuses it the same way, saying why). (Queueing them
+        instead, two at a time in Info order, as `peersync.prefetch` does for the layers the daemon unpacks,
+        was tried: the nodes of a site then start each blob at different moments, and the origin
+        striping, which deals stripes among the nodes filling a blob at once, sent 1.5x the image
+        over the uplink in one of two 4-node runs of tests/integration/test_cluster.py.)"""
         size = self.engine.known_size(digest)
         if size is not None:
             self.engine.ensure(digest)  # claimed blobs are always completed in the background

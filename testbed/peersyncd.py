@@ -146,7 +146,11 @@ def check_host_config(config: str | Config, where: str = "daemon config") -> Non
 
 @contextlib.contextmanager
 def start_peersync(
-    workdir: Path, *extra_args: str, prefix: Sequence[str] = (), config: str | None = None
+    workdir: Path,
+    *extra_args: str,
+    prefix: Sequence[str] = (),
+    config: str | None = None,
+    python: str | None = None,
 ) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
@@ -155,6 +159,7 @@ def start_peersync(
     default the peer exchange and the mirror listen on free loopback ports (`daemon.mirror`).
     Without a network-namespace `prefix` the daemon runs on the host: a config whose multicast
     DNS would speak beyond loopback is refused (`UnsafeDaemonConfig`) before anything is made.
+    `python` runs another installation's daemon (the benchmark's before/after), default this one.
     """
     if config is None:
         config = loopback_config()
@@ -164,7 +169,8 @@ def start_peersync(
     env = dict(os.environ, PYTHONPATH=str(REPO))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "peersync.toml").write_text(config)
-    args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    interpreter = python or sys.executable
+    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),

@@ -16,14 +16,17 @@ Schema: database `schema` holds key `version`. `SCHEMA_VERSION` names the layout
 database, whoever owns it, so it lives here, below all of them: `snapshots` and
 `snapshot_children` are described in `snapshotter.storage`; `blobs`, `chunks` and `ingests` in
 `kernel.store.schema`, and `ownership` (which blobs containerd, our snapshots or a pin keep, and
-when each blob was last used) there too; `sources` in `peer.catalog`; `counters` at `next_id`;
-`holds` is version 1's list of held blobs, emptied by the upgrade to version 2. A store written by
-a newer layout is refused rather than misread; an older one is opened as it is (`version` says
-which) and upgraded by the code that owns the changed layout, in one transaction that also writes
-the new version (`kernel.store.schema.upgrade`), so a crash leaves the old or the new layout.
+when each blob was last used) there too; `chains` in `kernel.store.chains` (the layers each chain ID
+is made of, from the manifests and configs seen; a store without it starts it empty); `sources` in
+`peer.catalog`; `counters` at `next_id`; `holds` is version 1's list of held blobs, emptied by the
+upgrade to version 2. A store written by a newer layout is refused rather than misread; an older
+one is opened as it is (`version` says which) and upgraded by the code that owns the changed
+layout, in one transaction that also writes the new version (`kernel.store.schema.upgrade`), so a
+crash leaves the old or the new layout.
 
-Versions: 1, blobs, chunks, ingests, holds, snapshots, sources. 2, the `ownership` database: a
-complete blob without an ownership flag is cache-only (evictable) instead of containerd's.
+Versions: 1, blobs, chunks, ingests, holds, snapshots, sources (and chains, added within version
+1: older code never opens it). 2, the `ownership` database: a complete blob without an ownership
+flag is cache-only (evictable) instead of containerd's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from kernel.errors import FailedPrecondition
 SCHEMA_VERSION = 2
 DATABASES = (
     "schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters", "sources",
-    "holds", "ownership",
+    "holds", "ownership", "chains",
 )
 DEFAULT_MAP_SIZE = 1 << 34  # 16 GiB of address space; LMDB only uses what it writes
 

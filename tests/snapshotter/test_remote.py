@@ -21,7 +21,7 @@ import pytest
 from kernel.errors import AlreadyExists, NotFound
 from kernel.store.meta import Meta
 from snapshotter import remote
-from snapshotter.remote import Layer
+from snapshotter.remote import Layer, Planned
 from snapshotter.snapshots import Kind, Snapshotter
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -58,9 +58,16 @@ class MemoryLayers:
         self.prefetched: list[str] = []
         self.released: list[str] = []
 
-    async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
+    async def describe(self, target: str, parent: str, labels: Mapping[str, str]) -> Layer | None:
         self.described.append(target)
-        return self.layers.get(target)
+        if target not in self.layers:
+            return None
+        index = self.chain.index(target)
+        return self.layers[target] if parent == (self.chain[index - 1] if index else "") else None
+
+    async def plan(self, target: str, labels: Mapping[str, str]) -> list[Planned]:
+        index = self.chain.index(target)
+        return [Planned(c, self.chain[i - 1]) for i, c in enumerate(self.chain) if i > index]
 
     def prefetch(self, digests: Sequence[str]) -> None:
         self.prefetched.extend(digests)
@@ -174,11 +181,9 @@ async def test_removing_the_last_snapshot_of_a_layer_releases_the_blob(tmp_path:
         await sn.stat(source.chain[0])
 
 
-def test_upcoming_and_chain_ids() -> None:
-    labels = {remote.LAYER_DIGEST_LABEL: "sha256:b", remote.LAYERS_LABEL: "sha256:b,sha256:c,sha256:d"}
-    assert remote.upcoming(labels) == ["sha256:b", "sha256:c", "sha256:d"]
-    labels[remote.LAYER_DIGEST_LABEL] = "sha256:c"
-    assert remote.upcoming(labels) == ["sha256:c", "sha256:d"]
-    assert remote.upcoming({remote.LAYER_DIGEST_LABEL: "sha256:x"}) == ["sha256:x"]
+def test_chain_ids_and_the_chain_of_a_snapshot() -> None:
     a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert remote.chain_of("k8s.io/7/" + a, {}) == a  # containerd named it by the chain ID
+    assert remote.chain_of(b, {remote.REF_LABEL: a}) == a  # the label wins
+    assert remote.chain_of("default/3/extract-1 layer", {}) is None
     assert remote.chain_ids([a, b]) == [a, sha(f"{a} {b}".encode())]
