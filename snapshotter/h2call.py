@@ -284,17 +284,17 @@ if sys.version_info >= (3, 12):
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool
     ) -> asyncio.Task[None]:
         """A Task for the handler; eager: its first step runs now (see the module docstring)."""
-        if eager:
-            return asyncio.Task(coro, loop=loop, eager_start=True)
-        return loop.create_task(coro)
+        return asyncio.Task(coro, loop=loop, eager_start=eager)
 
 else:
 
     def start_handler(
         loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], eager: bool
     ) -> asyncio.Task[None]:
-        """A Task for the handler (3.11 has no eager start: it runs on the next loop iteration)."""
-        return loop.create_task(coro)
+        """A Task for the handler (3.11 has no eager start: it runs on the next loop iteration).
+        `asyncio.Task` itself rather than `loop.create_task`, as on 3.12+: a little cheaper, and
+        the same Task whichever task factory the loop has."""
+        return asyncio.Task(coro, loop=loop)
 
 
 def _status_for(call: Call, exc: BaseException | None) -> tuple[grpc.StatusCode, str | None, tuple[Any, ...]]:
