@@ -145,7 +145,10 @@ class Call:
 
 
 class ServicerContext:
-    """The part of `grpc.aio.ServicerContext` that servicers use."""
+    """The part of `grpc.aio.ServicerContext` that servicers use, with grpc.aio's semantics (so
+    servicers run unchanged on either server): a code set and details are sent as the status when
+    the handler returns; `abort` ends the call at once; `cancelled()` is true once the client reset
+    the stream or the deadline passed."""
 
     __slots__ = ("_call", "_code", "_details", "_trailing", "_aborted")
 

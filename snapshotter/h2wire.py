@@ -108,18 +108,22 @@ class H2ConnectionError(Exception):
 
 
 def window_update(sid: int, increment: int) -> bytes:
+    """WINDOW_UPDATE: hand `increment` bytes back to the peer's send window (stream 0: the connection's)."""
     return FH.pack(4 << 8 | T_WINDOW_UPDATE, 0, sid) + U32.pack(increment)
 
 
 def rst_stream(sid: int, code: int) -> bytes:
+    """RST_STREAM: a stream error; the connection goes on."""
     return FH.pack(4 << 8 | T_RST_STREAM, 0, sid) + U32.pack(code)
 
 
 def goaway(last_sid: int, code: int) -> bytes:
+    """GOAWAY: no streams after `last_sid` will be served; with an error code, the connection ends."""
     return FH.pack(8 << 8 | T_GOAWAY, 0, 0) + U32x2.pack(last_sid, code)
 
 
 def settings(values: Iterable[tuple[int, int]]) -> bytes:
+    """Our SETTINGS frame (the first thing we send on a connection)."""
     payload = b"".join(SETTING.pack(k, v) for k, v in values)
     return FH.pack(len(payload) << 8 | T_SETTINGS, 0, 0) + payload
 
@@ -376,9 +380,11 @@ class HeaderDecoder:
 
     @property
     def max_header_list_size(self) -> int:
+        """The decoded size past which a block is refused: what we advertise in SETTINGS."""
         return self._decoder.max_header_list_size
 
     def head(self, block: bytes) -> RequestHead:
+        """Decode one complete header block (HEADERS + CONTINUATIONs joined) into its request head."""
         hit = self._cache.get(block)
         if hit is not None and hit[0] == self._generation:
             return hit[1]
