@@ -397,7 +397,10 @@ async def run_unary_stream(call: Call, req: Any) -> None:
                     break
                 else:  # it suspends: write what is queued, then let the Task wait
                     conn.flush()
-                    msg = await _Resume(step, msg)
+                    try:
+                        msg = await _Resume(step, msg)
+                    except StopAsyncIteration:
+                        break
                 conn.send_message(call, msg if ser is None else ser(msg))
                 if call.pending or conn.paused:
                     del msg  # wait holding only the bytes in `pending`
@@ -484,7 +487,10 @@ async def _send_all(call: Call, gen: Any) -> None:
                     return
                 else:  # it suspends: write what is queued, then let the Task wait
                     conn.flush()
-                    msg = await _Resume(step, msg)
+                    try:
+                        msg = await _Resume(step, msg)
+                    except StopAsyncIteration:
+                        return
             conn.send_message(call, msg if ser is None else ser(msg))
             if call.pending or conn.paused:
                 del msg

@@ -40,6 +40,13 @@ class MemContent(content_pb2_grpc.ContentServicer):
         return content_pb2.InfoResponse(info=content_pb2.Info(digest=request.digest, size=len(blob)))
 
     async def Read(self, request, context):
+        if request.digest == "late-end":  # one message, then a suspension before the stream ends
+            yield content_pb2.ReadContentResponse(offset=0, data=b"first")
+            await asyncio.sleep(0.01)
+            return
+        if request.digest == "late-empty":  # suspends, then ends without a message
+            await asyncio.sleep(0.01)
+            return
         blob = self.blobs.get(request.digest)
         if blob is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
@@ -831,3 +838,13 @@ async def test_unknown_frame_larger_than_the_control_limit_is_skipped_unread(ser
         return _parse_msgs(data, content_pb2.ReadContentResponse)[0].data
 
     assert await asyncio.to_thread(run) == svc.blobs["u"]
+
+
+async def test_stream_that_suspends_before_it_ends(served, sock: str) -> None:
+    """A response stream whose handler suspends after its last message (or before any) and then
+    returns ends with OK: the end of the generator after a suspension is not an error."""
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        got = [m.data async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-end"))]
+        assert got == [b"first"]
+        assert [m async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-empty"))] == []
