@@ -822,17 +822,24 @@ class H2Protocol(asyncio.BufferedProtocol):
                 FH.pack(len(RESPONSE_HEADERS) << 8 | T_HEADERS, F_END_HEADERS, sid) + RESPONSE_HEADERS
             )
         m = n + 5
-        if (
-            call.pending is None
-            and m <= self.send_window
-            and m <= call.send_window
-            and m <= self.peer_max_frame
-        ):
+        if call.pending is None and m <= self.send_window and m <= call.send_window:
             self.send_window -= m
             call.send_window -= m
-            wbuf.append(DATA_MSG.pack(m << 8, 0, sid, 0, n))
-            wbuf.append(data)
             self.wbytes += m
+            maxf = self.peer_max_frame
+            if m <= maxf:  # one DATA frame: grpcio's clients (4 MiB frames)
+                wbuf.append(DATA_MSG.pack(m << 8, 0, sid, 0, n))
+                wbuf.append(data)
+            else:  # several: grpc-go (containerd) reads 16 KiB frames, a 32 KiB Read is three
+                view = memoryview(data)
+                pos = maxf - 5
+                wbuf.append(DATA_MSG.pack(maxf << 8, 0, sid, 0, n))
+                wbuf.append(view[:pos])
+                while pos < n:
+                    k = min(maxf, n - pos)
+                    wbuf.append(FH.pack(k << 8 | T_DATA, 0, sid))
+                    wbuf.append(view[pos : pos + k])
+                    pos += k
         else:
             if call.pending is None:
                 call.pending = deque()

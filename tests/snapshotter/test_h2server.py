@@ -848,3 +848,27 @@ async def test_stream_that_suspends_before_it_ends(served, sock: str) -> None:
         got = [m.data async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-end"))]
         assert got == [b"first"]
         assert [m async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-empty"))] == []
+
+
+async def test_raw_messages_split_into_the_peers_frames(served, sock: str) -> None:
+    """A peer that keeps the default 16 KiB max frame size (grpc-go does) with wide windows gets
+    each message in frames no larger than that, in order, whole."""
+    _, svc = served
+    blob = blob_of(300_000, seed=6)
+    svc.blobs["g"] = blob
+    svc.chunk = 40_000  # a message spans three frames
+
+    def run() -> None:
+        c = RawClient(sock, settings={0x4: 1 << 24})
+        c.send(_frame(8, 0, 0, struct.pack(">I", 1 << 24)))
+        block = c.headers_block("/containerd.services.content.v1.Content/Read")
+        msg = _grpc_msg(content_pb2.ReadContentRequest(digest="g"))
+        c.send(_frame(1, 0x4, 1, block) + _frame(0, 0x1, 1, msg))
+        sizes: list[int] = []
+        data, trailers = c.collect(1, sizes.append)
+        assert trailers["grpc-status"] == "0"
+        assert max(sizes) == 16384 and len(sizes) > 300_000 // 16384
+        assert b"".join(m.data for m in _parse_msgs(data, content_pb2.ReadContentResponse)) == blob
+        c.close()
+
+    await asyncio.to_thread(run)
