@@ -30,15 +30,32 @@ import sys
 from collections import deque
 from collections.abc import Callable, Coroutine, Generator, Sequence
 from types import AsyncGeneratorType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 from snapshotter.h2wire import MSG_PREFIX, PENDING_LIMIT
 
-if TYPE_CHECKING:
-    from snapshotter.h2conn import H2Protocol
+
+class Connection(Protocol):
+    """What a call needs of its connection (`snapshotter.h2conn.H2Protocol`); a Protocol, so this
+    module does not import the one above it."""
+
+    loop: asyncio.AbstractEventLoop
+    peer: str
+    paused: bool
+    pending_bytes: int
+
+    def send_message(self, call: Call, data: bytes) -> None: ...
+    def finish(
+        self, call: Call, code: grpc.StatusCode, details: str | None = None, trailing: tuple[Any, ...] = ()
+    ) -> None: ...
+    def flush(self) -> None: ...
+    def consumed(self, call: Call, n: int) -> None: ...
+    async def drain(self, call: Call) -> None: ...
+    async def admit(self) -> None: ...
+
 
 __all__ = ["AbortError", "Call", "Method", "RequestIterator", "RpcStatus", "ServicerContext", "start_handler"]
 
@@ -103,7 +120,7 @@ class Call:
 
     def __init__(
         self,
-        conn: H2Protocol,
+        conn: Connection,
         sid: int,
         method: Method,
         meta: tuple[tuple[str, str], ...],

@@ -46,13 +46,13 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
 
 from snapshotter import h2call
-from snapshotter.h2call import K_NOT_FOUND, K_SS, K_SU, K_US, OK, Call, RpcStatus
+from snapshotter.h2call import K_NOT_FOUND, K_SS, K_SU, K_US, OK, Call, Method, RpcStatus
 from snapshotter.h2wire import (
     BAD_REQUEST,
     DATA_MSG,
@@ -111,8 +111,24 @@ from snapshotter.h2wire import (
     window_update,
 )
 
-if TYPE_CHECKING:
-    from snapshotter.h2server import H2Server
+
+class Server(Protocol):
+    """What a connection needs of its server (`snapshotter.h2server.H2Server`): its limits, windows
+    and method table, and the set of connections; a Protocol, so this module does not import the
+    one above it."""
+
+    _loop: asyncio.AbstractEventLoop | None
+    _connections: set[H2Protocol]
+    _max_recv: int
+    _max_send: int
+    _max_concurrent_streams: int
+    _stream_window: int
+    _conn_window: int
+    _eager: bool
+
+    def _lookup(self, path: str, meta: tuple[tuple[str, str], ...]) -> Method: ...
+    def _conn_idle(self) -> None: ...
+
 
 __all__ = ["FLUSH_AT", "PENDING_LIMIT", "H2Protocol"]
 
@@ -140,7 +156,7 @@ class H2Protocol(asyncio.BufferedProtocol):
     """One client connection. A BufferedProtocol: the transport `recv_into`s a reused buffer, which
     spares asyncio's default 256 KiB bytes allocation (an mmap/munmap pair) on every read."""
 
-    def __init__(self, server: H2Server) -> None:
+    def __init__(self, server: Server) -> None:
         self.server = server
         self.loop: asyncio.AbstractEventLoop = server._loop  # type: ignore[assignment]
         self._rbuf = bytearray(_RECV_BUFFER)
