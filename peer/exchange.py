@@ -13,11 +13,13 @@ under `/peersync/v1`:
                                 concatenated); only served for complete blobs, whose whole digest
                                 this node has verified.
     GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
-                                that are present; answered from the file (`FileResponse`: read
-                                in 256 KiB pieces in the executor and written; no zero-copy
-                                sendfile, which neither uvloop nor TLS offers, bench/RESULTS.md).
-                                `X-Chunk-Sha256` carries the server's hash of the range when it is
-                                exactly one chunk.
+                                that are present; answered from the file for a complete blob
+                                (`FileResponse`: read in 256 KiB pieces in the executor and
+                                written; no zero-copy sendfile, which neither uvloop nor TLS
+                                offers, bench/RESULTS.md), streamed from an fd for a partial one
+                                (whose file is renamed when it is promoted). `X-Chunk-Sha256`
+                                carries the server's hash of the range when it is exactly one
+                                chunk.
 
 A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
 partial blobs: against the table, or hashed as received from the origin), so announcing while
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import ssl as sslmod
 from collections.abc import Callable
@@ -48,6 +51,7 @@ log = structlog.get_logger(__name__)
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
 _RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+SEND_PIECE = 256 << 10  # a partial blob's range is streamed in pieces of this size
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -125,7 +129,32 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
         except (Unavailable, OutOfRange, InvalidArgument) as exc:
             raise web.HTTPRequestRangeNotSatisfiable(text=str(exc)) from exc
         headers = {"X-Chunk-Sha256": sha.hex()} if sha else {}
-        return web.FileResponse(path, headers=headers)
+        if path.startswith(str(store.blob_dir)):
+            return web.FileResponse(path, headers=headers)
+        # A partial blob's file is renamed into blobs/ when it is promoted, which can happen
+        # between here and the moment a FileResponse opens it (in a worker thread): stream the
+        # range from an fd opened now instead, in pieces (bounded memory, with back-pressure).
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return web.FileResponse(store.blob_path(digest), headers=headers)
+        try:
+            headers["Content-Range"] = f"bytes {start}-{end}/{os.fstat(fd).st_size}"
+            resp = web.StreamResponse(status=206, headers=headers)
+            resp.content_type = "application/octet-stream"
+            resp.content_length = end - start + 1
+            await resp.prepare(request)
+            pos = start
+            while pos <= end:
+                piece = os.pread(fd, min(SEND_PIECE, end + 1 - pos), pos)  # page cache: just written
+                if not piece:
+                    raise ConnectionResetError(f"{path} ended at {pos}")  # cannot happen: sized file
+                await resp.write(piece)
+                pos += len(piece)
+            await resp.write_eof()
+            return resp
+        finally:
+            os.close(fd)
 
     return r
 
@@ -134,13 +163,20 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
     """The file to serve [start, end] from and the hash of that range if it is one chunk.
 
     Raises NotFound (blob unknown), Unavailable (a chunk of the range is not present yet),
-    InvalidArgument (range not chunk-aligned), OutOfRange."""
-    partial = True
+    InvalidArgument (range not chunk-aligned), OutOfRange. A partial blob being promoted while we
+    look (its partial state retired, its file renamed into blobs/) is served as the complete blob
+    it just became: peers ask a node for chunks most while it finishes a blob, and answering
+    404 there made them drop it as a peer."""
     try:
-        rec = store.partials.record(digest)
+        return _servable_from(store, digest, start, end, partial=True)
     except NotFound:
-        rec = store.record(digest)
-        partial = False
+        return _servable_from(store, digest, start, end, partial=False)
+
+
+def _servable_from(
+    store: ChunkStore, digest: str, start: int, end: int, partial: bool
+) -> tuple[str, bytes | None]:
+    rec = store.partials.record(digest) if partial else store.record(digest)
     if end < start or end >= rec.size:
         raise OutOfRange(f"range {start}-{end} outside {digest} ({rec.size} bytes)")
     first, last = start // rec.chunk_size, end // rec.chunk_size
@@ -155,6 +191,11 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
         if any(not (have[i // 8] >> (i % 8) & 1) for i in range(first, last + 1)):
             raise Unavailable(f"chunks {first}-{last} of {digest} not all present")
     path = store.partials.path(digest) if partial else store.blob_path(digest)
+    if partial and not path.exists():
+        # promoted meanwhile: renamed into blobs/ (the same bytes), its record flips next
+        path = store.blob_path(digest)
+        if not path.exists():
+            raise NotFound(f"content {digest}: not found")
     return str(path), sha
 
 
@@ -211,7 +252,8 @@ class PeerClient:
         try:
             async with self._session.get(url, headers=headers, timeout=self._timeout, ssl=self._ssl) as resp:
                 if resp.status not in (200, 206):
-                    raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}")
+                    why = (await resp.text())[:200]
+                    raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}: {why}")
                 data = await resp.read()
                 claim = resp.headers.get("X-Chunk-Sha256")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

@@ -373,13 +373,13 @@ class SiteNode:
         return self.stack.enter_context(cm)
 
     def start_peersync(
-        self, *args: str, workdir: Path | None = None, config: str | None = None
+        self, *args: str, workdir: Path | None = None, config: str | None = None, python: str | None = None
     ) -> PeerSyncDaemon:
         """`peersync daemon` inside this node's namespace; stopped with the node or the site. A
         config without `[tls]` gets a certificate for this node's address from the site's CA."""
         work = workdir or Path(tempfile.mkdtemp(prefix=f"peersync-{self.name}-", dir=self.workdir))
         daemon = start_peersync(
-            work, *args, prefix=self.prefix, config=config, site=self.site.pki, addresses=[self.ip]
+            work, *args, prefix=self.prefix, config=config, python=python, site=self.site.pki, addresses=[self.ip]
         )
         return self.stack.enter_context(daemon)
 

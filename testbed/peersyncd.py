@@ -97,6 +97,22 @@ class PeerSyncDaemon:
         blobs = self.root / "content" / "blobs" / "sha256"
         return {f"sha256:{p.name}" for p in blobs.iterdir()} if blobs.exists() else set()
 
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters, its cache's status among them (`GET /peersync/v1/stats` on the
+        peer listener named in its config)."""
+        listen = tomllib.loads((self.root.parent / "peersync.toml").read_text())["peer"]["listen"]
+        with urllib.request.urlopen(f"http://{listen}/peersync/v1/stats", timeout=10) as resp:
+            stats: dict[str, Any] = json.loads(resp.read())
+        return stats
+
+    def only_cache_left(self) -> bool:
+        """True if every blob in the store is cache-only: nothing containerd's, held, pinned or in
+        flight (what a store holds once containerd removed everything: bytes kept for peers and
+        for later pulls until the budget needs the room)."""
+        blobs = self.stats()["cache"]["blobs"]
+        every = blobs["cache_only"] == blobs["complete"] == len(self.blob_files())
+        return bool(every and not blobs["partial"])
+
     def corrupt_blobs(self) -> list[str]:
         """Committed blob files whose content does not hash to their name (must always be empty)."""
         bad = []
@@ -186,6 +202,7 @@ def start_peersync(
     config: str | None = None,
     site: SiteCA | None = None,
     addresses: Sequence[str] = (),
+    python: str | None = None,
 ) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
@@ -197,6 +214,7 @@ def start_peersync(
     A config that listens for peers without a `[tls]` section gets a node certificate from `site`
     (default: `pki.loopback_site()`) for `addresses` (default: the listen address; 127.0.0.1 for
     a wildcard) in `workdir/tls`.
+    `python` runs another installation's daemon (the benchmark's before/after), default this one.
     """
     if config is None:
         config = loopback_config()
@@ -211,7 +229,8 @@ def start_peersync(
     if host:
         peer_url = f"{scheme}://{host}:{hostport(loads(config).peer.listen)[1]}"
     (workdir / "peersync.toml").write_text(config)
-    args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    interpreter = python or sys.executable
+    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),

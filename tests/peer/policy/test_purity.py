@@ -26,6 +26,10 @@ def test_the_policy_modules_are_all_here() -> None:
         "gathering",
         "membership",
         "election",
+        "index",
+        "popularity",
+        "eviction",
+        "replication",
     } <= names
 
 
