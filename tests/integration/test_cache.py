@@ -17,7 +17,6 @@ integration modes, through sequences of pulls of different images under a small 
 from __future__ import annotations
 
 import contextlib
-import json
 import threading
 import time
 import urllib.error
@@ -107,8 +106,8 @@ class Node:
         return self.containerd.run(image.ref, snapshotter=self.snapshotter)
 
     def status(self) -> dict[str, Any]:
-        with urllib.request.urlopen(f"{self.peer_url}/peersync/v1/stats", timeout=10) as resp:
-            cache: dict[str, Any] = json.loads(resp.read())["cache"]
+        """The cache part of /stats, asked on the peer port as a site member."""
+        cache: dict[str, Any] = self.daemon.peer_json("/peersync/v1/stats")["cache"]
         return cache
 
     def mirror_get(self, image: Image, digest: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
@@ -146,7 +145,7 @@ def start_node(workdir: Path, registry: str, mode: str) -> Iterator[Node]:
         hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
         toml = hosts_dir / registry / "hosts.toml"
         toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))
-        yield Node(daemon, ctrd, hosts_dir, mode, f"http://127.0.0.1:{peer_port}", registry)
+        yield Node(daemon, ctrd, hosts_dir, mode, daemon.peer_url, registry)
 
 
 class DiskUsage:
