@@ -98,11 +98,9 @@ class PeerSyncDaemon:
         return {f"sha256:{p.name}" for p in blobs.iterdir()} if blobs.exists() else set()
 
     def stats(self) -> dict[str, Any]:
-        """The daemon's counters, its cache's status among them (`GET /peersync/v1/stats` on the
-        peer listener named in its config)."""
-        listen = tomllib.loads((self.root.parent / "peersync.toml").read_text())["peer"]["listen"]
-        with urllib.request.urlopen(f"http://{listen}/peersync/v1/stats", timeout=10) as resp:
-            stats: dict[str, Any] = json.loads(resp.read())
+        """The daemon's counters, its cache's status among them (`GET /peersync/v1/stats` on its
+        peer port, as a site member)."""
+        stats: dict[str, Any] = self.peer_json("/peersync/v1/stats")
         return stats
 
     def only_cache_left(self) -> bool:
