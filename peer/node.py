@@ -20,11 +20,12 @@ from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog
-from peer.engine import Engine
+from peer.engine import Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import StaticPeers
+from peer.policy.choice import Rule
 
 log = structlog.get_logger(__name__)
 
@@ -48,11 +49,16 @@ class PeerNode:
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         peers = StaticPeers(cfg.peer.peers, self.self_url)
-        self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        engine_config = EngineConfig(choice=Rule(cfg.peer.choice), subnets=tuple(cfg.peer.subnets))
+        self.engine = Engine(
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, engine_config
+        )
         if cfg.peer.listen:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
             app.router.add_get("/peersync/v1/stats", self._stats)
+            app.router.add_get("/peersync/v1/peers", self._peers)
+            app.router.add_get("/peersync/v1/transfers", self._transfers)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
             app = web.Application()
@@ -72,6 +78,16 @@ class PeerNode:
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
         body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
         return web.json_response(body)
+
+    async def _peers(self, request: web.Request) -> web.Response:
+        """Per-peer figures (`Engine.peers()`; keys documented by `peer.policy.peerstats.PeerFigures`)."""
+        assert self.engine is not None
+        return web.json_response(self.engine.peers())
+
+    async def _transfers(self, request: web.Request) -> web.Response:
+        """The last few thousand chunk requests to peers (`Engine.transfers()`), oldest first."""
+        assert self.engine is not None
+        return web.json_response({"transfers": self.engine.transfers()})
 
     async def stop(self) -> None:
         if self.engine is not None:
