@@ -356,6 +356,7 @@ class _Flight:
     queue: int = 0  # our other requests in flight to `peer` when it was launched
     hedge: bool = False  # it is the second request for a straggler
     hedged: bool = False  # it is a straggler with a second request, or a hedge (never hedged)
+    received: bool = False  # its bytes are in: cancelling it now would save nothing and lose its bookkeeping
 
 
 @dataclass(frozen=True)
@@ -644,7 +645,8 @@ class Download:
             return
         if self.engine.store.partials.missing(self.digest) == [] or flight.index not in self._missing_set():
             for other in list(self.flights.get(flight.index, [])):  # a hedge's twin is not needed now
-                other.task.cancel()
+                if not other.received:
+                    other.task.cancel()
         self.wake.set()
 
     def _missing_set(self) -> set[int]:
@@ -691,6 +693,7 @@ class Download:
                 st.outrun(length, seconds, queue=f.queue, now=time.monotonic())
             self._record(f, seconds, "outrun" if outrun else "cancelled")
             raise
+        f.received = True  # from here on it is not cancelled for its twin's sake (`_landed`)
         data, claim = reply.data, reply.claim
         now = time.monotonic()
         seconds = now - f.started
@@ -829,7 +832,8 @@ class Download:
             self.provenance.pop(index, None)
             self._progress(index)
             for f in self.flights.pop(index, []):
-                f.task.cancel()
+                if not f.received:
+                    f.task.cancel()
 
     async def _maybe_fetch_table(self) -> None:
         """Adopt the verified chunk table of peers holding the complete blob (two must agree when
