@@ -11,7 +11,10 @@ already assigned to it*: a `Picker` lives for one round and counts its own choic
 spreads its chunks over the peers as their bounds grow with their queues instead of sending every
 chunk to whichever peer looked best before the round began (what the EWMA rule does). The jitter is
 small (5%): it only breaks near-ties, so that nodes choosing at the same moment do not all herd
-onto the same peer; exploration proper is the optimistic prior of `peerstats`.
+onto the same peer; exploration proper is the optimistic prior of `peerstats`. What trying a peer
+costs is bounded: a peer that has never answered a chunk request holds at most `PROBES` requests
+(its queue, this round's assignments included) while any other candidate has room, so a first round
+over unknown peers sends each a couple of probes, not a window's worth to whichever came first.
 
 Ties after jitter go to the smaller peer URL, so a decision is a pure function of its inputs and
 the random draws: one draw per candidate, in candidate order. A caller that feeds the same
@@ -37,6 +40,7 @@ from peer.policy.peerstats import CHOICE_QUANTILE, PeerStats, stat_of, waiting_p
 from peer.policy.subnet import Locality
 
 JITTER = 0.05  # the bound rule's tie-breaking jitter
+PROBES = 2  # requests a peer that never answered may hold, while others have room
 EWMA_JITTER = 0.1  # the EWMA rule's jitter (its only exploration)
 
 
@@ -101,11 +105,17 @@ class Picker:
             self.assigned[peer] += 1
         return peer
 
+    def probing(self, peer: str) -> bool:
+        """Whether `peer` has never answered and already holds `PROBES` requests."""
+        return not len(stat_of(self.stats, peer).history) and self.queue(peer) >= PROBES
+
     def _bound(self, candidates: Sequence[str]) -> str | None:
         if not candidates:
             return None
-        scored = [(self.score(p) * self.rng.uniform(1 - JITTER, 1 + JITTER), p) for p in candidates]
-        return min(scored)[1]
+        scored = [
+            (self.probing(p), self.score(p) * self.rng.uniform(1 - JITTER, 1 + JITTER), p) for p in candidates
+        ]
+        return min(scored)[2]
 
 
 def ewma_peer(

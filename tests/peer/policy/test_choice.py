@@ -13,7 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from policy_cases import CHUNK, PEERS, measured, peer_stats
 
-from peer.policy.choice import EWMA_JITTER, JITTER, Picker, Rule, ewma_peer, random_peer, score
+from peer.policy.choice import EWMA_JITTER, JITTER, PROBES, Picker, Rule, ewma_peer, random_peer, score
 from peer.policy.peerstats import PeerStats
 from peer.policy.subnet import Locality
 
@@ -166,6 +166,17 @@ def test_a_new_peer_is_tried() -> None:
     assert pick({A: measured(0.042)})([A, B]) == B
 
 
+def test_a_new_peer_gets_a_couple_of_probes_not_a_window() -> None:
+    """Until it answers, a peer holds at most PROBES requests while another has room: a first round
+    over two unknown peers probes both, then fills the measured one."""
+    picker = pick({A: measured(0.05)})
+    got = [picker([A, B]) for _ in range(8)]
+    assert got.count(B) == PROBES == 2
+    unknown = pick({})
+    got = [unknown([A, B]) for _ in range(6)]
+    assert sorted(got[:4]) == [A, A, B, B]  # both probed, then (all capped) the scores decide
+
+
 def test_a_new_peer_that_does_not_answer_stops_getting_requests() -> None:
     """Its first requests still in flight after half a second hold its bound up (`oldest`)."""
     stats = {A: measured(0.042), B: PeerStats(inflight=1)}
@@ -249,9 +260,10 @@ def test_the_choice_is_within_the_jitter_of_the_smallest_score(
 ) -> None:
     stats = {p: data.draw(peer_stats(NOW)) for p in candidates}
     picker = Picker(stats, CHUNK, NOW, random.Random(seed))
-    scores = {p: picker.score(p) for p in candidates}
+    open_ = [p for p in candidates if not picker.probing(p)] or candidates
+    scores = {p: picker.score(p) for p in open_}
     chosen = picker(candidates)
-    assert chosen in candidates
+    assert chosen in open_
     assert scores[chosen] <= min(scores.values()) * (1 + JITTER) / (1 - JITTER) * (1 + 1e-9)
 
 
