@@ -110,12 +110,16 @@ class Run:
         """(when, peer) of every request, in launch order."""
         return sorted((t["ended"] - t["seconds"], t["peer"]) for t in self.transfers)
 
-    def loss_seconds(self, threshold: float, window: float = 1.0) -> float | None:
+    def loss_seconds(self, threshold: float | None = None, window: float = 1.0) -> float | None:
         """How long after the slow-down the slowed peer's share of the requests launched in any
-        `window` seconds stayed at or above `threshold` for the last time: from then on it never
-        got that much again. None without a slow-down; 0 if it never had that share after it."""
+        `window` seconds was at or above `threshold` for the last time: from then on it never got
+        that much again. `threshold` defaults to half its share of the chunks before the slow-down
+        (it "lost its share" once it keeps below half of it). None without a slow-down; 0 if it
+        never had that much after it."""
         if self.changed_at is None or self.slowed is None:
             return None
+        if threshold is None:
+            threshold = self.share(self.slowed, until=self.changed_at) / 2
         after = [(t, p) for t, p in self.launches() if t >= self.changed_at]
         last = 0.0
         for i, (start, _) in enumerate(after):
@@ -140,7 +144,7 @@ class Run:
         if self.changed_at is not None and self.slowed is not None:
             out["share_before"] = round(self.share(self.slowed, until=self.changed_at), 4)
             out["share_after_1s"] = round(self.share(self.slowed, since=self.changed_at + 1.0), 4)
-            out["loss_seconds"] = self.loss_seconds(0.1)
+            out["loss_seconds"] = self.loss_seconds()
         return out
 
 
