@@ -43,8 +43,9 @@ measured is tried at once, and a peer measured slow drifts back toward the prior
 (half-life `history.HALF_LIFE`) until it is tried again: that is the exploration, and it is bounded
 by cost. A peer `r` times slower than the best alternative is retried only when its evidence has
 faded enough for the blend to undercut that alternative's bound at its queue; a single new sample
-restores the evidence and pushes it back. Hedging (`hedging`) caps what one such probe can cost: a
-probe that runs past the (optimistic) bound is asked of another peer too.
+restores the evidence and pushes it back. What a probe may cost is capped twice: a peer that has
+never answered holds at most `choice.PROBES` requests, and a probe that runs past its (optimistic)
+bound is hedged to another peer (`hedging`).
 
 **Failures.** Chunk failures and `/have` poll failures are separate streaks: `CHUNK_FAILURES_TO_DROP`
 failed chunk requests in a row drop a peer (it is broken for us; it also pays `f` in the bound),
