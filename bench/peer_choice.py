@@ -7,7 +7,7 @@ policy under test (`[peer] choice`: "bound", the default; "ewma", the rule befor
 
 Measures, in one invocation:
   (a) the slow peer's share of the chunks (steady state: rates fixed for the whole download);
-  (b) a peer slowed mid-transfer (its tbf rate cut once the downloader has `--slow-at` of the blob):
+  (b) a peer slowed mid-transfer (its tbf rate cut once the downloader's engine has `--slow-at` of the blob):
       its share of the chunks before and after (from 1 s after the cut), and how many seconds after
       the cut it last got half its former share of the requests launched in a 1 s window;
   (c) p99 chunk latency (from a chunk's first request to its bytes stored) of each policy over the

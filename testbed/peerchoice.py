@@ -63,7 +63,8 @@ def _wait(node: SiteNode, url: str, timeout: float = 60.0) -> bytes:
 
 @dataclass(frozen=True)
 class SlowDown:
-    """Drop serving peer `peer`'s link to `mbit` once the downloader has `at_fraction` of the blob."""
+    """Drop serving peer `peer`'s link to `mbit` once the downloader's engine has `at_fraction` of
+    the blob (its `peer_bytes` counter, polled: the engine runs ahead of the mirror's reader)."""
 
     peer: int
     at_fraction: float
@@ -114,8 +115,9 @@ class Run:
         """How long after the slow-down the slowed peer's share of the requests launched in any
         `window` seconds was at or above `threshold` for the last time: from then on it never got
         that much again. `threshold` defaults to half its share of the chunks before the slow-down
-        (it "lost its share" once it keeps below half of it). None without a slow-down; 0 if it
-        never had that much after it."""
+        (it "lost its share" once it keeps below half of it). Only whole windows count (the last
+        second of a download, with few requests left, would make one probe look like a share).
+        None without a slow-down; 0 if it never had that much after it."""
         if self.changed_at is None or self.slowed is None:
             return None
         if threshold is None:
@@ -123,6 +125,8 @@ class Run:
         after = [(t, p) for t, p in self.launches() if t >= self.changed_at]
         last = 0.0
         for i, (start, _) in enumerate(after):
+            if start + window > after[-1][0]:
+                break
             inside = [p for t, p in after[i:] if t < start + window]
             if sum(p == self.slowed for p in inside) / len(inside) >= threshold:
                 last = start + window - self.changed_at
@@ -221,7 +225,7 @@ class PeerChoiceSite:
             with start_peersync(work, prefix=node.prefix, config=config):
                 api = f"http://{node.ip}:{PEER_PORT}/peersync/v1"
                 _wait(node, f"{api}/stats")
-                seconds = node.call(self._read, slow_down, changed, timeout)
+                seconds = node.call(self._read, slow_down, changed, timeout, f"{api}/stats")
                 transfers = json.loads(node.call(_get, f"{api}/transfers"))["transfers"]
                 peers = json.loads(node.call(_get, f"{api}/peers"))
                 counters = json.loads(node.call(_get, f"{api}/stats"))
@@ -241,27 +245,37 @@ class PeerChoiceSite:
             changed[0] if changed else None,
         )
 
-    def _read(self, slow_down: SlowDown | None, changed: list[float], timeout: float) -> float:
+    def _read(self, slow_down: SlowDown | None, changed: list[float], timeout: float, stats: str) -> float:
         """Stream the blob through the downloader's mirror (in its namespace), checking its digest;
-        slow the chosen peer down on the way. Returns the seconds the stream took."""
+        slow the chosen peer down on the way (a thread watching the engine's progress at `stats`).
+        Returns the seconds the stream took."""
         started = time.monotonic()
         h = hashlib.sha256()
         got = 0
+        done = threading.Event()
         shaper: threading.Thread | None = None
-        with urllib.request.urlopen(self._blob_url(), timeout=timeout) as resp:
-            while piece := resp.read(1 << 20):
-                h.update(piece)
-                got += len(piece)
-                if slow_down is not None and shaper is None and got >= slow_down.at_fraction * self.size:
-                    shaper = threading.Thread(target=self._slow, args=(slow_down, changed), daemon=True)
-                    shaper.start()
+        if slow_down is not None:  # started from this thread, so it is in the downloader's namespace too
+            shaper = threading.Thread(target=self._slow, args=(slow_down, changed, stats, done), daemon=True)
+            shaper.start()
+        try:
+            with urllib.request.urlopen(self._blob_url(), timeout=timeout) as resp:
+                while piece := resp.read(1 << 20):
+                    h.update(piece)
+                    got += len(piece)
+        finally:
+            done.set()
+            if shaper is not None:
+                shaper.join()
         seconds = time.monotonic() - started
-        if shaper is not None:
-            shaper.join()
         if got != self.size or h.hexdigest() != self.digest[7:]:
             raise RuntimeError(f"downloaded {got} bytes that do not match {self.digest}")
         return seconds
 
-    def _slow(self, slow_down: SlowDown, changed: list[float]) -> None:
-        self.site.set_node_rate(1 + slow_down.peer, slow_down.mbit)
-        changed.append(time.monotonic())
+    def _slow(self, slow_down: SlowDown, changed: list[float], stats: str, done: threading.Event) -> None:
+        """Once the engine has `at_fraction` of the blob from peers, cut the peer's rate."""
+        while not done.is_set():
+            if json.loads(_get(stats))["peer_bytes"] >= slow_down.at_fraction * self.size:
+                self.site.set_node_rate(1 + slow_down.peer, slow_down.mbit)
+                changed.append(time.monotonic())
+                return
+            done.wait(0.02)
