@@ -672,10 +672,15 @@ class Download:
 
     async def _from_peer(self, f: _Flight) -> None:
         """Fetch one chunk and feed its outcome to the peer's model (`PeerStats`): bytes, seconds
-        from launch, first-byte time, the queue it was launched into; success, failure (bad bytes
-        count as failures) or, for a hedged straggler cancelled because its twin won, a censored
-        sample of the time it had taken so far."""
+        from launch, first-byte time, the queue it shared the peer with (the mean of our other
+        requests in flight to it at its launch and at its end); success, failure (bad bytes count
+        as failures) or, for a hedged straggler cancelled because its twin won, a censored sample
+        of the time it had taken so far."""
         engine, st, index, peer = self.engine, self.engine.stat(f.peer), f.index, f.peer
+
+        def shared() -> float:  # st.inflight still counts this request: it drops in _landed
+            return (f.queue + max(st.inflight - 1, 0)) / 2
+
         offset = index * self.chunk_size
         length = min(self.chunk_size, self.source.size - offset)
         try:
@@ -683,28 +688,33 @@ class Download:
         except (PeerError, PeerSyncError) as exc:
             seconds = time.monotonic() - f.started
             self._record(f, seconds, "failed")
-            if st.chunk_failed(nbytes=length, seconds=seconds, queue=f.queue, now=time.monotonic()):
+            if st.chunk_failed(nbytes=length, seconds=seconds, queue=shared(), now=time.monotonic()):
                 engine.drop(peer, f"{st.chunk_failures} failed chunk requests in a row: {exc}")
             return
         except asyncio.CancelledError:
             seconds = time.monotonic() - f.started
             outrun = f.hedged and not f.hedge
             if outrun:
-                st.outrun(length, seconds, queue=f.queue, now=time.monotonic())
+                st.outrun(length, seconds, queue=shared(), now=time.monotonic())
             self._record(f, seconds, "outrun" if outrun else "cancelled")
             raise
         f.received = True  # from here on it is not cancelled for its twin's sake (`_landed`)
         data, claim = reply.data, reply.claim
         now = time.monotonic()
         seconds = now - f.started
+        queue = shared()
         # With a verified table the store checks the chunk against it; otherwise the serving peer's
         # own hash of the chunk is what we hold it to.
         if not self.table_verified and (claim is None or claim != await asyncio.to_thread(_sha256, data)):
             self._corrupt(
-                f, length, seconds, f"chunk {index} of {self.digest} does not match the hash it announced"
+                f,
+                length,
+                seconds,
+                queue,
+                f"chunk {index} of {self.digest} does not match the hash it announced",
             )
             return
-        st.observe(length, seconds, latency=reply.headers_at - f.started, queue=f.queue, now=now)
+        st.observe(length, seconds, latency=reply.headers_at - f.started, queue=queue, now=now)
         if index not in self._missing_set():
             self._record(f, seconds, "ok")
             return
@@ -712,7 +722,7 @@ class Download:
             await engine.store.partials.aput_chunks(self.digest, [(index, data)])
         except ChunkCorrupt:
             self._corrupt(
-                f, length, seconds, f"chunk {index} of {self.digest} does not match the verified table"
+                f, length, seconds, queue, f"chunk {index} of {self.digest} does not match the verified table"
             )
             return
         except (NotFound, AlreadyExists):
@@ -729,11 +739,11 @@ class Download:
         self._record(f, seconds, "ok", None if asked is None else time.monotonic() - asked)
         self._progress(index)
 
-    def _corrupt(self, f: _Flight, nbytes: int, seconds: float, why: str) -> None:
+    def _corrupt(self, f: _Flight, nbytes: int, seconds: float, queue: float, why: str) -> None:
         """Bad bytes from `f.peer`: a failure in its model, and the peer is dropped."""
         engine = self.engine
         engine.counters["corrupt_chunks"] += 1
-        engine.stat(f.peer).chunk_failed(nbytes=nbytes, seconds=seconds, queue=f.queue, now=time.monotonic())
+        engine.stat(f.peer).chunk_failed(nbytes=nbytes, seconds=seconds, queue=queue, now=time.monotonic())
         self._record(f, seconds, "corrupt")
         engine.drop(f.peer, why)
 
