@@ -363,11 +363,14 @@ class _Flight:
 class TransferRecord:
     """One chunk request to a peer as it ended (`Engine.transfers()`): for operators and benchmarks.
 
-    `ended` and `seconds` are time.monotonic() based; `outcome` is "ok", "failed", "corrupt",
-    "outrun" (hedged and cancelled: its twin answered first) or "cancelled"; `chunk_seconds`, for
-    the request whose bytes were stored, is the time from the chunk's first request to now (what a
-    reader waiting for the chunk saw), else None."""
+    `started`, `ended` and `seconds` are time.monotonic() based: `seconds` runs from the launch to
+    the last byte or the failure, `ended` is when the request was done with (its chunk stored or
+    not); `queue` is our other requests in flight to the peer at its launch; `outcome` is "ok",
+    "failed", "corrupt", "outrun" (hedged and cancelled: its twin answered first) or "cancelled";
+    `chunk_seconds`, for the request whose bytes were stored, is the time from the chunk's first
+    request to then (what a reader waiting for the chunk saw), else None."""
 
+    started: float
     ended: float
     digest: str
     index: int
@@ -658,6 +661,7 @@ class Download:
     def _record(self, f: _Flight, seconds: float, outcome: str, chunk_seconds: float | None = None) -> None:
         self.engine.recent.append(
             TransferRecord(
+                f.started,
                 time.monotonic(),
                 self.digest,
                 f.index,

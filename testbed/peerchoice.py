@@ -107,14 +107,16 @@ class Run:
         """The share of all chunk requests (hedges included) that went to `url`."""
         return sum(1 for t in self.transfers if t["peer"] == url) / max(len(self.transfers), 1)
 
-    def launches(self) -> list[tuple[float, str]]:
-        """(when, peer) of every request, in launch order."""
-        return sorted((t["ended"] - t["seconds"], t["peer"]) for t in self.transfers)
+    def launches(self, hedges: bool = True) -> list[tuple[float, str]]:
+        """(when, peer) of every request (or only first requests, without `hedges`), in launch
+        order."""
+        return sorted((t["started"], t["peer"]) for t in self.transfers if hedges or not t["hedge"])
 
     def loss_seconds(self, threshold: float | None = None, window: float = 1.0) -> float | None:
-        """How long after the slow-down the slowed peer's share of the requests launched in any
-        `window` seconds was at or above `threshold` for the last time: from then on it never got
-        that much again. `threshold` defaults to half its share of the chunks before the slow-down
+        """How long after the slow-down the slowed peer's share of the chunks first asked in any
+        `window` seconds (hedges, a second request for a straggler, do not count: that is hedging's
+        choice, not peer choice's) was at or above `threshold` for the last time: from then on it
+        never got that much again. `threshold` defaults to half its share of the chunks before the slow-down
         (it "lost its share" once it keeps below half of it). Only whole windows count (the last
         second of a download, with few requests left, would make one probe look like a share).
         None without a slow-down; 0 if it never had that much after it."""
@@ -122,7 +124,7 @@ class Run:
             return None
         if threshold is None:
             threshold = self.share(self.slowed, until=self.changed_at) / 2
-        after = [(t, p) for t, p in self.launches() if t >= self.changed_at]
+        after = [(t, p) for t, p in self.launches(hedges=False) if t >= self.changed_at]
         last = 0.0
         for i, (start, _) in enumerate(after):
             if start + window > after[-1][0]:
