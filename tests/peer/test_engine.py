@@ -224,7 +224,7 @@ async def test_every_chunk_outcome_feeds_the_model_and_peers_shows_it(
                 assert f["inflight"] == st_.inflight == 0
                 assert f["state"] == "ok" and f["samples"] == min(len(st_.history), 32) > 0
                 assert f["p95"] is not None and f["p99"] is not None and f["p99"] >= f["p95"] > 0
-                assert 0 < f["rtt"] <= f["p99"] and f["throughput"] > 0 and f["score"] > 0
+                assert f["rtt"] > 0 and f["throughput"] > 0 and f["score"] > 0  # rtt: vs a 2 ms prior
                 assert f["chunk_failures"] == f["poll_failures"] == 0
                 assert f["same_subnet"] is None  # "http://self" has no address of its own
                 for t in st_.history.items:
