@@ -984,10 +984,14 @@ class Download:
             self._record(f, seconds, "ok")
             log.info("chunk not stored", digest=self.digest, index=index, error=str(exc))
             return
-        engine.counters["peer_bytes"] += length
+        # A hedge and its twin may both get here with the same chunk (both saw it missing before
+        # either store finished, and a request whose bytes are in is not cancelled): the first to
+        # come back pops `asked`, and only its bytes count, once.
+        asked = self.asked.pop(index, None)  # None: its twin's bytes were stored a moment ago
+        if asked is not None:
+            engine.counters["peer_bytes"] += length
         if not self.table_verified:
             self.provenance[index] = peer
-        asked = self.asked.pop(index, None)  # None: its twin's bytes were stored a moment ago
         self._record(f, seconds, "ok", None if asked is None else time.monotonic() - asked)
         self._progress(index)
 
