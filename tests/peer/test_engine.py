@@ -261,7 +261,9 @@ async def test_chunk_failures_are_their_own_streak_and_drop_the_peer(
             assert bad["failure_share"] > 0.5
             assert node.engine.counters["origin_bytes"] == 0
             failed = [r for r in node.engine.transfers() if r["peer"] == peers[0]]
-            assert failed and {r["outcome"] for r in failed} == {"failed"}
+            # Each request to it failed, or was cancelled when its twin (a hedge, or the drop) ended first.
+            outcomes = {r["outcome"] for r in failed}
+            assert "failed" in outcomes and outcomes <= {"failed", "cancelled"}
         finally:
             await node.close()
     finally:
