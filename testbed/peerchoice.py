@@ -43,8 +43,9 @@ REPO = "bench/peerchoice"
 MIB = 1 << 20
 
 
-def _get(url: str, timeout: float = 30.0) -> bytes:
-    with urllib.request.urlopen(url, timeout=timeout) as resp:
+def _get(url: str, timeout: float = 30.0, accept: str | None = None) -> bytes:
+    request = urllib.request.Request(url, headers={"Accept": accept} if accept else {})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:
         body: bytes = resp.read()
     return body
 
@@ -181,6 +182,10 @@ class PeerChoiceSite:
             f'[origin]\nplain_http = ["{REGISTRY}"]\n'
         )
 
+    def _manifest_url(self) -> str:
+        assert self.image is not None
+        return f"http://{MIRROR}/v2/{REPO}/manifests/{self.image.tag}?ns={REGISTRY}"
+
     def _blob_url(self) -> str:
         return f"http://{MIRROR}/v2/{REPO}/blobs/{self.digest}?ns={REGISTRY}"
 
@@ -199,6 +204,9 @@ class PeerChoiceSite:
         for node in self.site.nodes[1 : 1 + len(self.rates)]:
             self.servers.append(node.start_peersync(config=self._config(node)))
             _wait(node, f"http://{node.ip}:{PEER_PORT}/peersync/v1/stats")
+            # The manifest first, as a client pulls: the mirror stores a blob only at the size a
+            # manifest named (a blob asked for cold is passed through from the origin, not kept).
+            node.call(_get, self._manifest_url(), 60.0, self.image.manifest.media_type)
             body = node.call(_get, self._blob_url(), 600.0)
             if hashlib.sha256(body).hexdigest() != self.digest[7:]:
                 raise RuntimeError(f"{node.name}: the seeded blob does not match its digest")
@@ -251,6 +259,8 @@ class PeerChoiceSite:
         """Stream the blob through the downloader's mirror (in its namespace), checking its digest;
         slow the chosen peer down on the way (a thread watching the engine's progress at `stats`).
         Returns the seconds the stream took."""
+        assert self.image is not None
+        _get(self._manifest_url(), timeout, self.image.manifest.media_type)  # names the blob's size
         started = time.monotonic()
         h = hashlib.sha256()
         got = 0
