@@ -161,8 +161,8 @@ async def test_a_site_member_reads_views_tables_chunks_and_control_messages(
         views = await client.have(a.url, [DIGEST])
         assert views[DIGEST].complete
         assert len(await client.table(a.url, DIGEST, 4)) == 4
-        data, claim = await client.chunk(a.url, DIGEST, CHUNK, CHUNK)
-        assert data == BLOB[CHUNK : 2 * CHUNK] and claim == hashlib.sha256(data).digest()
+        reply = await client.chunk(a.url, DIGEST, CHUNK, CHUNK)
+        assert reply.data == BLOB[CHUNK : 2 * CHUNK] and reply.claim == hashlib.sha256(reply.data).digest()
     control = ControlClient("default", Counters(), 5.0, 5.0, ssl=b.client_context())
     try:
         assert a.node.control is not None
