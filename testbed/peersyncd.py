@@ -144,6 +144,20 @@ def check_host_config(config: str | Config, where: str = "daemon config") -> Non
         )
 
 
+def daemon_env() -> dict[str, str]:
+    """The daemon's environment: this checkout first on PYTHONPATH (its code, installed or not)."""
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def interpreter(python: str | None = None) -> list[str]:
+    """How to start Python for a daemon: this interpreter, or `python` isolated (`-I`).
+
+    Isolated, another installation imports its own code: with `daemon_env()`'s PYTHONPATH, or
+    with this checkout as the current directory (on sys.path for `-m`), it would import this
+    checkout's, and a before/after run would compare this code with itself."""
+    return [python, "-I"] if python else [sys.executable]
+
+
 @contextlib.contextmanager
 def start_peersync(
     workdir: Path,
@@ -160,17 +174,17 @@ def start_peersync(
     Without a network-namespace `prefix` the daemon runs on the host: a config whose multicast
     DNS would speak beyond loopback is refused (`UnsafeDaemonConfig`) before anything is made.
     `python` runs another installation's daemon (the benchmark's before/after), default this one.
+    That one runs isolated, so that it imports its own installation's code (`interpreter`).
     """
     if config is None:
         config = loopback_config()
     if not in_test_namespace(prefix):
         check_host_config(config)
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = daemon_env()
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "peersync.toml").write_text(config)
-    interpreter = python or sys.executable
-    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    args = [*prefix, *interpreter(python), "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),
