@@ -19,9 +19,10 @@ Used by the integration tests, the demo (`peersync-testbed demo`) and the benchm
   and a PeerSync node on each of its nodes.
 
 How a filesystem is checked: the expected tree is computed in Python from the layer declarations
-(`expected_manifest`). The exact comparison mounts the image's unpacked snapshot on the host with
-`ctr images mount` (a View snapshot, mounted by ctr from the snapshotter's own Mounts, so it works for
-proxy snapshotters too) and walks it with lstat/listxattr (`snapshot_tree`): type, mode incl.
+(`expected_manifest`). The exact comparison mounts the image's unpacked snapshot on the host
+(`Containerd.mount_image`: a View snapshot of the image's rootfs chain ID in the snapshotter asked
+for, mounted from that snapshotter's own Mounts; `ctr images mount` only for the builtin overlayfs,
+since ctr 1.6 ignores its `--snapshotter`) and walks it with lstat/listxattr (`snapshot_tree`): type, mode incl.
 setuid/sticky, uid/gid, size, sha256, symlink target, user xattrs, mtimes and hard-link identity. A
 second, runtime check lists the tree inside a runc container with busybox (`LISTING_SCRIPT`), which
 cannot see xattrs, mtimes or inode identity; both are compared with `compare_manifests`.

@@ -50,9 +50,9 @@ ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mir
 KNOWN_SYSTEMS = (*ALL_SYSTEMS, "peersync-full-insecure", "peersync-mirror-insecure")
 ALL_SCENARIOS = ("burst", "staggered", "varying", "node-death")
 DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)
-# How nodes pull. "go": containerd's Go client as nerdctl pulls (`client.Pull` + WithPullUnpack, no
-# CRI handler: chain IDs only), testbed/go/pull on the `go` branch; wired in systems.py when it
-# merges (until then a run with it fails at setup, saying so).
+# How nodes pull (systems.py). "go": containerd's Go client as nerdctl pulls (`client.Pull` +
+# WithPullUnpack, no CRI handler: chain IDs only), testbed/go/pull; "chain": its Prepares alone, the
+# stand-in from before the Go client (PeerSync's full mode only).
 CLIENTS = ("cri", "ctr", "chain", "go")
 CACHE = Path("/var/cache/peersync-testbed")
 REPO_NAME = "bench/app"
@@ -152,9 +152,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=CLIENTS,
         default="cri",
         help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
-        "ctr = `ctr images pull` (fetch all, then unpack); chain = the Go client's Prepares (chain IDs "
-        "only) driven over containerd's API, a stand-in; go = containerd's Go client with "
-        "WithPullUnpack, as nerdctl (not wired until the Go client merges)",
+        "ctr = `ctr images pull` (fetch all, then unpack); go = containerd's Go client with "
+        "WithPullUnpack and no CRI labels, as nerdctl pulls (testbed/go/pull); chain = the Go "
+        "client's Prepares alone (chain IDs only) driven over containerd's API, the old stand-in",
     )
     p.add_argument(
         "--no-static-peers",

@@ -9,12 +9,14 @@
 Modes: "full" (content + snapshotter proxy, lazy reads, pulls through the node's mirror) and
 "mirror" (containerd's builtin stores; only the mirror in hosts.toml is ours).
 
-Clients: "ctr" (`ctr images pull`: fetch everything, then unpack) or "cri" (containerd's CRI
-plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them), or
-"chain": the Prepares containerd's Go client `Pull(WithPullUnpack)` makes (chain IDs only), driven
-over containerd's snapshots API by `testbed.chainunpack` after resolving through the mirror, then
-`ctr content fetch` for the image record (every blob present by then): a stand-in for the Go client
-(`--client go`, testbed/go/pull) until it merges. Full mode only.
+Clients: "ctr" (`ctr images pull`: fetch everything, then unpack), "cri" (containerd's CRI
+plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them),
+"go" (containerd's Go client as nerdctl pulls with a snapshotter it does not know,
+`client.Pull(WithPullUnpack)` without CRI's labels: testbed/go/pull, run in the node's namespace;
+in full mode the daemon unpacks the layers from their chain IDs), or "chain": the Go client's
+Prepares driven over containerd's snapshots API by `testbed.chainunpack` after resolving through
+the mirror, then `ctr content fetch` for the image record (every blob present by then), the
+stand-in used before the Go client existed (full mode only).
 
 Peers: by default each node's config lists the others (`[peer] peers`); with `discovery=True`
 every node gets the same config naming no peer, listening on the wildcard address, and the
@@ -30,13 +32,14 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from peersync import hosts
 from peersync.containerd_config import render
 from snapshotter.remote import chain_ids
+from testbed import gotools
 from testbed.chainunpack import PRESENT, PROVIDED, diff_ids_through_mirror, unpack_by_chain_ids
 from testbed.containerd import Containerd, merge_config, parse_extra_config
 from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
@@ -71,14 +74,21 @@ class ClusterNode:
     hosts_dir: Path
     snapshotter: str
     client: str = "ctr"
+    go_pulls: list[gotools.PullResult] = field(default_factory=list)  # what each Go pull reported
 
     def pull(self, ref: str, timeout: float = 600.0) -> float:
-        """Pull through this node's mirror (ctr or CRI); returns the seconds it took."""
+        """Pull through this node's mirror (with the cluster's client); returns the seconds it took."""
         started = time.monotonic()
         if self.client == "cri":
             cri_pull(self.containerd, ref, timeout=timeout)
         elif self.client == "chain":
             self._pull_by_chain_ids(ref, timeout)
+        elif self.client == "go":
+            ctrd, sn = self.containerd, self.snapshotter
+            pulled = gotools.go_pull(
+                ctrd.address, ctrd.namespace, sn, self.hosts_dir, ref, timeout, prefix=ctrd.prefix
+            )
+            self.go_pulls.append(pulled)
         else:
             extra = ["--hosts-dir", str(self.hosts_dir)]
             self.containerd.pull(ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
@@ -132,12 +142,10 @@ class Cluster:
     ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
+        if client not in ("ctr", "cri", "go", "chain"):
+            raise ValueError(f"client must be ctr, cri, go or chain, not {client!r}")
         if client == "go":
-            # --client go: containerd's Go client pulling as nerdctl does (testbed/go/pull, branch
-            # `go`). WIRE IT HERE when that branch merges: start it in ClusterNode.pull like ctr.
-            raise NotImplementedError("the Go test client (testbed/go/pull) is not merged yet")
-        if client not in ("ctr", "cri", "chain"):
-            raise ValueError(f"client must be ctr, cri or chain, not {client!r}")
+            gotools.build("pull")  # now, not inside the first timed pull
         if client == "chain" and mode != "full":
             raise ValueError("the chain client needs full mode (it drives the peersync snapshotter)")
         self.site, self.mode, self.client, self.discovery = site, mode, client, discovery

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import re
 import shutil
 import signal
@@ -26,6 +27,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from snapshotter.remote import chain_ids
 
 from .procs import ManagedProcess, run_checked, running, unix_socket_accepts
 
@@ -44,6 +47,7 @@ DEFAULT_DISABLED_PLUGINS = (
     "io.containerd.tracing.processor.v1.otlp",
 )
 BUILTIN_CONTENT_PLUGIN = "io.containerd.content.v1.content"
+GO_ARCH = {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -236,33 +240,75 @@ class Containerd:
         snaps = self.root / "io.containerd.snapshotter.v1.overlayfs" / "snapshots"
         return {p.name for p in snaps.iterdir()} if snaps.exists() else set()
 
+    def image_target(self, ref: str) -> str:
+        """The digest the image record `ref` points at (its manifest, or an index)."""
+        for line in self.ctr("images", "ls").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 3 and fields[0] == ref:
+                return fields[2]
+        raise LookupError(f"no image {ref!r} in namespace {self.namespace}")
+
+    def image_chain_id(self, ref: str) -> str:
+        """The chain ID of the image's whole rootfs (the committed snapshot an unpack of it ends
+        in), from its manifest and config in containerd's content store, as containerd computes it
+        (`image.RootFS`, `identity.ChainID`); an index resolves to this machine's platform."""
+        document = json.loads(self.ctr("content", "get", self.image_target(ref)))
+        if "manifests" in document:  # an index: the manifest of this platform, as ctr picks it
+            document = json.loads(self.ctr("content", "get", _platform_manifest(document)))
+        config = json.loads(self.ctr("content", "get", document["config"]["digest"]))
+        return chain_ids(list(config["rootfs"]["diff_ids"]))[-1]
+
+    def is_unpacked(self, ref: str, snapshotter: str) -> bool:
+        """Whether containerd considers the image unpacked into `snapshotter`: `image.IsUnpacked`
+        (its rootfs chain ID is a snapshot in containerd's metadata), as `ctr images check` asks."""
+        out = self.ctr("images", "check", "--snapshotter", snapshotter)
+        rows = [line.split() for line in out.splitlines()[1:] if line.strip()]
+        return any(row[0] == ref and row[-1] == "true" for row in rows)
+
     @contextlib.contextmanager
     def mount_image(self, ref: str, snapshotter: str = "overlayfs", rw: bool = False) -> Iterator[Path]:
-        """Mount the image's unpacked rootfs on the host (a View snapshot, or Prepare with `rw`).
+        """Mount the image's unpacked rootfs from `snapshotter` on the host (a View snapshot of
+        it, or a Prepare with `rw`); the snapshot goes again on exit.
 
-        ctr performs the mount itself, from the Mounts the snapshotter returns, so this works the
-        same for builtin and proxy snapshotters; unmount removes the snapshot and its lease again.
+        For the builtin overlayfs this is `ctr images mount`, which unpacks the image first if it
+        is not unpacked yet. For any other snapshotter it is not: ctr 1.6's `images mount` reads
+        its `--snapshotter` flag with `GlobalString` (cmd/ctr/commands/images/mount.go), which
+        looks only at the parent commands, where no such flag exists, so it always unpacks and
+        mounts into the default overlayfs, from the layer blobs in containerd's content store.
+        That would compare containerd's own unpack instead of the snapshotter's, and fails for
+        layers the snapshotter unpacked itself (containerd never fetched their blobs). So the
+        image must be unpacked in `snapshotter` already (by its pull): its rootfs snapshot,
+        found by chain ID as containerd finds it, is mounted directly (`mount_snapshot`).
         """
-        target = Path(tempfile.mkdtemp(prefix="imgmnt-", dir=self.state.parent))
-        args = ["images", "mount", "--snapshotter", snapshotter] + (["--rw"] if rw else [])
-        self.ctr(*args, ref, str(target))
-        try:
-            yield target
-        finally:
-            self.ctr("images", "unmount", "--rm", str(target))
-            target.rmdir()
+        if snapshotter == "overlayfs":
+            target = Path(tempfile.mkdtemp(prefix="imgmnt-", dir=self.state.parent))
+            args = ["images", "mount", "--snapshotter", snapshotter] + (["--rw"] if rw else [])
+            self.ctr(*args, ref, str(target))
+            try:
+                yield target
+            finally:
+                self.ctr("images", "unmount", "--rm", str(target))
+                target.rmdir()
+            return
+        if not self.is_unpacked(ref, snapshotter):
+            raise RuntimeError(f"{ref} is not unpacked in snapshotter {snapshotter!r}")
+        with self.mount_snapshot(self.image_chain_id(ref), snapshotter=snapshotter, rw=rw) as rootfs:
+            yield rootfs
 
     @contextlib.contextmanager
-    def mount_snapshot(self, name: str, snapshotter: str = "overlayfs") -> Iterator[Path]:
-        """Mount a read-only view of committed snapshot `name` on the host; removed on exit.
+    def mount_snapshot(self, name: str, snapshotter: str = "overlayfs", rw: bool = False) -> Iterator[Path]:
+        """Mount a view of committed snapshot `name` on the host (an active snapshot on it with
+        `rw`); removed on exit.
 
-        Unlike `mount_image` this touches no content: it works for images whose layers the
-        snapshotter unpacked itself (CRI pulls with peersync), which containerd never fetched."""
+        Unlike `ctr images mount` this touches no content: it works for images whose layers the
+        snapshotter unpacked itself (CRI and Go-client pulls with peersync), which containerd never
+        fetched."""
         key = f"view-{uuid.uuid4().hex[:12]}"
         # An unreferenced snapshot is garbage, and ctr cannot label it as it creates it: run the GC
         # pass that earlier deletions scheduled now, then root the view before another can start.
         self.gc()
-        out = self.ctr("snapshots", "--snapshotter", snapshotter, "view", "--mounts", key, name)
+        verb = "prepare" if rw else "view"
+        out = self.ctr("snapshots", "--snapshotter", snapshotter, verb, "--mounts", key, name)
         stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.ctr("snapshots", "--snapshotter", snapshotter, "label", key, f"containerd.io/gc.root={stamp}")
         target = Path(tempfile.mkdtemp(prefix="snapmnt-", dir=self.state.parent))
@@ -336,6 +382,16 @@ def start_containerd(
         kill_shims(address)
         unmount_under(base)
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _platform_manifest(index: Mapping[str, Any]) -> str:
+    """The digest of the manifest an image index lists for this machine (linux and its GOARCH)."""
+    arch = GO_ARCH.get(platform.machine(), platform.machine())
+    for entry in index["manifests"]:
+        plat = entry.get("platform") or {}
+        if plat.get("os") == "linux" and plat.get("architecture") == arch:
+            return str(entry["digest"])
+    raise LookupError(f"the image index has no manifest for linux/{arch}")
 
 
 def kill_shims(address: Path) -> None:

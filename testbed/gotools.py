@@ -244,15 +244,26 @@ def go_pull(
     address: Path | str,
     namespace: str,
     snapshotter: str,
-    hosts_dir: Path | str,
+    hosts_dir: Path | str | None,
     ref: str,
     timeout: float = 600.0,
     env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
+    plain_http: bool = False,
 ) -> PullResult:
-    """Pull `ref` with the Go client (client.Pull, WithPullUnpack, no snapshotter info wrapper)."""
+    """Pull `ref` with the Go client (client.Pull, WithPullUnpack, no snapshotter info wrapper).
+
+    `prefix` runs it under a command (`nsenter --net=...` on a testbed node: in containerd 1.6 the
+    client process itself resolves and fetches, so it must reach the node's mirror); `plain_http`
+    is ctr's flag of that name, for registries without a hosts.toml."""
     binary = build("pull")
-    args = [str(binary), "--address", str(address), "--namespace", namespace, "--snapshotter", snapshotter]
-    out = run_checked([*args, "--hosts-dir", str(hosts_dir), "--json", ref], timeout=timeout, env=env)
+    args = [*prefix, str(binary), "--address", str(address), "--namespace", namespace]
+    args += ["--snapshotter", snapshotter]
+    if hosts_dir is not None:
+        args += ["--hosts-dir", str(hosts_dir)]
+    if plain_http:
+        args.append("--plain-http")
+    out = run_checked([*args, "--json", ref], timeout=timeout, env=env)
     data = json.loads(out)
     return PullResult(
         data["image"], data["target"], data["seconds"], data["layers"],

@@ -192,6 +192,20 @@ def with_certificate(
     return config.rstrip("\n") + "\n\n" + tls.toml(), tls
 
 
+def daemon_env() -> dict[str, str]:
+    """The daemon's environment: this checkout first on PYTHONPATH (its code, installed or not)."""
+    return dict(os.environ, PYTHONPATH=str(REPO))
+
+
+def interpreter(python: str | None = None) -> list[str]:
+    """How to start Python for a daemon: this interpreter, or `python` isolated (`-I`).
+
+    Isolated, another installation imports its own code: with `daemon_env()`'s PYTHONPATH, or
+    with this checkout as the current directory (on sys.path for `-m`), it would import this
+    checkout's, and a before/after run would compare this code with itself."""
+    return [python, "-I"] if python else [sys.executable]
+
+
 @contextlib.contextmanager
 def start_peersync(
     workdir: Path,
@@ -213,6 +227,7 @@ def start_peersync(
     (default: `pki.loopback_site()`) for `addresses` (default: the listen address; 127.0.0.1 for
     a wildcard) in `workdir/tls`.
     `python` runs another installation's daemon (the benchmark's before/after), default this one.
+    That one runs isolated, so that it imports its own installation's code (`interpreter`).
     """
     if config is None:
         config = loopback_config()
@@ -220,15 +235,14 @@ def start_peersync(
         check_host_config(config)
     scheme, host, _issue = peer_side(config, addresses)
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = daemon_env()
     workdir.mkdir(parents=True, exist_ok=True)
     config, tls = with_certificate(config, workdir, site, addresses)
     peer_url = ""
     if host:
         peer_url = f"{scheme}://{host}:{hostport(loads(config).peer.listen)[1]}"
     (workdir / "peersync.toml").write_text(config)
-    interpreter = python or sys.executable
-    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    args = [*prefix, *interpreter(python), "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),

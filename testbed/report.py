@@ -119,13 +119,21 @@ def markdown(results: dict[str, Any]) -> str:
         f"- Image: {image.get('description', image['kind'])}; {size / 1e6:.1f} MB compressed "
         f"({image['layers']} layers), {image['uncompressed_bytes'] / 1e6:.1f} MB unpacked.",
     ]
-    if cfg.get("client", "ctr") == "cri":
+    client = cfg.get("client", "ctr")
+    if client == "cri":
         lines.append(
             "- Pulls: containerd's CRI plugin (PullImage, as kubelet pulls; layers unpacked as they arrive); "
             "bittorrent imports with `ctr images import`."
         )
+    elif client == "go":
+        lines.append(
+            "- Pulls: containerd's Go client as nerdctl pulls (`client.Pull` + WithPullUnpack, chain IDs "
+            "only); bittorrent imports with `ctr images import`."
+        )
     else:
         lines.append("- Pulls: `ctr images pull` (all blobs fetched, then unpacked).")
+    if any("@" in str(r.get("system", "")) for r in results.get("runs", [])):
+        lines.append("- `SYSTEM@CLIENT` rows pull with that client (cri, ctr, go, chain) instead.")
     if image.get("fallback_reason"):
         lines.append(f"- **The Debian image could not be built**: {image['fallback_reason'][:500]}")
     unpack = results.get("unpack", {})

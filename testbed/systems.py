@@ -24,7 +24,11 @@ Systems:
 
 Clients (`client`): "cri" pulls as kubelet does, through containerd's CRI plugin (layers are
 unpacked as they arrive; PeerSync's full mode unpacks them in the daemon); "ctr" uses
-`ctr images pull` (everything fetched, then unpacked). BitTorrent always imports with ctr.
+`ctr images pull` (everything fetched, then unpacked); "go" is containerd's Go client as nerdctl
+pulls (`client.Pull(WithPullUnpack)`, chain IDs only on the Prepares: testbed/go/pull, in the
+node's namespace; PeerSync's full mode unpacks the layers in the daemon), and what it reports
+(layers containerd fetched and applied itself) is in the node's stats; "chain" (PeerSync's full
+mode only) is the stand-in for the Go client's Prepares. BitTorrent always imports with ctr.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import torrent
+from . import gotools, torrent
 from .cluster import Cluster, ClusterNode
 from .containerd import CTR_BINARY, Containerd
 from .cri import CRI_NAMESPACE, cri_config, cri_pull
@@ -103,6 +107,8 @@ class System:
     def setup(self) -> None:
         if self.hosts_dir is None and self.client == "cri":  # CRI has no --plain-http flag
             self.hosts_dir = write_plain_hosts(self.workdir / "hosts.d", f"{REGISTRY_IP}:{REGISTRY_PORT}")
+        if self.client == "go":
+            gotools.build("pull")  # now, not inside the first timed pull
         self.ctrds = pmap(self._start_containerd, self.nodes)
 
     def _start_containerd(self, node: SiteNode) -> Containerd:
@@ -113,10 +119,17 @@ class System:
         return node.start_containerd(extra_config=config, cri=True, namespace=CRI_NAMESPACE)
 
     def pull(self, i: int, timeout: float) -> None:
-        """Node i pulls the image (ctr or CRI), through `hosts_dir` if the system set one."""
+        """Node i pulls the image (ctr, CRI or the Go client), through `hosts_dir` if the system
+        set one."""
         ctrd = self.ctrds[i]
         if self.client == "cri":
             cri_pull(ctrd, self.ref, timeout=timeout)
+            return
+        if self.client == "go":
+            gotools.go_pull(
+                ctrd.address, ctrd.namespace, self.snapshotter, self.hosts_dir, self.ref, timeout,
+                prefix=ctrd.prefix, plain_http=self.hosts_dir is None,
+            )  # fmt: skip
             return
         extra = ["--hosts-dir", str(self.hosts_dir)] if self.hosts_dir else []
         ctrd.pull(self.ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
@@ -331,15 +344,19 @@ class PeerSync(System):
         return [*super().processes(), *daemons]
 
     def node_stats(self, i: int) -> dict[str, Any] | None:
-        return self._cn(i).stats()
+        """The daemon's counters, and with the Go client what it saw containerd do itself."""
+        cn = self._cn(i)
+        stats = cn.stats()
+        if cn.go_pulls:
+            last = cn.go_pulls[-1]
+            stats["go_pull"] = {
+                "layers": last.layers, "fetched_layers": last.fetched_layers,
+                "applied_layers": last.applied_layers, "seconds": last.seconds,
+            }  # fmt: skip
+        return stats
 
     def agent_role(self) -> str:
         return "peersync"
-
-
-def _check_client(client: str) -> None:
-    if client == "go":  # see cluster.Cluster: wired when testbed/go/pull merges
-        raise NotImplementedError("the Go test client (testbed/go/pull) is not merged yet")
 
 
 def make_system(
@@ -354,7 +371,6 @@ def make_system(
     daemon_python: str | None = None,
     static_peers: bool = True,
 ) -> System:
-    _check_client(client)
     args = (site, image, ref, workdir, check_cmd, client)
     if name == "baseline":
         return Baseline(*args)

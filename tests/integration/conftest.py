@@ -80,6 +80,19 @@ def test_image_ref(registry: Registry, test_image: BuiltImage) -> str:
     return push_image(test_image, registry, TEST_IMAGE_REPO)
 
 
+@pytest.fixture(scope="session")
+def debian_image(registry: Registry) -> tuple[BuiltImage, str]:
+    """The testbed's Debian Python + NumPy image (~10k files, 3 layers), built once and cached
+    (`testbed.debimage`), pushed once per session; skipped where it cannot be built."""
+    from testbed.debimage import DEFAULT_CACHE, DebootstrapError, build_debian_image
+
+    try:
+        image = build_debian_image(DEFAULT_CACHE, log=lambda _msg: None)
+    except DebootstrapError as exc:  # no Debian mirror reachable and nothing cached
+        pytest.skip(f"the Debian image cannot be built here: {exc}")
+    return image, push_image(image, registry, "peersync/debian")
+
+
 @pytest.fixture
 def containerd_extra_config() -> str | dict[str, Any] | None:
     """Extra containerd config merged into every daemon of `containerd_factory` (None: builtins)."""

@@ -20,7 +20,7 @@ import pytest
 from snapshotter.remote import chain_ids
 from testbed.chainunpack import APPLY, PROVIDED, unpack_by_chain_ids
 from testbed.containerd import ContainerdFactory
-from testbed.images import BuiltImage, compare_manifests, push_image, snapshot_tree
+from testbed.images import BuiltImage, compare_manifests, snapshot_tree
 from testbed.loopback import SNAPSHOTTER, LoopbackNode, start_node
 from testbed.procs import free_port
 from testbed.registry import Registry
@@ -110,18 +110,6 @@ def test_a_chain_id_the_daemon_never_saw_is_left_to_containerd(
     ctrd = node.containerd
     diff_ids = [layer.diff_id for layer in test_image.layers]
     assert unpack_by_chain_ids(ctrd.address, ctrd.namespace, SNAPSHOTTER, diff_ids) == [APPLY]
-
-
-@pytest.fixture(scope="module")
-def debian_image(registry: Registry) -> tuple[BuiltImage, str]:
-    """The testbed's Debian Python + NumPy image (~10k files, 3 layers), built once and cached."""
-    from testbed.debimage import DEFAULT_CACHE, DebootstrapError, build_debian_image
-
-    try:
-        image = build_debian_image(DEFAULT_CACHE, log=lambda _msg: None)
-    except DebootstrapError as exc:  # no Debian mirror reachable and nothing cached
-        pytest.skip(f"the Debian image cannot be built here: {exc}")
-    return image, push_image(image, registry, "peersync/debian")
 
 
 def test_a_debian_image_unpacked_by_chain_ids_at_once_is_containerds_rootfs(

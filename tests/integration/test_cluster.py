@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from testbed import gotools
 from testbed.cluster import Cluster
 from testbed.images import BuiltImage, build_sized_image, compare_manifests, snapshot_tree
 from testbed.netns import Site, missing_tools
@@ -56,6 +57,29 @@ def test_simultaneous_pulls_cross_the_uplink_about_once(site: Site, image: Built
         print(cnode.node.name, cnode.stats())
     assert uplink <= 1.15 * size
     for cnode in cluster.nodes:
+        assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
+        check_node(cnode, ref, image)
+
+
+@pytest.mark.skipif(gotools.missing_requirements() is not None, reason=gotools.missing_requirements() or "")
+def test_go_client_pulls_cross_the_uplink_about_once_and_the_daemons_unpack_every_layer(
+    site: Site, image: BuiltImage
+) -> None:
+    """`Cluster(client="go")` (the testbed's `--client go`): every node pulls at once with
+    containerd's Go client as nerdctl does (chain IDs only), from inside its own namespace through
+    its mirror; each daemon unpacks every layer, so containerd fetches and applies none."""
+    ref = site.push_image(image, "edge/app")
+    cluster = Cluster(site, mode="full", client="go")
+    before = site.uplink_bytes()
+    cluster.pull_all(ref)
+    uplink = site.uplink_bytes() - before
+    print(f"\n4 Go-client pulls: uplink {uplink / image.compressed_size:.3f}x the image")
+    assert uplink <= 1.15 * image.compressed_size
+    for cnode in cluster.nodes:
+        (pulled,) = cnode.go_pulls
+        assert (pulled.image, pulled.target) == (ref, image.manifest.digest)
+        assert (pulled.layers, pulled.fetched_layers, pulled.applied_layers) == (len(image.layers), 0, 0)
+        assert cnode.containerd.is_unpacked(ref, cnode.snapshotter)
         assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
         check_node(cnode, ref, image)
 

@@ -302,3 +302,36 @@ def test_sized_image_builds_pushes_and_unpacks(
     assert containerd.run(ref, snapshotter=snapshotter_name) == "ready\n"
     with containerd.mount_image(ref, snapshotter=snapshotter_name) as rootfs:
         assert compare_manifests(image.expected or {}, snapshot_tree(rootfs)) == []
+
+
+# --- another installation's daemon (the benchmark's --compare-python) ---------------------------------
+
+
+def test_another_installations_daemon_imports_its_own_code(tmp_path: Path) -> None:
+    """Regression: `--compare-python` ran the other interpreter with this checkout on PYTHONPATH
+    (and as the current directory), so the "before" daemon imported this checkout's code."""
+    import subprocess
+
+    from testbed.peersyncd import REPO, daemon_env, interpreter
+
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
+    purelib = subprocess.run(
+        [python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True, timeout=60,
+    ).stdout.strip()  # fmt: skip
+    other = tmp_path / "other-checkout"
+    (other / "peersync").mkdir(parents=True)
+    (other / "peersync" / "__init__.py").write_text("")
+    (Path(purelib) / "other-checkout.pth").write_text(f"{other}\n")  # as `pip install -e` there does
+
+    def imported_from(command: list[str]) -> Path:
+        done = subprocess.run(
+            [*command, "-c", "import peersync; print(peersync.__file__)"],
+            cwd=REPO, env=daemon_env(), capture_output=True, text=True, check=True, timeout=60,
+        )  # fmt: skip
+        return Path(done.stdout.strip()).parent
+
+    assert imported_from(interpreter(python)) == other / "peersync"
+    assert imported_from(interpreter()) == REPO / "peersync"
