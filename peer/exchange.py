@@ -6,7 +6,10 @@ HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
                                 this node holds (`have` is the presence bitmap, base64, bit i LSB
                                 first in byte i // 8). 404 if it has none of the blob.
     POST /have                  body {"digests": [...]}: the same for many blobs in one round trip
-                                (absent blobs are omitted); what the download engine polls.
+                                (absent blobs are omitted); what the download engine polls. At
+                                most 1024 digests, each named once however often it is asked
+                                for; the answer stops adding views past 4 MiB and then carries
+                                "truncated": true (the views left out read as not held).
     GET  /blobs/{digest}/table  the blob's verified chunk hash table (32-byte SHA-256 per chunk,
                                 concatenated); only served for complete blobs, whose whole digest
                                 this node has verified.
@@ -14,6 +17,11 @@ HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
                                 that are present; answered from the file with sendfile (zero
                                 copy). `X-Chunk-Sha256` carries the server's hash of the range
                                 when it is exactly one chunk.
+
+Bad input is a 4xx with a short text saying why, never a 500: a body that is not JSON or not of
+the documented shape, a digest that is not `sha256:<64 hex>`, a Range that is not `bytes=a-b` with
+numbers of at most 19 digits. The server-wide bounds (bodies, heads, idle connections, requests in
+progress per client) are `peer.httpbounds`'s; the numbers are `kernel.limits`'s.
 
 A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
 partial blobs: against the table, or hashed as received from the origin), so announcing while
@@ -23,6 +31,7 @@ always re-checks (see `peer.engine`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -33,16 +42,20 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from kernel import limits
 from kernel.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.fsutil import HASH_LEN
+from peer.httpbounds import read_json
 from peer.policy.holdings import BlobView
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
-_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+_DIGEST = re.compile(DIGEST_RE)
+# 19 digits hold any offset below 2**63; longer numbers are refused before int() parses them.
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -86,16 +99,9 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
 
     @r.post(PREFIX + "/have")
     async def have(request: web.Request) -> web.Response:
-        body = await request.json()
-        digests = body.get("digests") if isinstance(body, dict) else None
-        if not isinstance(digests, list) or len(digests) > 1024:
-            raise web.HTTPBadRequest(text='body must be {"digests": [...]} (at most 1024)')
-        views = [
-            v
-            for d in digests
-            if isinstance(d, str) and re.fullmatch(DIGEST_RE, d) and (v := _view(store, d, fetching))
-        ]
-        return web.json_response({"blobs": views})
+        body = await read_json(request, limits.HAVE_MAX_BODY)
+        return web.Response(text=await _have_answer(store, _have_digests(body), fetching),
+                            content_type="application/json")
 
     @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/table")
     async def table(request: web.Request) -> web.Response:
@@ -109,9 +115,11 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
     @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/data")
     async def data(request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
-        m = _RANGE.match(request.headers.get("Range", ""))
+        m = _RANGE.fullmatch(request.headers.get("Range", ""))
         if m is None:
-            raise web.HTTPBadRequest(text="a single Range: bytes=a-b header is required")
+            raise web.HTTPBadRequest(
+                text="a single Range: bytes=a-b header (at most 19 digits each) is required"
+            )
         start, end = int(m.group(1)), int(m.group(2))
         try:
             path, sha = _servable(store, digest, start, end)
@@ -123,6 +131,45 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
         return web.FileResponse(path, headers=headers)
 
     return r
+
+
+def _have_digests(body: Any) -> list[str]:
+    """The distinct digests a /have body names, in order; 400 saying why for any other body."""
+    digests = body.get("digests") if isinstance(body, dict) else None
+    if not isinstance(digests, list):
+        raise web.HTTPBadRequest(text='body must be {"digests": [...]}\n')
+    if len(digests) > limits.HAVE_MAX_DIGESTS:
+        raise web.HTTPBadRequest(
+            text=f"at most {limits.HAVE_MAX_DIGESTS} digests per request, got {len(digests)}\n"
+        )
+    for i, d in enumerate(digests):
+        if not isinstance(d, str) or not _DIGEST.fullmatch(d):
+            shown = limits.short(repr(d), 80)
+            raise web.HTTPBadRequest(text=f"digests[{i}] is not a sha256:<64 hex> digest: {shown}\n")
+    return list(dict.fromkeys(digests))  # the same blob asked for twice is answered once
+
+
+async def _have_answer(store: ChunkStore, digests: list[str], fetching: Fetching | None) -> str:
+    """The JSON text of a /have answer: a view per held blob, while the answer stays within
+    HAVE_MAX_RESPONSE (the first view always goes in), yielding to the event loop every
+    HAVE_VIEWS_PER_YIELD digests so that one request never holds the loop for long."""
+    parts: list[str] = []
+    size = 0
+    truncated = False
+    for i, digest in enumerate(digests):
+        if i and i % limits.HAVE_VIEWS_PER_YIELD == 0:
+            await asyncio.sleep(0)
+        view = _view(store, digest, fetching)
+        if view is None:
+            continue
+        text = json.dumps(view)
+        if parts and size + len(text) > limits.HAVE_MAX_RESPONSE:
+            truncated = True
+            break
+        parts.append(text)
+        size += len(text) + 2
+    tail = ', "truncated": true' if truncated else ""
+    return '{"blobs": [' + ", ".join(parts) + "]" + tail + "}"
 
 
 def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str, bytes | None]:

@@ -95,7 +95,7 @@ class Mirror:
         if digest and self.store.exists(digest):
             rec = self.store.record(digest)
             body = self.store.read(digest, 0, rec.size)
-            media_type = rec.media_type or json.loads(body).get("mediaType", "")
+            media_type = rec.media_type or _media_type(body, digest)
         else:
             m = await self.origin.resolve(registry, repo, ref)
             body, media_type, digest = m.body, m.media_type, m.digest
@@ -167,6 +167,8 @@ class Mirror:
         m = _RANGE.match(request.headers.get("Range", ""))
         status = 200
         if m:
+            if len(m.group(1)) > 19 or len(m.group(2)) > 19:  # past any size; int() would refuse it
+                return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
             start = int(m.group(1))
             end = min(size, int(m.group(2)) + 1) if m.group(2) else size
             if start >= size or end <= start:
@@ -199,6 +201,19 @@ class Mirror:
 
     def _where(self, request: web.Request) -> tuple[str, str]:
         return request.query.get("ns") or self.default_registry, request.match_info["name"]
+
+
+def _media_type(body: bytes, digest: str) -> str:
+    """The `mediaType` a stored manifest declares; NotFound if the blob is no manifest at all (a
+    layer asked for under /manifests/ is unknown as a manifest, not a server error)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise errors.NotFound(f"{digest} is not a manifest")
+    media_type = doc.get("mediaType", "")
+    return media_type if isinstance(media_type, str) else ""
 
 
 def _error(exc: errors.PeerSyncError, code: str) -> web.Response:

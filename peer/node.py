@@ -15,10 +15,12 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from kernel import limits
 from kernel.config import Config, hostport
 from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from peer import httpbounds
 from peer.catalog import Catalog
 from peer.engine import Engine
 from peer.exchange import PeerClient, routes
@@ -43,19 +45,21 @@ class PeerNode:
 
     async def start(self) -> None:
         cfg = self.config
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=32)
+        connector = aiohttp.TCPConnector(
+            limit=256, limit_per_host=32, keepalive_timeout=limits.CLIENT_KEEPALIVE
+        )
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         peers = StaticPeers(cfg.peer.peers, self.self_url)
         self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
         if cfg.peer.listen:
-            app = web.Application()
+            app = httpbounds.application(httpbounds.EXCHANGE)
             app.add_routes(routes(self.store, self.engine.fetching))
             app.router.add_get("/peersync/v1/stats", self._stats)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
-            app = web.Application()
+            app = httpbounds.application(httpbounds.MIRROR)
             mirror = Mirror(
                 self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
             )
@@ -85,9 +89,10 @@ class PeerNode:
 
     async def _serve(self, app: web.Application, listen: str, what: str, key: str) -> None:
         """Listen on `listen` or fail naming the address, the reason and the config key (`key`):
-        a second daemon on a host with the default config finds the ports taken."""
+        a second daemon on a host with the default config finds the ports taken. The app's bounds
+        (`peer.httpbounds`) also bound its connections."""
         host, port = hostport(listen)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = httpbounds.runner(app)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, reuse_address=True).start()

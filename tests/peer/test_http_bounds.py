@@ -1,0 +1,331 @@
+"""Security issue 10, finding 4: the node's HTTP servers (peer exchange, registry mirror) and the
+peer client bound what one caller can make them hold, wait for or compute, and bad input is a
+clear 4xx, never a 500.
+
+Found by trying it: `/have` naming one partial blob 1024 times returned 179 MB and blocked the
+event loop for 14.7 s; 20 silent connections stayed open 104 s; a 5000-digit Range header and some
+malformed `/have` bodies gave 500 with a traceback; a peer answering `/have` with 400 MB took the
+asking node from 67 to 887 MB.
+
+The servers are the daemon's own: a `PeerNode` started on loopback ports over a real store, as
+`peersync.service` starts it. Every request goes to loopback. Nothing here is timed: "closed" and
+"answered" are waited for with generous deadlines, and the loop's share of the work is measured by
+what was computed and sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import json
+import socket
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+from aiohttp import web
+
+from kernel.config import Config, DiscoveryConfig, MirrorConfig, PeerConfig
+from kernel.store.chunkstore import ChunkStore
+from kernel.store.meta import Meta
+from peer import httpbounds
+from peer.exchange import routes
+from peer.node import PeerNode
+
+CHUNK = 4096
+PARTIAL_SIZE = 1 << 30  # 262144 chunks of 4 KiB: a 43 KB view
+DEADLINE = 60.0  # generous: what must happen within a bound of seconds is waited for this long
+HAVE = "/peersync/v1/have"
+
+
+def sha(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+@dataclass
+class Node:
+    store: ChunkStore
+    exchange: str  # http://127.0.0.1:port
+    mirror: str
+    partial: str  # digest of a partial blob (no chunk present yet)
+    blob: str  # digest of a complete blob
+    blob_size: int
+
+
+@pytest.fixture
+async def node(tmp_path: Path) -> AsyncIterator[Node]:
+    meta = Meta(tmp_path)
+    store = ChunkStore(tmp_path, meta, CHUNK)
+    store.recover()
+    partial = sha(b"a partial blob")
+    store.partials.claim(partial, PARTIAL_SIZE)
+    data = bytes(range(256)) * 64  # 16 KiB: four chunks
+    writer = store.ingests.open("blob", len(data), sha(data))
+    writer.write_at(0, data)
+    blob = writer.commit(len(data), sha(data))
+    ports = free_port(), free_port()
+    config = Config(
+        peer=PeerConfig(listen=f"127.0.0.1:{ports[0]}", peers=[]),
+        mirror=MirrorConfig(listen=f"127.0.0.1:{ports[1]}"),
+        discovery=DiscoveryConfig(mdns=False),
+    )
+    peer = PeerNode(config, store, meta)
+    await peer.start()
+    try:
+        yield Node(
+            store, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", partial, blob, len(data)
+        )
+    finally:
+        await peer.stop()
+        store.close()
+        meta.close()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(http: aiohttp.ClientSession, url: str, body: bytes) -> tuple[int, bytes]:
+    async with http.post(url, data=body, headers={"Content-Type": "application/json"}) as resp:
+        return resp.status, await resp.read()
+
+
+# -- the peer exchange: /have ------------------------------------------------------------------------
+
+
+async def test_have_naming_one_blob_1024_times_answers_it_once(
+    node: Node, http: aiohttp.ClientSession
+) -> None:
+    one_status, one = await post(http, node.exchange + HAVE, json.dumps({"digests": [node.partial]}).encode())
+    body = json.dumps({"digests": [node.partial] * 1024}).encode()
+    status, answer = await post(http, node.exchange + HAVE, body)
+    assert (one_status, status) == (200, 200)
+    views = json.loads(answer)["blobs"]
+    assert [v["digest"] for v in views] == [node.partial]
+    assert len(answer) < 2 * len(one), f"{len(answer)} bytes for one blob named 1024 times"
+
+
+async def test_have_answers_stay_within_the_response_bound(tmp_path: Path) -> None:
+    """64 distinct partial blobs with 175 KB views: 11 MB if nothing bounded the answer. It is
+    cut at 4 MiB and says so, and no view is computed past the one that did not fit (counted by
+    the route's `fetching` calls, one per partial blob's view). Served as `peer.node` serves it."""
+    meta = Meta(tmp_path)
+    store = ChunkStore(tmp_path, meta, CHUNK)
+    store.recover()
+    digests = [sha(f"partial {i}".encode()) for i in range(64)]
+    for d in digests:
+        store.partials.claim(d, 4 * PARTIAL_SIZE)
+    asked: list[str] = []
+
+    def fetching(digest: str) -> list[int]:
+        asked.append(digest)
+        return []
+
+    app = httpbounds.application(httpbounds.EXCHANGE)
+    app.add_routes(routes(store, fetching))
+    runner = httpbounds.runner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        async with aiohttp.ClientSession() as http:
+            status, answer = await post(
+                http, f"http://127.0.0.1:{port}{HAVE}", json.dumps({"digests": digests}).encode()
+            )
+    finally:
+        await runner.cleanup()
+        store.close()
+        meta.close()
+    assert status == 200
+    parsed = json.loads(answer)
+    assert parsed.get("truncated") is True
+    assert len(answer) <= 4 << 20
+    assert len(asked) == len(parsed["blobs"]) + 1  # views computed: those sent and the one that did not fit
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param(b"", id="empty"),
+        pytest.param(b"{not json", id="not-json"),
+        pytest.param(b"\xff\xfe\x00garbage", id="not-utf8"),
+        pytest.param(b"[]", id="a-list"),
+        pytest.param(b'{"digests": 5}', id="digests-not-a-list"),
+        pytest.param(b'{"digests": [1, 2]}', id="digests-not-strings"),
+        pytest.param(b'{"digests": ["sha256:zz"]}', id="bad-digest"),
+        pytest.param(b'{"digests": [{"a": [[]]}]}', id="nested-junk"),
+        pytest.param(b'{"digests": [' + b"9" * 5000 + b"]}", id="5000-digit-number"),
+        pytest.param(b"[" * 100_000 + b"]" * 100_000, id="nested-100000-deep"),
+        pytest.param(json.dumps({"digests": ["sha256:" + "0" * 64] * 1025}).encode(), id="1025-digests"),
+        pytest.param(b'{"digests": []}' + b" " * (200 << 10), id="200KiB-body"),
+        pytest.param(b" " * (3 << 20), id="3MiB-body"),
+    ],
+)
+async def test_malformed_have_bodies_are_a_clear_4xx(
+    node: Node, http: aiohttp.ClientSession, body: bytes
+) -> None:
+    status, answer = await post(http, node.exchange + HAVE, body)
+    assert 400 <= status < 500, (status, answer[:300])
+    assert len(answer) < 1024 and b"Traceback" not in answer
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "bytes=" + "9" * 5000 + "-" + "9" * 5000,
+        "bytes=0-" + "9" * 5000,
+        "bytes=0-4095,4096-8191",
+        "bytes=-5",
+        "bytes=5-1",
+        "bytes=0-",
+        "chunks=0-1",
+        "bytes=" + "0" * 20 + "-4095",
+        "",
+    ],
+)
+async def test_bad_ranges_on_data_are_a_clear_4xx(
+    node: Node, http: aiohttp.ClientSession, value: str
+) -> None:
+    url = f"{node.exchange}/peersync/v1/blobs/{node.blob}/data"
+    async with http.get(url, headers={"Range": value} if value else {}) as resp:
+        assert 400 <= resp.status < 500, (resp.status, await resp.text())
+    async with http.get(url, headers={"Range": "bytes=0-4095"}) as resp:  # a good one still works
+        assert resp.status in (200, 206) and len(await resp.read()) == CHUNK
+
+
+async def test_bad_digests_in_paths_are_a_4xx(node: Node, http: aiohttp.ClientSession) -> None:
+    for path in ("sha256:zz", "sha256:" + "A" * 64, "md5:abc", "sha256:" + "0" * 64, "%00", "x" * 5000):
+        for tail in ("", "/table", "/data"):
+            async with http.get(f"{node.exchange}/peersync/v1/blobs/{path}{tail}") as resp:
+                assert 400 <= resp.status < 500, (path[:20], tail, resp.status)
+
+
+# -- connections: heads, idle and silent connections, concurrency ------------------------------------
+
+
+async def test_silent_and_trickling_connections_are_closed(node: Node) -> None:
+    """20 connections that never send a byte and 4 that trickle a request head one byte at a time
+    are all closed by the server (at its idle bound, 15 s; waited for with a generous deadline)."""
+
+    async def silent(url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        try:
+            assert await reader.read() == b""  # EOF: the server closed it
+        finally:
+            writer.close()
+
+    async def trickle(url: str) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        head = b"GET /peersync/v1/stats HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"y" * 100_000
+        try:
+            for byte in head:
+                writer.write(bytes([byte]))
+                await writer.drain()
+                with contextlib.suppress(TimeoutError):
+                    if await asyncio.wait_for(reader.read(), 0.5) == b"":
+                        return
+            raise AssertionError("the whole head went through")
+        except ConnectionError:
+            return  # closed while we wrote
+        finally:
+            writer.close()
+
+    jobs = [silent(url) for url in (node.exchange, node.mirror) for _ in range(10)]
+    jobs += [trickle(url) for url in (node.exchange, node.mirror) for _ in range(2)]
+    await asyncio.wait_for(asyncio.gather(*jobs), DEADLINE)
+
+
+async def test_oversized_heads_are_refused(node: Node, http: aiohttp.ClientSession) -> None:
+    for url in (node.exchange + "/peersync/v1/stats", node.mirror + "/v2/"):
+        many = {f"X-H{i}": "v" for i in range(100)}
+        async with http.get(url, headers=many) as resp:
+            assert resp.status in (400, 431), (url, "100 header fields", resp.status)
+        async with http.get(url, headers={"X-Big": "v" * 9000}) as resp:
+            assert resp.status in (400, 431), (url, "a 9000-byte field", resp.status)
+        async with http.get(url) as resp:
+            assert resp.status == 200
+
+
+async def raw_request(
+    url: str, head: bytes, local: str = "127.0.0.1"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port), local_addr=(local, 0))
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+async def status_of(reader: asyncio.StreamReader) -> int:
+    line = await reader.readline()
+    return int(line.split()[1]) if line else 0
+
+
+async def test_one_client_with_many_requests_is_refused_others_are_served(node: Node) -> None:
+    """136 requests from one address, each a /have head whose body never comes: 128 are taken
+    (and end 408 once the body timeout passes), 8 are answered 429 at once; meanwhile another
+    address is served as usual and the crowded one is still refused."""
+    head = f"POST {HAVE} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n".encode()
+    conns = [await raw_request(node.exchange, head) for _ in range(136)]
+    pending = {asyncio.ensure_future(status_of(reader)) for reader, _ in conns}
+    statuses: collections.Counter[int] = collections.Counter()
+    try:
+        async with asyncio.timeout(DEADLINE):
+            while statuses[429] < 8:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                statuses.update(t.result() for t in done)
+            assert statuses == {429: 8}, statuses  # the 128 others are still held
+
+            async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(local_addr=("127.0.0.2", 0))
+            ) as other:
+                status, _ = await post(
+                    other, node.exchange + HAVE, json.dumps({"digests": [node.blob]}).encode()
+                )
+                assert status == 200
+            reader, writer = await raw_request(node.exchange, head)
+            assert await status_of(reader) == 429
+            writer.close()
+
+            done, _ = await asyncio.wait(pending)
+            statuses.update(t.result() for t in done)
+    finally:
+        for _, writer in conns:
+            writer.close()
+    assert statuses == {429: 8, 408: 128}
+
+
+# -- the mirror ----------------------------------------------------------------------------------------
+
+
+async def test_mirror_bad_ranges_are_a_clear_4xx(node: Node, http: aiohttp.ClientSession) -> None:
+    closed = f"127.0.0.1:{free_port()}"  # no origin is asked for a stored blob; were one asked, it refuses
+    url = f"{node.mirror}/v2/library/x/blobs/{node.blob}?ns={closed}"
+    for method in ("HEAD", "GET"):
+        for value in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=99999999999999999999-"):
+            async with http.request(method, url, headers={"Range": value}) as resp:
+                assert 400 <= resp.status < 500, (method, value[:30], resp.status)
+        async with http.request(method, url, headers={"Range": "bytes=0-9"}) as resp:
+            assert resp.status == 206
+
+
+async def test_mirror_bodies_are_bounded(node: Node, http: aiohttp.ClientSession) -> None:
+    """The mirror takes no bodies: one sent anyway is never read into memory and the connection
+    is still answered."""
+    async with http.get(node.mirror + "/v2/", data=b"x" * (4 << 20)) as resp:
+        assert resp.status < 500
