@@ -213,20 +213,35 @@ class PeerError(Unavailable):
 
 
 class PeerClient:
-    """Asks other nodes for views, tables and chunk bytes."""
+    """Asks other nodes for views, tables and chunk bytes.
 
-    def __init__(self, session: aiohttp.ClientSession, timeout: float = 10.0) -> None:
+    Every call has a total timeout (`timeout`; `have_timeout` for /have) and reads at most the
+    bytes its answer can honestly take (a view list within `limits.PEER_HAVE_MAX_RESPONSE`, a
+    table of exactly the chunks asked for, a chunk of its length): a peer answering more is cut
+    off as soon as it passes that, before the excess is held, and the call fails with PeerError,
+    as does an answer that is not of the protocol's shape."""
+
+    def __init__(
+        self, session: aiohttp.ClientSession, timeout: float = 10.0, have_timeout: float = HAVE_TIMEOUT
+    ) -> None:
         self._session = session
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0)
+        self._have_timeout = have_timeout
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
+        url = f"{peer}{PREFIX}/have"
         body = await self._request(
-            "POST", f"{peer}{PREFIX}/have", body={"digests": digests}, timeout=HAVE_TIMEOUT
+            "POST", url, body={"digests": digests}, timeout=self._have_timeout,
+            limit=limits.PEER_HAVE_MAX_RESPONSE,
         )
-        return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
+        try:
+            return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
+        except (ValueError, RecursionError, LookupError, TypeError, AttributeError) as exc:
+            why = f"{type(exc).__name__}: {limits.short(str(exc), 200)}"
+            raise PeerError(f"{url}: not a /have answer: {why}") from exc
 
     async def table(self, peer: str, digest: str, chunks: int) -> list[bytes]:
-        raw = await self._request("GET", f"{peer}{PREFIX}/blobs/{digest}/table")
+        raw = await self._request("GET", f"{peer}{PREFIX}/blobs/{digest}/table", limit=chunks * HASH_LEN)
         if len(raw) != chunks * HASH_LEN:
             raise PeerError(f"{peer}: table of {digest} has {len(raw)} bytes, expected {chunks * HASH_LEN}")
         return [raw[i : i + HASH_LEN] for i in range(0, len(raw), HASH_LEN)]
@@ -239,7 +254,7 @@ class PeerClient:
             async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
                 if resp.status not in (200, 206):
                     raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}")
-                data = await resp.read()
+                data = await _read_capped(resp, length, url)
                 claim = resp.headers.get("X-Chunk-Sha256")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerError(f"{peer}: {type(exc).__name__}: {exc}") from exc
@@ -247,8 +262,11 @@ class PeerClient:
             raise PeerError(f"{peer}: {len(data)} bytes for a {length}-byte chunk of {digest}")
         return data, bytes.fromhex(claim) if claim else None
 
-    async def _request(self, method: str, url: str, timeout: float | None = None, body: Any = None) -> bytes:
-        """The response body of a 200 (`body`, if any, is sent as JSON)."""
+    async def _request(
+        self, method: str, url: str, timeout: float | None = None, body: Any = None,
+        limit: int = limits.PEER_JSON_MAX_RESPONSE,
+    ) -> bytes:
+        """The response body of a 200, at most `limit` bytes (`body`, if any, is sent as JSON)."""
         t = aiohttp.ClientTimeout(total=timeout, sock_connect=2.0) if timeout else self._timeout
         try:
             async with self._session.request(method, url, timeout=t, json=body) as resp:
@@ -256,8 +274,22 @@ class PeerClient:
                     raise NotFound(f"{url}: not found")
                 if resp.status != 200:
                     raise PeerError(f"{url}: HTTP {resp.status}")
-                return await resp.read()
+                return await _read_capped(resp, limit, url)
         except PeerSyncError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise PeerError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The body of `resp`, streamed and given up as soon as it passes `limit` bytes (PeerError):
+    a peer cannot make this node hold more than the answer can honestly take."""
+    declared = resp.content_length
+    if declared is not None and declared > limit:
+        raise PeerError(f"{what}: answer of {declared} bytes, more than the {limit} expected")
+    body = bytearray()
+    async for piece in resp.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise PeerError(f"{what}: answer longer than the {limit} bytes expected")
+    return bytes(body)

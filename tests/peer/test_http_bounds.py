@@ -21,19 +21,20 @@ import contextlib
 import hashlib
 import json
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from kernel.config import Config, DiscoveryConfig, MirrorConfig, PeerConfig
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer import httpbounds
-from peer.exchange import routes
+from peer.exchange import PeerClient, PeerError, routes
 from peer.node import PeerNode
 
 CHUNK = 4096
@@ -329,3 +330,107 @@ async def test_mirror_bodies_are_bounded(node: Node, http: aiohttp.ClientSession
     is still answered."""
     async with http.get(node.mirror + "/v2/", data=b"x" * (4 << 20)) as resp:
         assert resp.status < 500
+
+
+# -- the peer client ---------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def hostile_peer(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> AsyncIterator[str]:
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("")).rstrip("/")
+    finally:
+        await server.close()
+
+
+async def test_a_peer_answering_have_with_hundreds_of_megabytes_is_cut_off(
+    http: aiohttp.ClientSession,
+) -> None:
+    """A peer streams 256 MiB of valid JSON as its /have answer: the client gives up past its
+    bound; what the peer managed to send (into the client and the sockets' buffers) stays far
+    below what it tried to."""
+    sent = 0
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        await resp.prepare(request)
+        piece = b" " * (1 << 20)
+        with contextlib.suppress(ConnectionError):
+            await resp.write(b'{"blobs": [], "pad": "')
+            for _ in range(256):
+                await resp.write(piece)
+                sent += len(piece)
+            await resp.write(b'"}')
+        return resp
+
+    async with hostile_peer(flood) as peer:
+        with pytest.raises(PeerError):
+            await asyncio.wait_for(PeerClient(http).have(peer, [sha(b"x")]), DEADLINE)
+    assert sent < 64 << 20, f"the peer sent {sent >> 20} MiB"
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"[]",
+        b'{"blobs": 5}',
+        b'{"blobs": [{"digest": 1}]}',
+        b'{"blobs": [7]}',
+        b"not json",
+        b"[" * 100_000,
+        b'{"blobs": [{"digest": "d", "size": "x", "chunk_size": 1, "complete": 0, "have": ""}]}',
+    ],
+)
+async def test_a_peer_answer_of_the_wrong_shape_is_a_peer_error(
+    http: aiohttp.ClientSession, answer: bytes
+) -> None:
+    async def reply(request: web.Request) -> web.Response:
+        return web.Response(body=answer, content_type="application/json")
+
+    async with hostile_peer(reply) as peer:
+        with pytest.raises(PeerError):
+            await PeerClient(http).have(peer, [sha(b"x")])
+
+
+async def test_tables_and_chunks_longer_than_asked_are_cut_off(http: aiohttp.ClientSession) -> None:
+    sent = 0
+
+    async def flood(request: web.Request) -> web.StreamResponse:
+        nonlocal sent
+        resp = web.StreamResponse(status=206 if request.path.endswith("/data") else 200)
+        await resp.prepare(request)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(128):
+                await resp.write(b"\0" * (1 << 20))
+                sent += 1 << 20
+        return resp
+
+    async with hostile_peer(flood) as peer:
+        client = PeerClient(http)
+        with pytest.raises(PeerError):
+            await asyncio.wait_for(client.table(peer, sha(b"x"), 2), DEADLINE)
+        with pytest.raises(PeerError):
+            await asyncio.wait_for(client.chunk(peer, sha(b"x"), 0, CHUNK), DEADLINE)
+    assert sent < 64 << 20, f"the peer sent {sent >> 20} MiB"
+
+
+async def test_every_peer_call_has_a_timeout(http: aiohttp.ClientSession) -> None:
+    async def never(request: web.Request) -> web.Response:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async with hostile_peer(never) as peer:
+        client = PeerClient(http, timeout=0.5, have_timeout=0.5)
+        calls = [
+            client.have(peer, [sha(b"x")]),
+            client.table(peer, sha(b"x"), 1),
+            client.chunk(peer, sha(b"x"), 0, 1),
+        ]
+        for call in calls:
+            with pytest.raises(PeerError):
+                await asyncio.wait_for(call, DEADLINE)
