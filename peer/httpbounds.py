@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import http_exceptions, web
+from aiohttp.typedefs import Middleware
 
 from kernel import limits
 
@@ -98,7 +99,7 @@ def runner(app: web.Application) -> web.AppRunner:
     )
 
 
-def _per_client(limit: int) -> Any:
+def _per_client(limit: int) -> Middleware:
     """The middleware that answers 429 to a client address with `limit` requests in progress.
 
     Refused at once rather than queued: a queue is memory the client decides the size of."""
