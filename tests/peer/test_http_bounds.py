@@ -20,6 +20,7 @@ import collections
 import contextlib
 import hashlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -260,6 +261,23 @@ async def test_oversized_heads_are_refused(node: Node, http: aiohttp.ClientSessi
             assert resp.status in (400, 431), (url, "a 9000-byte field", resp.status)
         async with http.get(url) as resp:
             assert resp.status == 200
+
+
+async def test_a_malformed_request_is_logged_in_one_line(
+    node: Node, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Any client can send garbage: each refused request is one line at info, not a traceback."""
+    bad = b"GET /peersync/v1/stats HTTP/1.1\r\nHost: x\r\nX-Bad: \x01\x02\r\n\r\n"
+    with caplog.at_level(logging.DEBUG):
+        for url in (node.exchange, node.mirror):
+            reader, writer = await raw_request(url, bad)
+            assert await status_of(reader) == 400
+            writer.close()
+    refused = [r for r in caplog.records if "Error handling request" in r.getMessage()]
+    assert len(refused) == 2
+    assert all(r.exc_info is None and r.levelno == logging.INFO for r in refused), [
+        (r.name, r.levelname, bool(r.exc_info)) for r in refused
+    ]
 
 
 async def raw_request(
