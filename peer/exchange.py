@@ -285,8 +285,10 @@ async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> b
     """The body of `resp`, streamed and given up as soon as it passes `limit` bytes (PeerError):
     a peer cannot make this node hold more than the answer can honestly take."""
     declared = resp.content_length
-    if declared is not None and declared > limit:
-        raise PeerError(f"{what}: answer of {declared} bytes, more than the {limit} expected")
+    if declared is not None:
+        if declared > limit:
+            raise PeerError(f"{what}: answer of {declared} bytes, more than the {limit} expected")
+        return await resp.read()  # the framing ends the body at the declared length: one copy
     body = bytearray()
     async for piece in resp.content.iter_any():
         body += piece

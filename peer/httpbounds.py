@@ -140,6 +140,8 @@ async def read_body(request: web.Request, limit: int | None = None) -> bytes:
     body = bytearray()
     try:
         async with asyncio.timeout(bounds.body_timeout):
+            if declared is not None:  # the framing ends the body at the declared length
+                return await request.read()
             async for piece in request.content.iter_any():
                 body += piece
                 if len(body) > cap:

@@ -184,6 +184,22 @@ async def test_malformed_have_bodies_are_a_clear_4xx(
     assert len(answer) < 1024 and b"Traceback" not in answer
 
 
+async def test_chunked_have_bodies_are_bounded_too(node: Node, http: aiohttp.ClientSession) -> None:
+    """A body sent without a length (chunked) is counted as it arrives."""
+
+    async def pieces(body: bytes) -> AsyncIterator[bytes]:
+        for i in range(0, len(body), 16 << 10):
+            yield body[i : i + (16 << 10)]
+
+    small = json.dumps({"digests": [node.blob]}).encode()
+    large = json.dumps({"digests": [node.blob]}).encode() + b" " * (200 << 10)
+    statuses = []
+    for body in (small, large):
+        async with http.post(node.exchange + HAVE, data=pieces(body)) as resp:
+            statuses.append(resp.status)
+    assert statuses == [200, 413]
+
+
 @pytest.mark.parametrize(
     "value",
     [
@@ -365,17 +381,20 @@ async def hostile_peer(handler: Callable[[web.Request], Awaitable[web.StreamResp
         await server.close()
 
 
+@pytest.mark.parametrize("declared", [False, True], ids=["chunked", "content-length"])
 async def test_a_peer_answering_have_with_hundreds_of_megabytes_is_cut_off(
-    http: aiohttp.ClientSession,
+    http: aiohttp.ClientSession, declared: bool
 ) -> None:
-    """A peer streams 256 MiB of valid JSON as its /have answer: the client gives up past its
-    bound; what the peer managed to send (into the client and the sockets' buffers) stays far
-    below what it tried to."""
+    """A peer streams 256 MiB of valid JSON as its /have answer (announcing its length or not):
+    the client gives up past its bound; what the peer managed to send (into the client and the
+    sockets' buffers) stays far below what it tried to."""
     sent = 0
 
     async def flood(request: web.Request) -> web.StreamResponse:
         nonlocal sent
         resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+        if declared:
+            resp.content_length = len(b'{"blobs": [], "pad": ""}') + (256 << 20)
         await resp.prepare(request)
         piece = b" " * (1 << 20)
         with contextlib.suppress(ConnectionError):
