@@ -6,7 +6,7 @@
 - `limits`: every bound on what a caller can make the daemon store, send or keep open (label and
   ref sizes as containerd's, HTTP body, header, idle and concurrency limits), in one place;
 - `store`: the node's store, where `snapshotter/` and `peer/` meet: blob files cut into verified
-  chunks, partial blobs, ingests, holds and the LMDB metadata under them.
+  chunks, partial blobs, ingests, who keeps each blob (ownership) and the LMDB metadata under them.
 
 Layers (import-linter contracts in pyproject.toml, checked by the test suite):
 `peersync` (daemon assembly) -> `snapshotter` | `peer` (never each other) -> `kernel`.

@@ -3,20 +3,33 @@
 One `Download` per blob runs in the background until the blob is complete and verified (a claimed
 blob is always finished, whoever asked for it). Each round of its loop it:
 
-1. learns which peers hold which chunks (`POST /have`, polled while downloads run, so a chunk a
-   peer got a moment ago is fetched from it, not from the uplink: announce-while-downloading);
+1. learns which peers hold which chunks: from the site's tracker, whose index answers each sync
+   with a bounded candidate set per blob (`Coordination`, implemented by
+   `peer.control.index_sections.IndexMember`), or, with no tracker, by polling up to `fanout`
+   peers' `POST /have` while downloads run (`policy.fanout`); either way a chunk a peer got a
+   moment ago is fetched from it, not from the uplink: announce-while-downloading;
 2. fetches chunks that peers hold, keeping a window of requests in flight; per chunk it picks the
    peer with the best predicted completion time (measured throughput and latency, queue depth,
    failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
    second peer;
-3. fetches from the origin the chunks no peer holds, but only its share of them: the nodes that
-   are downloading the same blob at the same moment split it into stripes, so in a burst the
-   uplink carries each chunk about once. The stripes of an owner that makes no progress (dead,
-   slow, gone) pass to exactly one heir.
+3. fetches from the origin the chunks no peer holds, but only its share of them. With a tracker,
+   only the runs it leased us (the tracker grants each chunk to one member at a time and
+   re-grants the run of a holder that makes no progress), so the uplink carries each chunk once
+   in bursts and staggered arrivals alike. Without one, the nodes downloading the same blob at
+   the same moment split it into stripes, so in a burst the uplink carries each chunk about
+   once; the stripes of an owner that makes no progress (dead, slow, gone) pass to exactly one
+   heir.
 
 Every decision in these steps (peer choice, window, chunk order, stripes and heirs, origin runs,
 hedges, gathering) is made by the pure functions of `peer.policy`, which take the state this
 module holds and return choices; this module does the I/O: tasks, HTTP, store writes, counters.
+
+Room: a new download is admitted by the cache manager before it claims its blob (`Cache.admit`:
+evictions to make room, or `ResourceExhausted` when the blob cannot fit the budget), counts as a
+request of the blob toward its popularity, and tells the cache manager when it ends. A download
+may be *peers only* (proactive replication, `peer.replication`): it never asks the origin, and
+gives up (dropping its partial blob) after `peers_only_stall` seconds without a chunk; a reader
+that needs the blob meanwhile turns it into an ordinary download.
 
 Integrity: every chunk is checked before it is stored: against the blob's verified chunk table
 when one is known (fetched from a peer that holds the complete, digest-verified blob, cross-checked
@@ -36,8 +49,9 @@ import functools
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import structlog
 
@@ -49,6 +63,7 @@ from peer.exchange import PeerClient, PeerError
 from peer.origin import OriginClient
 from peer.peers import PeerSource
 from peer.policy.choice import best_peer
+from peer.policy.fanout import fanout
 from peer.policy.gathering import gather
 from peer.policy.hedging import hedges
 from peer.policy.holdings import BlobView, holders, usable_views
@@ -82,10 +97,73 @@ class EngineConfig:
     read_timeout: float = 600.0  # a reader blocked this long without progress gets an error
     max_attempts: int = 3  # full-blob attempts before a download fails
     plan_wait: float = 1.0  # how long an origin plan waits for peers' fresh holdings (late ones still count)
+    fanout: int = 8  # peers polled directly when there is no tracker (docs/control-plane.md)
+    lease_stuck: float = 12.0  # tracked, no lease and no progress this long: fetch unheld chunks anyway
+    peers_only_stall: float = 30.0  # seconds a peers-only download waits for a chunk before it gives up
+
+
+class Coordination(Protocol):
+    """What the engine needs of the site's tracker index; the engine owns this seam and
+    `peer.control.index_sections.IndexMember` implements it.
+
+    While `tracking()` is true, views of who holds what come from the tracker's candidate sets
+    (the index section writes them with `Engine.set_views`; nobody's `/have` is polled) and origin
+    chunks are fetched only under the tracker's leases (`Download.lease_request`,
+    `Download.grant_lease`). `sync_soon()` asks for the next sync to be sent now rather than at
+    the next interval: a download calls it when it needs a lease and has nothing of its own to
+    fetch from the origin (at most once per lease granted)."""
+
+    def tracking(self) -> bool: ...
+
+    def sync_soon(self) -> None: ...
+
+
+class Untracked:
+    """No tracker index (a daemon without the control plane, or tests of the direct path): the
+    engine polls up to `fanout` peers and stripes the origin work itself."""
+
+    def tracking(self) -> bool:
+        """Never a tracker."""
+        return False
+
+    def sync_soon(self) -> None:
+        """Nothing to sync with."""
 
 
 class DownloadFailed(Unavailable):
     """A blob could not be fetched from any peer nor from the origin."""
+
+
+class Cache(Protocol):
+    """What the engine asks of the cache manager (`peer.cache.CacheManager` implements it).
+
+    Why a seam: the engine is tested, and a scale simulator may run it, without a budget; the
+    cache manager's own tests need no engine."""
+
+    def admit(self, digest: str, size: int) -> None:
+        """Make room for a new download of `size` bytes; ResourceExhausted if it cannot fit."""
+        ...
+
+    def used(self, digest: str, request: bool = False) -> None:
+        """A use (here: a request) of `digest`, for its last use and popularity."""
+        ...
+
+    def finished(self, digest: str) -> None:
+        """The download of `digest` ended, complete or not."""
+        ...
+
+
+class NoCache:
+    """The `Cache` of an engine without a budget: admits everything, records nothing."""
+
+    def admit(self, digest: str, size: int) -> None:
+        return None
+
+    def used(self, digest: str, request: bool = False) -> None:
+        return None
+
+    def finished(self, digest: str) -> None:
+        return None
 
 
 class Engine:
@@ -101,9 +179,14 @@ class Engine:
         self_url: str,
         config: EngineConfig | None = None,
         rng: random.Random | None = None,
+        coordination: Coordination | None = None,
+        cache: Cache | None = None,
     ) -> None:
         """`rng` draws the jitter of peer choice and the order chunk tables are fetched in (a
-        seeded one makes a simulated site repeatable); by default a fresh `random.Random`."""
+        seeded one makes a simulated site repeatable); by default a fresh `random.Random`.
+        `coordination` is the tracker index's member side (settable later, as the attribute
+        `coordination`: the index section is built over the engine); by default `Untracked`.
+        `cache` admits new downloads (default: no budget)."""
         self.store = store
         self.catalog = catalog
         self.origin = origin
@@ -112,6 +195,9 @@ class Engine:
         self.self_url = self_url
         self.config = config or EngineConfig()
         self.rng = rng if rng is not None else random.Random()
+        self.coordination: Coordination = coordination if coordination is not None else Untracked()
+        self.cache: Cache = cache if cache is not None else NoCache()
+        self.busy_until = 0.0  # monotonic time a download last ran (replication waits for idle)
         self.stats: dict[str, PeerStats] = {}
         self.views: dict[str, dict[str, BlobView]] = {}  # digest -> peer -> view
         self.downloads: dict[str, Download] = {}
@@ -126,9 +212,20 @@ class Engine:
             # we inherited the stripe of an owner that stalled (heir); the rest were our stripes
             "origin_solo_chunks": 0,
             "origin_heir_chunks": 0,
+            # origin chunks fetched under a tracker's lease, and without one because the download
+            # was stuck (`lease_stuck`) with chunks no usable peer holds
+            "origin_lease_chunks": 0,
+            "origin_rescue_chunks": 0,
+            "leases": 0,  # leases the tracker granted us
+            # control messages this node sent (`/have` polls; tracker syncs are added by the
+            # control plane's index section): what must stay flat as the site grows
+            "control_requests": 0,
         }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
         self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
+        # told True when downloads start running and False when the last one ends (the control
+        # plane syncs more often while this node downloads)
+        self.on_busy: Callable[[bool], None] | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -148,33 +245,56 @@ class Engine:
         src = self.catalog.lookup(digest)
         return src.size if src else None
 
-    def ensure(self, digest: str) -> Download | None:
+    def ensure(self, digest: str, peers_only: bool = False, source: Source | None = None) -> Download | None:
         """Start (or join) the background download of `digest`; None if it is complete already.
 
-        NotFound if the blob is neither held nor catalogued (nobody told us where it lives)."""
+        NotFound if the blob is neither held nor catalogued (nobody told us where it lives) and
+        no `source` is given; ResourceExhausted if a new download cannot fit the cache budget.
+        `peers_only` (replication) never asks the origin; joining a peers-only download without
+        it lifts that."""
         if self.store.exists(digest):
             return None
         dl = self.downloads.get(digest)
         if dl is not None and not dl.task.done():
+            if not peers_only and dl.peers_only:
+                dl.peers_only = False  # a reader needs it: the origin may serve it now
+                dl.wake.set()
             return dl
         src = self.catalog.lookup(digest)
+        claimed = None
+        with contextlib.suppress(NotFound):
+            claimed = self.store.partials.record(digest)
+        if src is None and claimed is not None and claimed.source:
+            where = claimed.source
+            src = Source(digest, claimed.size, claimed.media_type, where["registry"], where["repository"])
         if src is None:
-            with contextlib.suppress(NotFound):
-                rec = self.store.partials.record(digest)
-                if rec.source:
-                    src = Source(
-                        digest, rec.size, rec.media_type, rec.source["registry"], rec.source["repository"]
-                    )
+            src = source
         if src is None:
             raise NotFound(f"blob {digest}: not held here and no origin known for it")
-        dl = Download(self, src)
+        if claimed is None:
+            self.cache.admit(digest, src.size)  # room is reserved before the claim makes the file
+        self.cache.used(digest, request=True)
+        dl = Download(self, src, peers_only=peers_only)
         self.downloads[digest] = dl
         dl.task = asyncio.create_task(dl.run(), name=f"download {digest[:19]}")
+        dl.task.add_done_callback(functools.partial(self._ended, digest))
+        self.busy_until = time.monotonic()
         self._ensure_poller()
         return dl
 
+    def _ended(self, digest: str, _task: asyncio.Task[None]) -> None:
+        self.busy_until = time.monotonic()
+        self.cache.finished(digest)
+
+    def idle_since(self) -> float:
+        """Monotonic time since which no download has run (now, while one runs)."""
+        if any(not dl.task.done() for dl in self.downloads.values()):
+            return time.monotonic()
+        return self.busy_until
+
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a blob, waiting (with priority) for missing chunks."""
+        self.cache.used(digest)  # renews its last use (cheap: the cache manager coalesces)
         while True:
             with contextlib.suppress(NotFound):
                 if self.store.exists(digest):
@@ -251,11 +371,25 @@ class Engine:
         log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
 
     def usable_peers(self) -> list[str]:
+        """The peers polled directly (no tracker): at most `fanout` of the site's members
+        (`policy.fanout`, chosen from all of them, so that every node computes the same groups),
+        less those dropped or suspended."""
         now = time.monotonic()
-        return [p for p in self.peer_source.peers() if self.stat(p).usable(now)]
+        chosen = fanout(self.peer_source.peers(), self.self_url, self.config.fanout)
+        return [p for p in chosen if self.stat(p).usable(now)]
+
+    def set_views(self, digest: str, views: dict[str, BlobView]) -> None:
+        """The holders of `digest` as the tracker answered (its candidate set replaces what we
+        knew); wakes the blob's download."""
+        self.views[digest] = {p: v for p, v in views.items() if p != self.self_url}
+        dl = self.downloads.get(digest)
+        if dl is not None:
+            dl.wake.set()
 
     def _ensure_poller(self) -> None:
         if self._poller is None or self._poller.done():
+            if self.on_busy is not None:
+                self.on_busy(True)
             self._poller = asyncio.create_task(self._poll(), name="peer poller")
 
     async def _poll(self) -> None:
@@ -263,8 +397,11 @@ class Engine:
         while not self._closed:
             active = [d for d, dl in self.downloads.items() if not dl.task.done()]
             if not active:
+                if self.on_busy is not None:
+                    self.on_busy(False)
                 return
-            await self.refresh(active)
+            if not self.coordination.tracking():  # with a tracker, its candidate sets are the views
+                await self.refresh(active)
             await asyncio.sleep(self.config.poll_interval)
 
     async def refresh(self, digests: list[str], wait: float | None = None) -> None:
@@ -283,6 +420,7 @@ class Engine:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
         failures in a row suspend the peer (dead or partitioned), which drops its views."""
         st = self.stat(peer)
+        self.counters["control_requests"] += 1
         try:
             res = await self.client.have(peer, digests)
         except (PeerError, ValueError, KeyError, TypeError) as exc:
@@ -317,6 +455,7 @@ class Download:
 
     engine: Engine
     source: Source
+    peers_only: bool = False
     task: asyncio.Task[None] = field(init=False)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     wanted: set[int] = field(default_factory=set)
@@ -336,6 +475,12 @@ class Download:
         self.started = time.monotonic()
         self.last_progress = self.started
         self.peer_progress: dict[str, Sighting] = {}  # peer -> (chunks held, when that changed)
+        # origin leases from the tracker: granted runs (the head one is being fetched, in sub-runs
+        # of consecutive missing chunks), and runs we are done with, to report
+        self.leases: list[tuple[int, int]] = []
+        self.leases_done: list[tuple[int, int]] = []
+        self._asked_early = False  # sync_soon was called and no lease has been granted since
+        self._rescue = False  # stuck without a lease: fetching unheld chunks from the origin anyway
 
     # -- API for readers ---------------------------------------------------------------------
 
@@ -358,7 +503,9 @@ class Download:
                 return
             rec = store.partials.record(self.digest)
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
-            if attempt == 1 and self.engine.peer_source.peers():
+            if self._tracked():
+                self.engine.coordination.sync_soon()  # announce the blob and ask for a lease now
+            elif attempt == 1 and self.engine.peer_source.peers() and not self.peers_only:
                 await self._gather()
             try:
                 await self._fill()
@@ -385,7 +532,7 @@ class Download:
                 raise
             except PeerSyncError as exc:
                 self._cancel_flights()
-                if attempt >= self.engine.config.max_attempts:
+                if attempt >= self.engine.config.max_attempts or self.peers_only:
                     self._fail(exc)
                     return
                 log.warning(
@@ -430,6 +577,8 @@ class Download:
             self.origin_task.cancel()
             self.origin_task = None
         self.origin_chunks.clear()
+        self.leases_done += self.leases  # given up: the tracker may lease them to someone else
+        self.leases.clear()
 
     async def _fill(self) -> None:
         partials = self.engine.store.partials
@@ -447,12 +596,109 @@ class Download:
                 await self._maybe_fetch_table()
             self._schedule(missing)
             if self.origin_task is None:
-                await self._plan_origin()
+                if self._tracked():
+                    self._lease_origin(missing)
+                else:
+                    await self._plan_origin()
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.engine.config.poll_interval)
-            if time.monotonic() - self.last_progress > 120:
-                raise Unavailable(f"blob {self.digest}: no progress for 120 s")
+            stall = self.engine.config.peers_only_stall if self.peers_only else 120.0
+            if time.monotonic() - self.last_progress > stall:
+                raise Unavailable(f"blob {self.digest}: no progress for {stall:.0f} s")
+
+    # -- leases (with a tracker) -----------------------------------------------------------
+
+    def _tracked(self) -> bool:
+        """Origin work is coordinated by the tracker's leases (not after peers disagreed on the
+        chunk table: then every chunk comes from the origin, ours to fetch)."""
+        return self.engine.coordination.tracking() and not self.origin_only
+
+    def lease_request(self) -> tuple[list[int], int] | None:
+        """What to ask the tracker for in the next sync: (wanted chunks first, most chunks per
+        run), or None when no lease is needed: not tracked, two leases held already (the run in
+        flight and the next: the uplink never idles between them), or every missing chunk is held
+        by a usable candidate, in flight, or under a lease we hold."""
+        if not self._tracked() or self.task.done() or len(self.leases) >= 2:
+            return None
+        try:
+            missing = self.engine.store.partials.missing(self.digest)
+        except PeerSyncError:
+            return None
+        views = self._views()
+        held = holders(views, missing, self.chunk_size)
+        busy = {i for i, fl in self.flights.items() if fl} | self.origin_chunks
+        leased = {i for a, b in self.leases for i in range(a, b + 1)}
+        need = {i for i in missing if not held[i] and i not in busy and i not in leased}
+        if not need:
+            return None
+        want = [i for i in sorted(self.wanted) if i in need][:16]
+        return want, self.engine.config.solo_batch_chunks
+
+    def grant_lease(self, first: int, last: int) -> None:
+        """The tracker leased us chunks `first`..`last` of this blob: ours to fetch from the origin."""
+        if not 0 <= first <= last < self.nchunks or (first, last) in self.leases:
+            return
+        self.leases.append((first, last))
+        self.engine.counters["leases"] += 1
+        self._asked_early = False
+        self._rescue = False
+        self.wake.set()
+
+    def drop_leases(self) -> None:
+        """The tracker that granted our leases is gone (a new one starts empty): forget the runs
+        not yet started; the run in flight finishes and is announced as an origin fetch."""
+        self.leases.clear()
+        self.leases_done.clear()
+
+    def _lease_origin(self, missing: list[int]) -> None:
+        """Fetch the next run of consecutive missing chunks of our head lease; a lease with
+        nothing left to fetch is done. Without a lease, ask for one now if we have nothing to
+        fetch from the origin (once per grant), and fetch unheld chunks anyway if the download
+        has been stuck for `lease_stuck` (a holder we cannot use, a tracker that cannot help)."""
+        todo = set(missing)
+        busy = {i for i, fl in self.flights.items() if fl}
+        while self.leases:
+            first, last = self.leases[0]
+            run = [i for i in range(first, last + 1) if i in todo and i not in busy]
+            if run:
+                end = run[0]
+                while end + 1 <= last and end + 1 in todo and end + 1 not in busy:
+                    end += 1
+                self._start_origin(run[0], end, "origin_lease_chunks")
+                return
+            self.leases_done.append(self.leases.pop(0))
+        if self.lease_request() is None:
+            return
+        if not self._asked_early:
+            self._asked_early = True
+            self.engine.coordination.sync_soon()
+        cfg = self.engine.config
+        if not self._rescue and not busy and time.monotonic() - self.last_progress > cfg.lease_stuck:
+            self._rescue = True  # until the tracker grants us a lease again
+            log.info("no lease and no progress: fetching unheld chunks from the origin", digest=self.digest)
+        if self._rescue:
+            views = self._views()
+            held = holders(views, missing, self.chunk_size)
+            elsewhere = {i for v in views.values() for i in v.fetching}  # other members' leases
+            busy |= elsewhere
+            unheld = [i for i in missing if not held[i] and i not in busy]
+            if unheld:
+                end = unheld[0]
+                while (
+                    end + 1 in todo
+                    and not held.get(end + 1)
+                    and end + 1 not in busy
+                    and end + 1 - unheld[0] < cfg.origin_batch_chunks
+                ):
+                    end += 1
+                self._start_origin(unheld[0], end, "origin_rescue_chunks")
+
+    def _start_origin(self, first: int, last: int, counter: str) -> None:
+        self.origin_chunks = set(range(first, last + 1))
+        self.engine.counters[counter] += last - first + 1
+        self.origin_task = asyncio.create_task(self._from_origin(first, last))
+        self.origin_task.add_done_callback(lambda _t: self.wake.set())
 
     # -- planning ----------------------------------------------------------------------------
 
@@ -491,7 +737,9 @@ class Download:
         """Fetch from the origin the chunks that are ours to fetch (`policy.striping`): nobody
         holds them, nobody else is fetching them, and we own their stripe (or inherit it from a
         stalled owner). Peers' holdings are refreshed first, so a fetch another node started a
-        moment ago is seen."""
+        moment ago is seen. Never for a peers-only download (nor one with no origin known)."""
+        if self.peers_only or not self.source.registry:
+            return
         if not self._origin_plan(time.monotonic())[0]:
             return
         if not self.origin_only:
@@ -640,9 +888,10 @@ class Download:
         batch: list[tuple[int, bytes]] = []
         storing: asyncio.Task[None] | None = None
         try:
-            async with contextlib.aclosing(
-                engine.origin.read_blob(src.registry, src.repository, self.digest, start, end - start)
-            ) as pieces:
+            pieces = engine.origin.read_blob(
+                src.registry, src.repository, self.digest, start, end - start, src.size
+            )
+            async with contextlib.aclosing(pieces):
                 async for piece in pieces:
                     buf += piece
                     while index <= last and len(buf) >= min(cs, src.size - index * cs):

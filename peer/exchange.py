@@ -15,8 +15,10 @@ HTTP/1.1 on the node's LAN address (`peer.listen`), all under `/peersync/v1`:
                                 this node has verified.
     GET  /blobs/{digest}/data   bytes of the blob; needs `Range: bytes=a-b` covering whole chunks
                                 that are present; answered from the file with sendfile (zero
-                                copy). `X-Chunk-Sha256` carries the server's hash of the range
-                                when it is exactly one chunk.
+                                copy) for a complete blob, streamed from an fd for a partial one
+                                (whose file is renamed when it is promoted). `X-Chunk-Sha256`
+                                carries the server's hash of the range when it is exactly one
+                                chunk.
 
 Bad input is a 4xx with a short text saying why, never a 500: a body that is not JSON or not of
 the documented shape, a digest that is not `sha256:<64 hex>`, a Range that is not `bytes=a-b` with
@@ -34,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import re
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +59,7 @@ DIGEST_RE = r"sha256:[0-9a-f]{64}"
 _DIGEST = re.compile(DIGEST_RE)
 # 19 digits hold any offset below 2**63; longer numbers are refused before int() parses them.
 _RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
+SEND_PIECE = 256 << 10  # a partial blob's range is streamed in pieces of this size
 
 
 # -- server --------------------------------------------------------------------------------------
@@ -128,7 +132,32 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
         except (Unavailable, OutOfRange, InvalidArgument) as exc:
             raise web.HTTPRequestRangeNotSatisfiable(text=str(exc)) from exc
         headers = {"X-Chunk-Sha256": sha.hex()} if sha else {}
-        return web.FileResponse(path, headers=headers)
+        if path.startswith(str(store.blob_dir)):
+            return web.FileResponse(path, headers=headers)
+        # A partial blob's file is renamed into blobs/ when it is promoted, which can happen
+        # between here and the moment a FileResponse opens it (in a worker thread): stream the
+        # range from an fd opened now instead, in pieces (bounded memory, with back-pressure).
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return web.FileResponse(store.blob_path(digest), headers=headers)
+        try:
+            headers["Content-Range"] = f"bytes {start}-{end}/{os.fstat(fd).st_size}"
+            resp = web.StreamResponse(status=206, headers=headers)
+            resp.content_type = "application/octet-stream"
+            resp.content_length = end - start + 1
+            await resp.prepare(request)
+            pos = start
+            while pos <= end:
+                piece = os.pread(fd, min(SEND_PIECE, end + 1 - pos), pos)  # page cache: just written
+                if not piece:
+                    raise ConnectionResetError(f"{path} ended at {pos}")  # cannot happen: sized file
+                await resp.write(piece)
+                pos += len(piece)
+            await resp.write_eof()
+            return resp
+        finally:
+            os.close(fd)
 
     return r
 
@@ -176,13 +205,20 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
     """The file to serve [start, end] from and the hash of that range if it is one chunk.
 
     Raises NotFound (blob unknown), Unavailable (a chunk of the range is not present yet),
-    InvalidArgument (range not chunk-aligned), OutOfRange."""
-    partial = True
+    InvalidArgument (range not chunk-aligned), OutOfRange. A partial blob being promoted while we
+    look (its partial state retired, its file renamed into blobs/) is served as the complete blob
+    it just became: peers ask a node for chunks most while it finishes a blob, and answering
+    404 there made them drop it as a peer."""
     try:
-        rec = store.partials.record(digest)
+        return _servable_from(store, digest, start, end, partial=True)
     except NotFound:
-        rec = store.record(digest)
-        partial = False
+        return _servable_from(store, digest, start, end, partial=False)
+
+
+def _servable_from(
+    store: ChunkStore, digest: str, start: int, end: int, partial: bool
+) -> tuple[str, bytes | None]:
+    rec = store.partials.record(digest) if partial else store.record(digest)
     if end < start or end >= rec.size:
         raise OutOfRange(f"range {start}-{end} outside {digest} ({rec.size} bytes)")
     first, last = start // rec.chunk_size, end // rec.chunk_size
@@ -197,6 +233,11 @@ def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str
         if any(not (have[i // 8] >> (i % 8) & 1) for i in range(first, last + 1)):
             raise Unavailable(f"chunks {first}-{last} of {digest} not all present")
     path = store.partials.path(digest) if partial else store.blob_path(digest)
+    if partial and not path.exists():
+        # promoted meanwhile: renamed into blobs/ (the same bytes), its record flips next
+        path = store.blob_path(digest)
+        if not path.exists():
+            raise NotFound(f"content {digest}: not found")
     return str(path), sha
 
 
@@ -253,7 +294,9 @@ class PeerClient:
         try:
             async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
                 if resp.status not in (200, 206):
-                    raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}")
+                    # Only the start of the refusal: a peer's error page is no reason to read megabytes.
+                    why = (await resp.content.read(200)).decode("utf-8", "replace")
+                    raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}: {why}")
                 data = await _read_capped(resp, length, url)
                 claim = resp.headers.get("X-Chunk-Sha256")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:

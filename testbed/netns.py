@@ -10,6 +10,9 @@ namespace: no links, no addresses, no routes, so parallel sites can reuse the sa
     <p>-rtr  lan0 10.231.1.1 ──┘  wan0 10.231.2.1 ══ uplink ═════┘        └── <p>-reg eth0 10.231.2.10
              (ip_forward=1 here only)                                          docker-registry :5000
 
+`partition(nodes)` moves those nodes' bridge ports to a second bridge (br1) in `<p>-lan`, cutting the
+LAN in two with every link still up; `heal()` moves them back.
+
 The uplink is the veth pair `<p>-rtr:wan0` <-> `<p>-wan:rtr`; each end has a `tbf` root qdisc
 (egress of wan:rtr shapes WAN->LAN, egress of rtr:wan0 shapes LAN->WAN), so both directions are
 limited to `uplink_mbit`; `set_uplink()` changes both mid-run. With `lan_mbit`, node links are
@@ -369,11 +372,12 @@ class SiteNode:
         return self.stack.enter_context(cm)
 
     def start_peersync(
-        self, *args: str, workdir: Path | None = None, config: str | None = None
+        self, *args: str, workdir: Path | None = None, config: str | None = None, python: str | None = None
     ) -> PeerSyncDaemon:
         """`peersync daemon` inside this node's namespace; stopped with the node or the site."""
         work = workdir or Path(tempfile.mkdtemp(prefix="peersync-", dir=self.workdir))
-        return self.stack.enter_context(start_peersync(work, *args, prefix=self.prefix, config=config))
+        daemon = start_peersync(work, *args, prefix=self.prefix, config=config, python=python)
+        return self.stack.enter_context(daemon)
 
     def stop_services(self) -> None:
         """Stop this node's containerd/peersync (reverse start order)."""
@@ -433,6 +437,7 @@ class Site:
         self._readers: dict[str, NetDevReader] = {}
         self._readers_lock = threading.Lock()
         self.sampler = UplinkSampler(self._uplink_counters, sample_interval)
+        self._split: set[int] = set()  # node indices on the second bridge (partition())
         self._started = False
 
     # --- names ---------------------------------------------------------------------------------
@@ -582,6 +587,29 @@ class Site:
         else:
             with contextlib.suppress(Exception):
                 run_checked(["tc", "-n", ns, "qdisc", "del", "dev", ifname, "root"], timeout=30)
+
+    def partition(self, nodes: Sequence[int]) -> None:
+        """Cut the LAN in two: the ports of `nodes` (indices) move from the LAN bridge to a second
+        bridge, br1, in the same namespace. Each side keeps its own broadcast domain (ARP, mDNS)
+        and its links stay up; the side without the router loses the uplink too. `heal()` undoes it.
+        """
+        lan = self.lan_ns
+        if not self._split:
+            with contextlib.suppress(Exception):
+                self._ip(lan, "link", "del", "br1")
+            self._ip(lan, "link", "add", "br1", "type", "bridge", "forward_delay", "0", "stp_state", "0")
+            self._ip(lan, "link", "set", "br1", "up")
+        for i in nodes:
+            self._ip(lan, "link", "set", f"n{i}", "master", "br1")
+            self._split.add(i)
+
+    def heal(self) -> None:
+        """Join the two sides of a `partition()` again: every node port back on br0."""
+        for i in sorted(self._split):
+            self._ip(self.lan_ns, "link", "set", f"n{i}", "master", "br0")
+        self._split.clear()
+        with contextlib.suppress(Exception):
+            self._ip(self.lan_ns, "link", "del", "br1")
 
     def set_uplink(self, mbit: float | None) -> None:
         """Shape both directions of the uplink to `mbit` Mbit/s (None or 0: unshaped), mid-run."""

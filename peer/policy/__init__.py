@@ -20,4 +20,12 @@ The model, one module per concept:
                owners and their single heir, the run one origin request covers.
 - `hedging`    which straggling peer requests get a second request, and to whom.
 - `gathering`  whether to keep waiting for the nodes of a burst to join before dealing stripes.
+- `index`      the tracker's index: holdings per blob and member, bounded candidate sets, origin
+               leases (who fetches which run from the uplink), replica counts.
+- `fanout`     which peers a node polls itself when there is no tracker (at most 8, stable).
+- `popularity` sliding-window request counts per blob, per node and site-wide; heat; the order
+               across blobs once readers are served (`by_heat`).
+- `eviction`   the cache's eviction score (popularity, recency, replicas), its order, the last copy
+               of a hot blob, and the plan against the watermarks (`peer.cache` acts on it).
+- `replication` which site-hot, scarce blob an idle node copies from its peers (`peer.replication`).
 """

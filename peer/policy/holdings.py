@@ -43,13 +43,16 @@ class BlobView:
 
     @classmethod
     def from_json(cls, obj: dict[str, Any]) -> BlobView:
-        """A view from its `/have` JSON form (the wire format is `peer.exchange`'s)."""
+        """A view from its `/have` JSON form (the wire format is `peer.exchange`'s). `fetching`
+        (the chunks the peer announced it is fetching from the origin) is optional: an older
+        peer does not send it."""
         return cls(
             obj["digest"],
             int(obj["size"]),
             int(obj["chunk_size"]),
             bool(obj["complete"]),
             base64.b64decode(obj["have"]),
+            frozenset(int(i) for i in obj.get("fetching") or ()),
         )
 
 

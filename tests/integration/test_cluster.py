@@ -85,3 +85,46 @@ def test_killing_a_serving_peer_mid_pull(site: Site, image: BuiltImage) -> None:
         assert stats["corrupt_chunks"] == 0
         assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
         check_node(cnode, ref, image)
+
+
+def test_the_tracker_dies_mid_pull_on_a_site_that_names_no_peers(site: Site, image: BuiltImage) -> None:
+    """Every node has the same config naming no peer (they meet by mDNS); SIGKILL the tracker
+    while all four pull: the three others elect a new tracker and end with a correct image."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = site.push_image(image, "edge/app")
+    cluster = Cluster(site, mode="full", discovery=True)
+    deadline = time.monotonic() + 20
+    while True:
+        views = [n.control() for n in cluster.nodes]
+        trackers = [v["id"] for v in views if v["role"] == "tracker"]
+        if len(trackers) == 1 and all(len(v["members"]) == 4 for v in views):
+            break
+        assert time.monotonic() < deadline, [(v["role"], len(v["members"])) for v in views]
+        time.sleep(0.2)
+    victim, dead = next(
+        (n, v["id"]) for n, v in zip(cluster.nodes, views, strict=True) if v["role"] == "tracker"
+    )
+    survivors = [n for n in cluster.nodes if n is not victim]
+    before = site.uplink_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        futures = {n.node.name: pool.submit(n.pull, ref) for n in cluster.nodes}
+        deadline = time.monotonic() + 60
+        while site.uplink_bytes() - before < 0.4 * image.compressed_size:
+            assert time.monotonic() < deadline, "the pull never got going"
+            time.sleep(0.02)
+        victim.daemon.kill()
+        killed = time.monotonic()
+        with pytest.raises(Exception):  # noqa: B017 - the victim's own pull loses its plugin
+            futures[victim.node.name].result(timeout=120)
+        for n in survivors:
+            futures[n.node.name].result(timeout=180)
+    views = [n.control() for n in survivors]
+    (new,) = [v for v in views if v["role"] == "tracker"]
+    assert all(v["tracker"]["id"] == new["id"] for v in views)
+    assert all(dead not in {m["id"] for m in v["members"]} for v in views)
+    print(f"\nsurvivors done {time.monotonic() - killed:.1f} s after the kill; new tracker {new['url']}")
+    for cnode in survivors:
+        assert cnode.stats()["corrupt_chunks"] == 0
+        assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
+        check_node(cnode, ref, image)

@@ -105,3 +105,13 @@ def test_control_plane_keys_are_validated(tmp_path: Path, toml: str, match: str)
     path.write_text(toml)
     with pytest.raises(InvalidArgument, match=match):
         config.load(path)
+
+
+def test_config_text_parses_like_a_file_and_names_where_it_came_from(tmp_path: Path) -> None:
+    text = '[site]\nname = "plant-7"\n'
+    (tmp_path / "c.toml").write_text(text)
+    assert config.loads(text) == config.load(tmp_path / "c.toml")
+    with pytest.raises(InvalidArgument, match="inline: site: unknown key 'nmae'"):
+        config.loads('[site]\nnmae = "x"\n', where="inline")
+    with pytest.raises(InvalidArgument, match="config inline is not valid TOML"):
+        config.loads("[site", where="inline")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -14,8 +15,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from kernel.errors import PeerSyncError
 from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
-from testbed.peersyncd import loopback_config
+from testbed.peersyncd import check_host_config, loopback_config
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,9 +32,13 @@ def loopback_ports(root: Path) -> list[str]:
 
 
 def start_daemon(root: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A daemon on this host: its config must keep multicast DNS off the host's networks."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     if "--config" not in extra:
         extra = (*extra, *loopback_ports(root))
+    config = Path(extra[extra.index("--config") + 1])
+    with contextlib.suppress(PeerSyncError):  # a test of a bad config: the daemon refuses it itself
+        check_host_config(config.read_text(), str(config))
     return subprocess.Popen(
         [sys.executable, "-m", "peersync.cli", "daemon", "--root", str(root), "--socket", str(sock), *extra],
         stdout=subprocess.PIPE,

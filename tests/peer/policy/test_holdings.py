@@ -74,6 +74,20 @@ def test_from_json_decodes_the_have_answer() -> None:
     assert BlobView.from_json(obj) == BlobView(DIGEST, 3 * CHUNK, CHUNK, False, b"\x05")
 
 
+def test_from_json_keeps_the_announced_origin_fetches() -> None:
+    """Regression: the `fetching` field was dropped, so no peer ever saw another node's origin
+    fetch and `striping.origin_candidates` could pick the same chunks."""
+    obj = {
+        "digest": DIGEST,
+        "size": 8 * CHUNK,
+        "chunk_size": CHUNK,
+        "complete": False,
+        "have": base64.b64encode(b"\x01").decode(),
+        "fetching": [4, 5],
+    }
+    assert BlobView.from_json(obj).fetching == frozenset({4, 5})
+
+
 def test_blob_view_is_frozen() -> None:
     v = view(4, {1})
     with pytest.raises(AttributeError):

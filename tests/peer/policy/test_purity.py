@@ -24,6 +24,12 @@ def test_the_policy_modules_are_all_here() -> None:
         "striping",
         "hedging",
         "gathering",
+        "membership",
+        "election",
+        "index",
+        "popularity",
+        "eviction",
+        "replication",
     } <= names
 
 

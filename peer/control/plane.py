@@ -1,0 +1,150 @@
+"""The control plane as the rest of `peer/` sees it: one `ControlPlane` per node.
+
+`peer.node.PeerNode` builds it (when the peer exchange listens), mounts its routes on the peer
+port, hands it to the engine as the engine's `PeerSource`, and starts it. It offers:
+
+- `members()` / `member(id)`: the other members alive in this node's view (`Member` records:
+  id, url, site, started, priority, cpus, mem_mib, link_mbit);
+- `peers()` (the engine's `PeerSource`): the static `[peer] peers` list, plus every member while
+  there is a tracker, or at most `fanout` members (chosen per node by rendezvous hashing) while
+  there is none: the engine's direct `/have` questions stay bounded without a tracker;
+- `role` ("tracker", "member" or "electing"), `tracker` (a `TrackerRef`: `.id`, `.url`,
+  `.epoch`, `.record`; None while electing), `node_id`, `me` (this node's record);
+- `register(member_section, tracker_section)`: a concern that rides on the sync message
+  (`peer.control.sections`); `wake()`: sync (or hold the next election round) now;
+  `set_busy(bool)`: the engine says whether downloads run (syncs every 0.25 s, else 1 s);
+- `status()`: a JSON-compatible dict for `peersync status`, also served at
+  `GET /peersync/v1/control/status`:
+
+      id            this node's id (32 hex digits, kept in <root>/node-id)
+      site          [site] name
+      url           where other nodes reach this one
+      role          "tracker" | "member" | "electing"
+      tracker       {"id", "url", "epoch"} of the tracker followed (this node when it is
+                    tracker), or null while electing
+      epoch_seen    the highest tracker epoch this node has seen
+      members       [{"id", "url", "rank" (0 = best for election), "priority", "started"
+                    (unix seconds), "last_heard" (seconds ago: on the tracker, since the
+                    member's last sync; on a member, since the tracker last vouched for it),
+                    "self" (bool)}], best rank first, this node included
+      direct_peers  the member URLs the engine may ask directly now (see `peers()`)
+      messages      control messages by kind since start: sync_sent, sync_failed,
+                    sync_received, whois_sent, whois_failed, whois_received, tracker_sent,
+                    tracker_failed, tracker_received (a member sends one sync per interval
+                    whatever the site's size; the tracker receives one per member)
+      elections     elections this node started (trackers lost)
+      claims        times this node became tracker
+      busy          whether the engine has downloads running
+      uptime        seconds since the control plane started
+      mdns          whether multicast DNS runs
+      candidates    addresses discovery proposes (static, bootstrap, mDNS)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from kernel.config import Config
+from peer.control.client import ControlClient, Counters
+from peer.control.discovery import Discovery
+from peer.control.identity import local_record, node_id
+from peer.control.member import ControlConfig, MemberAgent
+from peer.control.sections import MemberSection, Sections, TrackerSection
+from peer.control.tracker import routes
+from peer.policy.election import TrackerRef
+from peer.policy.membership import Member
+
+log = structlog.get_logger(__name__)
+
+
+class ControlPlane:
+    """Discovery, membership, tracker election and the sync transport of one node.
+
+    Lifecycle: build, mount `routes()`, `await start()`, `await stop()` (tells the tracker this
+    node leaves, says goodbye on multicast DNS)."""
+
+    def __init__(self, config: Config, url: str, tunables: ControlConfig | None = None) -> None:
+        self.config = config
+        self.tunables = tunables or ControlConfig()
+        self.node_id = node_id(config.root)
+        self.me = local_record(config, self.node_id, url)
+        self.sections = Sections()
+        self.counters = Counters()
+        self.client = ControlClient(
+            config.site.name, self.counters, self.tunables.sync_timeout, self.tunables.probe_timeout
+        )
+        self.discovery = Discovery(config, self.me, on_change=self._discovered)
+        self.agent = MemberAgent(
+            self.me, self.sections, self.discovery, self.client, self.counters, self.tunables
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def _discovered(self) -> None:
+        self.agent.discovered()
+
+    def routes(self) -> web.RouteTableDef:
+        """`/peersync/v1/control/{sync,whois,tracker,status}` (see `peer.control.tracker`)."""
+        return routes(self.agent)
+
+    async def start(self) -> None:
+        await self.discovery.start()
+        self._task = asyncio.create_task(self.agent.run(), name="control plane")
+        log.info("control plane up", id=self.node_id, site=self.me.site, url=self.me.url)
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+        with contextlib.suppress(Exception):
+            await self.agent.leave()
+        await self.discovery.stop()
+        await self.client.close()
+
+    # -- what the rest of peer/ uses --------------------------------------------------------
+
+    @property
+    def role(self) -> str:
+        """ "tracker", "member" or "electing"."""
+        return self.agent.role
+
+    @property
+    def tracker(self) -> TrackerRef | None:
+        """The tracker this node follows (itself, when it is tracker); None while electing."""
+        return self.agent.following
+
+    def members(self) -> list[Member]:
+        """The other members alive in this node's view."""
+        return self.agent.members()
+
+    def member(self, node: str) -> Member | None:
+        """The record of member `node` (this node included), or None."""
+        return self.agent.table().get(node)
+
+    def peers(self) -> list[str]:
+        """The engine's `PeerSource`: the static list plus the members it may ask directly."""
+        urls = [*self.discovery.static, *self.agent.direct_peers()]
+        return [u for u in dict.fromkeys(urls) if u != self.me.url]
+
+    def register(self, member_section: MemberSection, tracker_section: TrackerSection) -> None:
+        """Ride on the sync message (`peer.control.sections`); one name per concern."""
+        self.sections.add(member_section, tracker_section)
+        self.agent.section_added(member_section.name)
+
+    def wake(self) -> None:
+        """Sync now (a section has something that should not wait for the next interval)."""
+        self.agent.wake()
+
+    def set_busy(self, busy: bool) -> None:
+        """The engine has downloads running (True) or none (False)."""
+        self.agent.set_busy(busy)
+
+    def status(self) -> dict[str, Any]:
+        """This node's control-plane state (keys in the module docstring)."""
+        return self.agent.status()

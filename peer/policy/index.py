@@ -1,0 +1,524 @@
+"""The tracker's index: who holds which chunks of which blob, who fetches what from the origin.
+
+The tracker keeps soft state only (docs/control-plane.md, "The tracker index"), rebuilt from the
+members' announcements after a failover. Per blob: its size and chunk size, the members holding it
+whole (*complete*) and the members filling it (*partial*, each with a presence bitmap, possibly
+empty: a member that announced it started), and the **origin leases**: which member fetches which
+run of chunks from the origin right now, granted when, and when that run last made progress. Per
+member: its subnet and URL and the blobs it announced (so a dead member is dropped in time
+proportional to what it held, not to the site).
+
+Operations, each a method of `Index`, time passed in as `now`, randomness as a `random.Random`:
+
+- `apply(member, Announcement, now)`: a delta from one member (chunk ranges that arrived, the blob
+  started, completed or dropped, the runs it is fetching from the origin).
+- `drop_member(member)`: the member left the site; its holdings and leases vanish at once.
+- `candidates(digest, asker, now, rng)`: a bounded set of holders (`candidates`, 16) for a member
+  filling the blob. Complete holders and the partial holders with the most chunks, the asker's
+  subnet first, a random spread among equals (so that one seed is not everyone's first choice),
+  never the asker, and members holding nothing are left out. A *cover* pass makes sure a chunk the
+  asker misses and only a few members hold is offered by someone (a chunk held only by a member
+  ranked below the top 16 would otherwise never reach anyone, and could never be leased either).
+- `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
+  nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
+  the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
+  spread and re-planned often, `solo_lease_chunks` (32) when the member is alone. A lease whose
+  holder announced no progress on its run for `lease_grace` (6 s) is expired and its run is free
+  again (re-granted). A member holds at most `leases_per_member` (2: the batch in flight and the
+  next one) live leases per blob.
+- `release(digest, member, first, last)`: the member finished (or gave up) a run.
+- `replicas(digest)`: members holding a complete copy (for the cache manager).
+
+Invariants (tested by hypothesis in tests/peer/policy/test_index.py): at most one live lease covers
+any chunk; a lease never covers a chunk that is held (at grant time) or leased; a burst of members
+asking for leases covers every chunk exactly once; the asker is never its own candidate and the set
+is bounded; a dropped member leaves no holdings and no leases.
+
+Complexity, for the scale simulator (10,000 members): bitmaps are Python ints (bit i = chunk i);
+`apply` costs O(chunks that changed); `drop_member` O(chunks the member held); `grant` O(leases of
+the blob + run length) and a few bit operations over the blob's bitmaps; `candidates` O(k) plus a
+re-ranking of the blob's holders, O(H log H), at most once per `rank_ttl` of `now` while the
+holdings change (asks in between use the ranking as it was, minus members that left). Memory: one
+bitmap per (member, partial blob), one holder count and at most `seeds` member ids per chunk.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from random import Random
+from urllib.parse import urlsplit
+
+
+@dataclass(frozen=True)
+class IndexConfig:
+    """The index's tunables (docs/control-plane.md)."""
+
+    candidates: int = 16  # holders offered per blob and ask
+    lease_chunks: int = 4  # run length of a lease while others fill the blob
+    solo_lease_chunks: int = 32  # ... when the requester is the only member filling it
+    lease_grace: float = 6.0  # seconds without progress after which a lease is re-granted
+    leases_per_member: int = 2  # live leases per member and blob: the run in flight and the next
+    rank_ttl: float = 0.5  # how long a blob's ranking of holders is reused while holdings change
+    seeds: int = 4  # members remembered per chunk, for the cover pass
+    cover_reserve: int = 4  # candidate slots kept for the cover pass
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What one member says about one blob in one sync (a delta, or its whole state on `full`).
+
+    `add` are inclusive chunk ranges that arrived; `filling` says the member started filling the
+    blob (it may hold nothing yet); `complete` that it holds the blob whole and verified; `drop`
+    that it holds none of it any more. `fetching`, when not None, are the runs it is fetching from
+    the origin right now (sent after a failover so the new tracker adopts them as leases)."""
+
+    digest: str
+    size: int
+    chunk_size: int
+    add: tuple[tuple[int, int], ...] = ()
+    filling: bool = False
+    complete: bool = False
+    drop: bool = False
+    fetching: tuple[tuple[int, int], ...] | None = None
+
+
+@dataclass
+class Lease:
+    """One member fetches chunks `first`..`last` of a blob from the origin."""
+
+    digest: str
+    member: str
+    first: int
+    last: int
+    granted: float
+    progress: float  # when the member last announced a chunk of the run (or `granted`)
+
+    @property
+    def mask(self) -> int:
+        """The run as a bitmap."""
+        return ((1 << (self.last - self.first + 1)) - 1) << self.first
+
+    def live(self, now: float, grace: float) -> bool:
+        """The holder made progress on the run within `grace` seconds."""
+        return now - self.progress <= grace
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A candidate for one blob: who, and what it holds and is fetching from the origin."""
+
+    member: str
+    url: str
+    complete: bool
+    have: int  # presence bitmap (bit i = chunk i); 0 for a complete holder
+    fetching: tuple[tuple[int, int], ...]  # its live lease runs
+
+
+@dataclass
+class _Member:
+    """What the index knows of one member: where it serves, its subnet, the blobs it announced."""
+
+    url: str = ""
+    subnet: str = ""
+    blobs: set[str] = field(default_factory=set)
+
+
+@dataclass
+class _Ranking:
+    """A blob's holders ranked at `at`: all of them, and split by subnet."""
+
+    at: float
+    groups: list[list[str]]  # members of equal score, best score first
+    by_subnet: dict[str, list[list[str]]]
+
+
+class _Blob:
+    """One blob's holdings and leases."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.nchunks = max(1, -(-size // chunk_size))
+        self.full = (1 << self.nchunks) - 1
+        self.complete: set[str] = set()
+        self.have: dict[str, int] = {}  # partial members (filling), with their bitmaps
+        self.counts = [0] * self.nchunks  # partial holders per chunk
+        self.held = 0  # bits with counts > 0
+        self.seeds: list[list[str]] = [[] for _ in range(self.nchunks)]
+        self.leases: list[Lease] = []
+        self.ranking: _Ranking | None = None
+        self.dirty = True
+
+    @property
+    def empty(self) -> bool:
+        """Nobody holds or fills the blob any more: the index forgets it."""
+        return not self.complete and not self.have
+
+    def leased(self) -> int:
+        """The chunks under a lease (live or not: the caller expires them first)."""
+        mask = 0
+        for lease in self.leases:
+            mask |= lease.mask
+        return mask
+
+    def add_bits(self, member: str, new: int, seeds: int) -> None:
+        """`member` now holds chunks `new` too."""
+        for i in _bits(new):
+            self.counts[i] += 1
+            if len(self.seeds[i]) < seeds:
+                self.seeds[i].append(member)
+        self.held |= new
+
+    def remove_bits(self, member: str, bits: int) -> None:
+        """`member` no longer holds (or no longer counts as partial holder of) chunks `bits`."""
+        for i in _bits(bits):
+            self.counts[i] -= 1
+            if not self.counts[i]:
+                self.held &= ~(1 << i)
+            if member in self.seeds[i]:
+                self.seeds[i].remove(member)
+
+    def seeds_of(self, i: int, seeds: int) -> list[str]:
+        """Members holding chunk `i` (up to `seeds`), refilled by a scan if all seeds left."""
+        if not self.seeds[i] and self.counts[i]:
+            self.seeds[i] = [m for m, h in self.have.items() if h >> i & 1][:seeds]
+        return self.seeds[i]
+
+
+class Index:
+    """The tracker's index of one site (see the module docstring)."""
+
+    def __init__(self, config: IndexConfig | None = None) -> None:
+        self.config = config or IndexConfig()
+        self._blobs: dict[str, _Blob] = {}
+        self._members: dict[str, _Member] = {}
+
+    # -- members -------------------------------------------------------------------------------
+
+    def set_member(self, member: str, url: str, subnet: str | None = None) -> None:
+        """Where `member` serves chunks, and its subnet (by default `subnet_of(url)`)."""
+        rec = self._members.setdefault(member, _Member())
+        rec.url = url
+        rec.subnet = subnet_of(url) if subnet is None else subnet
+
+    def members(self) -> list[str]:
+        """Members the index knows of."""
+        return list(self._members)
+
+    def blobs_of(self, member: str) -> set[str]:
+        """Blobs `member` announced (held whole or in part, or filling)."""
+        rec = self._members.get(member)
+        return set(rec.blobs) if rec else set()
+
+    def drop_member(self, member: str) -> None:
+        """`member` left the site: its holdings and its leases vanish."""
+        rec = self._members.pop(member, None)
+        if rec is None:
+            return
+        for digest in rec.blobs:
+            blob = self._blobs.get(digest)
+            if blob is not None:
+                self._remove(digest, blob, member)
+
+    # -- announcements ---------------------------------------------------------------------------
+
+    def apply(self, member: str, ann: Announcement, now: float) -> bool:
+        """Apply one announcement; False if it was refused (a size or chunk size that differs from
+        what the index holds for that digest: another object under the same name, or a lie)."""
+        blob = self._blobs.get(ann.digest)
+        if blob is not None and (blob.size, blob.chunk_size) != (ann.size, ann.chunk_size):
+            return False
+        if ann.size < 0 or ann.chunk_size <= 0:
+            return False
+        rec = self._members.setdefault(member, _Member())
+        if ann.drop:
+            if blob is not None:
+                self._remove(ann.digest, blob, member)
+            rec.blobs.discard(ann.digest)
+            return True
+        if blob is None:
+            blob = self._blobs[ann.digest] = _Blob(ann.size, ann.chunk_size)
+        rec.blobs.add(ann.digest)
+        blob.dirty = True
+        if ann.complete:
+            old = blob.have.pop(member, None)
+            if old is not None:
+                blob.remove_bits(member, old)
+            blob.complete.add(member)
+            blob.leases = [le for le in blob.leases if le.member != member]
+            return True
+        if member in blob.complete:  # a complete holder's holdings cannot grow; ignore the rest
+            return True
+        old = blob.have.get(member, 0)
+        add = 0
+        for first, last in ann.add:
+            add |= _run_mask(first, last, blob.nchunks)
+        new = add & ~old
+        blob.have[member] = old | new
+        if new:
+            blob.add_bits(member, new, self.config.seeds)
+            self._progress(blob, member, new, now)
+        if ann.fetching is not None:
+            self._adopt(ann.digest, blob, member, ann.fetching, now)
+        return True
+
+    def _progress(self, blob: _Blob, member: str, new: int, now: float) -> None:
+        """Chunks `new` arrived at `member`: its leases over them progressed; leases whose whole
+        run is held now are done."""
+        keep = []
+        for lease in blob.leases:
+            if lease.member == member and lease.mask & new:
+                lease.progress = now
+            if lease.mask & ~blob.held:
+                keep.append(lease)
+        blob.leases = keep
+
+    def _adopt(
+        self, digest: str, blob: _Blob, member: str, runs: Iterable[tuple[int, int]], now: float
+    ) -> None:
+        """Record the origin fetches a member announced as its leases, where no live lease (its
+        own included) covers them yet: the one-lease-per-chunk invariant wins over the announcement."""
+        cfg = self.config
+        blob.leases = [le for le in blob.leases if le.live(now, cfg.lease_grace)]
+        taken = blob.leased()
+        for first, last in runs:
+            free = _run_mask(first, last, blob.nchunks) & ~taken & ~blob.held
+            for lo, hi in _runs(free):
+                blob.leases.append(Lease(digest, member, lo, hi, now, now))
+            taken |= free
+
+    def _remove(self, digest: str, blob: _Blob, member: str) -> None:
+        blob.complete.discard(member)
+        old = blob.have.pop(member, None)
+        if old is not None:
+            blob.remove_bits(member, old)
+        blob.leases = [le for le in blob.leases if le.member != member]
+        blob.dirty = True
+        if blob.empty:
+            del self._blobs[digest]
+
+    # -- questions -------------------------------------------------------------------------------
+
+    def size_of(self, digest: str) -> tuple[int, int] | None:
+        """(size, chunk size) the index holds for `digest`, or None if nobody announced it."""
+        blob = self._blobs.get(digest)
+        return None if blob is None else (blob.size, blob.chunk_size)
+
+    def replicas(self, digest: str) -> int:
+        """How many members hold a complete copy of `digest`."""
+        blob = self._blobs.get(digest)
+        return len(blob.complete) if blob else 0
+
+    def filling(self, digest: str) -> set[str]:
+        """The members filling `digest` (announced it, not complete)."""
+        blob = self._blobs.get(digest)
+        return set(blob.have) if blob else set()
+
+    def holdings(self, digest: str, member: str) -> int | None:
+        """`member`'s bitmap of `digest` (all ones when complete); None if it announced none."""
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return None
+        if member in blob.complete:
+            return blob.full
+        return blob.have.get(member)
+
+    def leases(self, digest: str, now: float) -> list[Lease]:
+        """The live leases of `digest`."""
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return []
+        return [le for le in blob.leases if le.live(now, self.config.lease_grace)]
+
+    def candidates(self, digest: str, asker: str, now: float, rng: Random) -> list[Holder]:
+        """Up to `candidates` holders of `digest` for `asker` (see the module docstring)."""
+        blob = self._blobs.get(digest)
+        cfg = self.config
+        if blob is None or asker in blob.complete:
+            return []
+        ranking = self._ranking(blob, now)
+        me = self._members.get(asker)
+        subnet = me.subnet if me else ""
+        chosen: dict[str, None] = {}  # insertion-ordered set
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng)
+        self._cover(blob, asker, chosen, cfg.candidates, rng)
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng)
+        return [self._holder(digest, blob, m, now) for m in chosen]
+
+    def _holder(self, digest: str, blob: _Blob, member: str, now: float) -> Holder:
+        rec = self._members.get(member)
+        fetching = tuple(
+            (le.first, le.last)
+            for le in blob.leases
+            if le.member == member and le.live(now, self.config.lease_grace)
+        )
+        complete = member in blob.complete
+        have = 0 if complete else blob.have[member]
+        return Holder(member, rec.url if rec else "", complete, have, fetching)
+
+    def _ranking(self, blob: _Blob, now: float) -> _Ranking:
+        """The blob's holders in groups of equal score (complete first, then most chunks), overall
+        and per subnet; rebuilt when holdings changed and the last one is `rank_ttl` old."""
+        r = blob.ranking
+        if r is not None and (not blob.dirty or now - r.at < self.config.rank_ttl):
+            return r
+        scored: dict[int, list[str]] = {}
+        top = blob.nchunks + 1
+        for m in blob.complete:
+            scored.setdefault(top, []).append(m)
+        for m, have in blob.have.items():
+            n = have.bit_count()
+            if n:
+                scored.setdefault(n, []).append(m)
+        groups = [sorted(scored[s]) for s in sorted(scored, reverse=True)]  # sorted: repeatable
+        by_subnet: dict[str, list[list[str]]] = {}
+        for group in groups:
+            split: dict[str, list[str]] = {}
+            for m in group:
+                rec = self._members.get(m)
+                split.setdefault(rec.subnet if rec else "", []).append(m)
+            for net, members in split.items():
+                by_subnet.setdefault(net, []).append(members)
+        blob.ranking = _Ranking(now, groups, by_subnet)
+        blob.dirty = False
+        return blob.ranking
+
+    def _fill(
+        self,
+        blob: _Blob,
+        ranking: _Ranking,
+        subnet: str,
+        asker: str,
+        chosen: dict[str, None],
+        upto: int,
+        rng: Random,
+    ) -> None:
+        """Add the best-ranked holders to `chosen` until it has `upto`: the asker's subnet first,
+        equals sampled at random."""
+        for groups in (ranking.by_subnet.get(subnet, []), ranking.groups):
+            for group in groups:
+                if len(chosen) >= upto:
+                    return
+                need = upto - len(chosen)
+                skip = len(chosen) + 1
+                pick = group if len(group) <= need + skip else rng.sample(group, need + skip)
+                if pick is group:
+                    pick = list(group)
+                    rng.shuffle(pick)
+                for m in pick:
+                    if len(chosen) >= upto:
+                        return
+                    if m != asker and m not in chosen and (m in blob.have or m in blob.complete):
+                        chosen[m] = None
+
+    def _cover(self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random) -> None:
+        """Add holders of chunks the asker misses that no chosen holder has (rarest first)."""
+        covered = 0
+        for m in chosen:
+            covered |= blob.full if m in blob.complete else blob.have.get(m, 0)
+        if covered == blob.full:
+            return
+        missing = blob.full & ~blob.have.get(asker, 0)
+        todo = missing & blob.held & ~covered
+        for i in sorted(_bits(todo), key=lambda i: (blob.counts[i], i)):
+            if len(chosen) >= upto:
+                return
+            if covered >> i & 1:
+                continue
+            seeds = [m for m in blob.seeds_of(i, self.config.seeds) if m != asker and m not in chosen]
+            if not seeds:
+                continue
+            m = rng.choice(seeds)
+            chosen[m] = None
+            covered |= blob.have.get(m, 0)
+
+    # -- leases ----------------------------------------------------------------------------------
+
+    def grant(
+        self, digest: str, member: str, want: Sequence[int], max_chunks: int, now: float
+    ) -> Lease | None:
+        """A new origin lease of `digest` for `member`, or None (nothing free, or it holds its
+        share of live leases already). `want` are chunks it needs first, in its order."""
+        blob = self._blobs.get(digest)
+        cfg = self.config
+        if blob is None or blob.complete or member not in blob.have or max_chunks < 1:
+            return None
+        blob.leases = [le for le in blob.leases if le.live(now, cfg.lease_grace)]
+        if sum(le.member == member for le in blob.leases) >= cfg.leases_per_member:
+            return None
+        free = blob.full & ~blob.held & ~blob.leased()
+        if not free:
+            return None
+        first = next((i for i in want if 0 <= i < blob.nchunks and free >> i & 1), None)
+        if first is None:
+            first = (free & -free).bit_length() - 1
+        alone = len(blob.have) == 1
+        limit = min(max_chunks, cfg.solo_lease_chunks if alone else cfg.lease_chunks)
+        last = first
+        while last - first + 1 < limit and last + 1 < blob.nchunks and free >> (last + 1) & 1:
+            last += 1
+        lease = Lease(digest, member, first, last, now, now)
+        blob.leases.append(lease)
+        return lease
+
+    def release(self, digest: str, member: str, first: int, last: int) -> None:
+        """`member` is done with its lease over `first`..`last` (fetched, or given up): the
+        chunks it did not announce are free for someone else."""
+        blob = self._blobs.get(digest)
+        if blob is None:
+            return
+        mask = _run_mask(first, last, blob.nchunks)
+        blob.leases = [le for le in blob.leases if le.member != member or not le.mask & mask]
+
+
+def subnet_of(url: str) -> str:
+    """The subnet a member's URL is in: the /24 of an IPv4 address, the /64 of an IPv6 one, the
+    host name itself otherwise (members on one host name share a "subnet")."""
+    host = urlsplit(url if "://" in url else f"http://{url}").hostname or ""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    prefix = 24 if ip.version == 4 else 64
+    return str(ipaddress.ip_network(f"{ip}/{prefix}", strict=False))
+
+
+def bitmap_to_int(have: bytes) -> int:
+    """A presence bitmap as the wire carries it (bit i LSB first in byte i // 8) as an int."""
+    return int.from_bytes(have, "little")
+
+
+def int_to_bitmap(bits: int, nchunks: int) -> bytes:
+    """The wire form of a presence bitmap of `nchunks` chunks."""
+    return bits.to_bytes(-(-nchunks // 8), "little")
+
+
+def runs_of(bits: int) -> list[tuple[int, int]]:
+    """The set bits as inclusive ranges, lowest first (how announcements carry chunk sets)."""
+    return list(_runs(bits))
+
+
+def _run_mask(first: int, last: int, nchunks: int) -> int:
+    first, last = max(0, first), min(last, nchunks - 1)
+    if last < first:
+        return 0
+    return ((1 << (last - first + 1)) - 1) << first
+
+
+def _bits(bits: int) -> Iterator[int]:
+    while bits:
+        low = bits & -bits
+        yield low.bit_length() - 1
+        bits ^= low
+
+
+def _runs(bits: int) -> Iterator[tuple[int, int]]:
+    while bits:
+        first = (bits & -bits).bit_length() - 1
+        # the run of ones from `first`: add its lowest bit and look where the carry lands
+        end = ((bits >> first) + 1) & ~(bits >> first)
+        length = end.bit_length() - 1
+        yield first, first + length - 1
+        bits &= ~(((1 << length) - 1) << first)

@@ -1,0 +1,283 @@
+"""peer.control.plane.ControlPlane in one process: several nodes on loopback, each with its own
+root, HTTP server and control plane (real aiohttp servers and clients, multicast DNS off, the
+nodes meet through `[peer] bootstrap`), and real sections riding on the sync message.
+
+This is the seam's contract as the index and cache concerns see it: what `outgoing`,
+`incoming`, `failed`, `handle`, `forget` and `reset` are called with, and when, across joins,
+leaves and a tracker failover. Timings are shortened (`FAST`); the waits below are deadlines
+for a condition, not measurements (the bounds are measured on real daemons in
+tests/integration/test_control_plane.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from sections_cases import Board, Broken, Notes
+
+from kernel.config import loads
+from peer.control.member import ControlConfig
+from peer.control.plane import ControlPlane
+from testbed.procs import free_port
+
+FAST = ControlConfig(
+    sync_busy=0.05,
+    sync_idle=0.1,
+    sync_timeout=0.5,
+    member_timeout=0.6,
+    tracker_tick=0.05,
+    startup_grace=0.3,
+    probe_timeout=0.5,
+    probe_interval=0.1,
+    claim_wait=0.6,
+    leaderless_interval=0.2,
+    reconcile_interval=0.3,
+)
+
+
+@dataclass
+class Node:
+    plane: ControlPlane
+    runner: web.AppRunner
+    notes: Notes = field(default_factory=Notes)
+    board: Board = field(default_factory=Board)
+
+    @property
+    def id(self) -> str:
+        return self.plane.node_id
+
+    async def stop(self) -> None:
+        await self.plane.stop()
+        await self.runner.cleanup()
+
+
+class Site:
+    """Nodes on loopback that bootstrap from the first one's address."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.ports: list[int] = []
+        self.nodes: list[Node] = []
+
+    async def add(
+        self, priority: int = 0, site: str = "default", tunables: ControlConfig = FAST, sections: bool = True
+    ) -> Node:
+        port = free_port()
+        self.ports.append(port)
+        boot = [f"127.0.0.1:{p}" for p in self.ports[:2]]
+        text = (
+            f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\n'.replace("'", '"')
+            + f'[site]\nname = "{site}"\ntracker_priority = {priority}\n[discovery]\nmdns = false\n'
+        )
+        cfg = loads(text).with_overrides(root=self.tmp / f"n{len(self.ports)}")
+        plane = ControlPlane(cfg, f"http://127.0.0.1:{port}", tunables)
+        node = Node(plane, web.AppRunner(web.Application()))
+        if sections:
+            plane.register(node.notes, node.board)
+        app = node.runner.app
+        app.add_routes(plane.routes())
+        await node.runner.setup()
+        await web.TCPSite(node.runner, "127.0.0.1", port).start()
+        await plane.start()
+        self.nodes.append(node)
+        return node
+
+    def alive(self) -> list[Node]:
+        return [n for n in self.nodes if n.plane._task is not None]
+
+
+@pytest.fixture
+async def site(tmp_path: Path) -> AsyncIterator[Site]:
+    s = Site(tmp_path)
+    yield s
+    for node in s.alive():
+        with contextlib.suppress(Exception):
+            await node.stop()
+
+
+async def until(cond: Callable[[], bool], timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.02)
+
+
+def agreed(nodes: Sequence[Node]) -> bool:
+    trackers = [n for n in nodes if n.plane.role == "tracker"]
+    ids = {n.id for n in nodes}
+    return (
+        len(trackers) == 1
+        and all(n.plane.tracker is not None and n.plane.tracker.id == trackers[0].id for n in nodes)
+        and all({m.id for m in n.plane.members()} | {n.id} == ids for n in nodes)
+    )
+
+
+def tracker(nodes: Sequence[Node]) -> Node:
+    (t,) = [n for n in nodes if n.plane.role == "tracker"]
+    return t
+
+
+async def test_nodes_meet_through_bootstrap_and_elect_the_best_ranked(site: Site) -> None:
+    nodes = [await site.add() for _ in range(3)]
+    await until(lambda: agreed(nodes))
+    assert tracker(nodes) is nodes[0], "earliest started, all else equal: rank 0"
+    assert all(sorted(n.plane.peers()) == sorted(m.plane.me.url for m in nodes if m is not n) for n in nodes)
+
+
+async def test_sections_ride_on_the_sync_in_full_then_incrementally(site: Site) -> None:
+    nodes = [await site.add() for _ in range(3)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    for n in nodes:
+        n.notes.add(f"{n.id[:4]}-1")
+    await until(lambda: sum(len(v) for v in t.board.by_member.values()) == 3)
+    for n in nodes:
+        n.notes.add(f"{n.id[:4]}-2")
+    await until(lambda: all(t.board.by_member.get(n.id) == [f"{n.id[:4]}-1", f"{n.id[:4]}-2"] for n in nodes))
+    # each answer is the tracker's view when it answered: at least this member's own notes
+    assert all(n.notes.answers and n.notes.answers[-1]["site_notes"] >= 2 for n in nodes)
+    assert t.board.resets == 1
+    assert all(n.board.by_member == {} for n in nodes if n is not t), "only the tracker's side is used"
+
+
+async def test_the_tracker_itself_rides_on_its_own_sections(site: Site) -> None:
+    nodes = [await site.add() for _ in range(2)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    t.notes.add("mine")
+    await until(lambda: t.board.by_member.get(t.id) == ["mine"])
+
+
+async def test_a_member_that_stops_is_dropped_at_once_and_forgotten(site: Site) -> None:
+    nodes = [await site.add() for _ in range(3)]
+    await until(lambda: agreed(nodes))
+    t, leaver = tracker(nodes), next(n for n in nodes if n.plane.role == "member")
+    leaver.notes.add("bye")
+    await until(lambda: t.board.by_member.get(leaver.id) == ["bye"])
+    await leaver.stop()
+    await until(lambda: leaver.id in t.board.forgotten)
+    rest = [n for n in nodes if n is not leaver]
+    await until(lambda: all(leaver.id not in {m.id for m in n.plane.members()} for n in rest))
+
+
+async def test_after_the_trackers_death_the_best_survivor_rebuilds_from_full_announcements(
+    site: Site,
+) -> None:
+    """Nothing lost: each survivor re-announces everything to the new tracker, whose sections
+    were reset when it claimed."""
+    nodes = [await site.add() for _ in range(4)]
+    await until(lambda: agreed(nodes))
+    old = tracker(nodes)
+    for n in nodes:
+        n.notes.add(f"{n.id[:4]}")
+    await until(lambda: len(old.board.by_member) == 4)
+    fulls = {n.id: n.notes.fulls for n in nodes}
+    await old.stop()
+    survivors = [n for n in nodes if n is not old]
+    await until(lambda: agreed(survivors))
+    new = tracker(survivors)
+    assert new is survivors[0], "the best-ranked survivor"
+    assert new.plane.tracker is not None and new.plane.tracker.epoch > 1
+    assert new.board.resets == 1
+    await until(lambda: all(new.board.by_member.get(n.id) == [n.id[:4]] for n in survivors))
+    assert all(n.notes.fulls > fulls[n.id] for n in survivors)
+    assert all(n.plane.status()["elections"] >= 1 for n in survivors if n is not new)
+
+
+async def test_a_sync_that_fails_tells_the_sections(site: Site) -> None:
+    nodes = [await site.add() for _ in range(2)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    member = next(n for n in nodes if n is not t)
+    await t.stop()
+    member.notes.add("pending")
+    await until(lambda: member.notes.failures > 0)
+    await until(lambda: member.plane.role == "tracker")  # alone now: it leads itself
+    await until(lambda: member.board.by_member.get(member.id) == ["pending"])
+
+
+async def test_wake_syncs_now(site: Site) -> None:
+    slow = ControlConfig(**{**FAST.__dict__, "sync_idle": 60.0, "sync_busy": 60.0})
+    nodes = [await site.add(tunables=slow) for _ in range(2)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    member = next(n for n in nodes if n is not t)
+    await until(lambda: member.id in t.board.by_member)  # the first, full sync
+    member.notes.add("now")
+    await asyncio.sleep(0.2)
+    assert t.board.by_member[member.id] == []  # the next sync is a minute away
+    member.plane.wake()
+    await until(lambda: t.board.by_member[member.id] == ["now"], timeout=5.0)
+
+
+async def test_a_site_with_no_node_that_may_lead_fans_out_directly(site: Site) -> None:
+    few = ControlConfig(**{**FAST.__dict__, "fanout": 1})
+    nodes = [await site.add(priority=-1, tunables=few) for _ in range(3)]
+    await until(lambda: all(len(n.plane.members()) == 2 for n in nodes))
+    await asyncio.sleep(FAST.startup_grace + FAST.claim_wait)
+    for n in nodes:
+        assert n.plane.role == "electing" and n.plane.tracker is None
+        assert len(n.plane.peers()) == 1, "at most `fanout` members asked directly"
+
+
+async def test_a_node_of_another_site_never_joins(site: Site) -> None:
+    ours = [await site.add() for _ in range(2)]
+    stranger = await site.add(site="elsewhere")
+    await until(lambda: agreed(ours) and stranger.plane.role == "tracker")
+    await asyncio.sleep(FAST.reconcile_interval * 3)
+    assert agreed(ours)
+    assert stranger.id not in {m.id for n in ours for m in n.plane.members()}
+    assert stranger.plane.members() == []
+
+
+async def test_register_refuses_a_name_twice_or_mismatched_sides(site: Site) -> None:
+    node = await site.add(sections=False)
+    node.plane.register(Notes("a"), Board("a"))
+    with pytest.raises(ValueError):
+        node.plane.register(Notes("a"), Board("a"))
+    with pytest.raises(ValueError):
+        node.plane.register(Notes("b"), Board("c"))
+
+
+async def test_a_broken_section_does_not_stop_the_others(site: Site) -> None:
+    nodes = [await site.add() for _ in range(2)]
+    for n in nodes:
+        n.plane.register(Broken(), Broken())
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    for n in nodes:
+        n.notes.add("ok")
+    await until(lambda: all(t.board.by_member.get(n.id) == ["ok"] for n in nodes))
+
+
+async def test_status_has_the_documented_keys(site: Site) -> None:
+    nodes = [await site.add() for _ in range(2)]
+    await until(lambda: agreed(nodes) and nodes[0].plane.status()["messages"]["sync_received"] >= 1)
+    st = nodes[1].plane.status()
+    assert set(st) >= {
+        "id",
+        "site",
+        "url",
+        "role",
+        "tracker",
+        "epoch_seen",
+        "members",
+        "direct_peers",
+        "messages",
+        "elections",
+        "claims",
+        "busy",
+        "uptime",
+        "mdns",
+        "candidates",
+    }
+    assert st["role"] == "member" and st["tracker"]["id"] == nodes[0].id
+    assert [m["rank"] for m in st["members"]] == [0, 1]
+    assert set(st["members"][0]) == {"id", "url", "rank", "priority", "started", "last_heard", "self"}
+    assert st["messages"]["sync_sent"] >= 1 and nodes[0].plane.status()["messages"]["sync_received"] >= 1

@@ -1,0 +1,501 @@
+"""The tracker index (`peer.policy.index`): holdings, candidate sets, origin leases, replicas.
+
+Table cases for each rule, hypothesis properties for the invariants the module docstring promises:
+never two live leases on one chunk, a burst of lease requests covering each chunk exactly once,
+staggered arrivals never leased a held or leased chunk, candidates bounded and never the asker, a
+dead member leaving nothing behind. Plain values, time passed in: no clock, no network."""
+
+from __future__ import annotations
+
+from random import Random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from peer.policy.index import (
+    Announcement,
+    Index,
+    IndexConfig,
+    bitmap_to_int,
+    int_to_bitmap,
+    runs_of,
+    subnet_of,
+)
+
+D = "sha256:" + "ab" * 32
+E = "sha256:" + "cd" * 32
+CS = 1 << 20
+N = 20  # chunks of D
+
+
+def ann(
+    *add: tuple[int, int],
+    n: int = N,
+    filling: bool = True,
+    complete: bool = False,
+    drop: bool = False,
+    fetching: tuple[tuple[int, int], ...] | None = None,
+    digest: str = D,
+) -> Announcement:
+    return Announcement(digest, n * CS, CS, tuple(add), filling, complete, drop, fetching)
+
+
+def member(i: int) -> str:
+    return f"m{i:03d}"
+
+
+def index_with(members: int, net_of: dict[int, int] | None = None, **cfg: float) -> Index:
+    idx = Index(IndexConfig(**cfg))  # type: ignore[arg-type]
+    for i in range(members):
+        net = (net_of or {}).get(i, 1)
+        idx.set_member(member(i), f"http://10.0.{net}.{i + 1}:5381")
+    return idx
+
+
+# -- holdings -------------------------------------------------------------------------------------
+
+
+def test_announcements_accumulate_ranges_and_complete_moves_a_member_to_the_holders() -> None:
+    idx = index_with(2)
+    assert idx.apply(member(0), ann((0, 2)), 0.0)
+    assert idx.apply(member(0), ann((5, 5), (7, 8)), 1.0)
+    assert idx.holdings(D, member(0)) == 0b110100111
+    assert idx.filling(D) == {member(0)}
+    assert idx.replicas(D) == 0
+    idx.apply(member(0), ann(complete=True), 2.0)
+    assert idx.replicas(D) == 1
+    assert idx.filling(D) == set()
+    assert idx.holdings(D, member(0)) == (1 << N) - 1
+
+
+def test_a_drop_forgets_the_blob_of_that_member_and_an_empty_blob_is_gone() -> None:
+    idx = index_with(1)
+    idx.apply(member(0), ann((0, 3)), 0.0)
+    idx.apply(member(0), ann(drop=True), 1.0)
+    assert idx.holdings(D, member(0)) is None
+    assert idx.size_of(D) is None
+    assert idx.blobs_of(member(0)) == set()
+
+
+def test_an_announcement_of_another_size_is_refused() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann((0, 1)), 0.0)
+    assert not idx.apply(member(1), Announcement(D, 3 * CS, CS, ((0, 0),)), 0.0)
+    assert not idx.apply(member(1), Announcement(D, N * CS, CS // 2, ((0, 0),)), 0.0)
+    assert idx.holdings(D, member(1)) is None
+
+
+def test_ranges_outside_the_blob_are_clipped() -> None:
+    idx = index_with(1)
+    idx.apply(member(0), ann((-5, 1), (N - 1, N + 40)), 0.0)
+    assert idx.holdings(D, member(0)) == 0b11 | 1 << (N - 1)
+
+
+def test_a_dead_member_leaves_no_holdings_leases_or_candidacy() -> None:
+    idx = index_with(3)
+    idx.apply(member(0), ann((0, 9)), 0.0)
+    idx.apply(member(1), ann(), 0.0)
+    lease = idx.grant(D, member(0), [], 32, 0.0)
+    assert lease is not None
+    idx.apply(member(2), ann(complete=True, digest=E), 0.0)
+    idx.drop_member(member(0))
+    assert idx.holdings(D, member(0)) is None
+    assert idx.leases(D, 0.0) == []
+    assert [h.member for h in idx.candidates(D, member(1), 0.0, Random(1))] == []
+    assert idx.members() == [member(1), member(2)]
+    # the chunks it held are free again: the next lease starts at chunk 0
+    again = idx.grant(D, member(1), [], 32, 1.0)
+    assert again is not None and again.first == 0
+
+
+# -- candidates -----------------------------------------------------------------------------------
+
+
+def test_candidates_are_complete_holders_then_most_chunks_never_the_asker_nor_empty_members() -> None:
+    idx = index_with(5)
+    idx.apply(member(0), ann(), 0.0)  # the asker, holds nothing
+    idx.apply(member(1), ann((0, 1)), 0.0)
+    idx.apply(member(2), ann((0, 9)), 0.0)
+    idx.apply(member(3), ann(complete=True), 0.0)
+    idx.apply(member(4), ann(), 0.0)  # filling, nothing yet: useless as a source
+    got = idx.candidates(D, member(0), 0.0, Random(0))
+    assert [h.member for h in got] == [member(3), member(2), member(1)]
+    assert got[0].complete and got[0].have == 0
+    assert got[1].have == (1 << 10) - 1
+    assert got[1].url == "http://10.0.1.3:5381"
+
+
+def test_candidates_are_bounded_and_spread_at_random_among_equals() -> None:
+    idx = index_with(60)
+    for i in range(1, 60):
+        idx.apply(member(i), ann(complete=True), 0.0)
+    idx.apply(member(0), ann(), 0.0)
+    firsts = set()
+    for seed in range(20):
+        got = idx.candidates(D, member(0), 0.0, Random(seed))
+        assert len(got) == 16
+        assert len({h.member for h in got}) == 16
+        firsts.add(got[0].member)
+    assert len(firsts) > 5
+
+
+def test_the_askers_subnet_comes_first() -> None:
+    nets = {i: (2 if i % 3 == 0 else 1) for i in range(40)}
+    idx = index_with(40, nets)
+    for i in range(1, 40):
+        idx.apply(member(i), ann(complete=True), 0.0)
+    idx.apply(member(0), ann(), 0.0)  # subnet 2, with 13 others there
+    got = idx.candidates(D, member(0), 0.0, Random(3))
+    same = [h for h in got if nets[int(h.member[1:])] == 2]
+    assert len(got) == 16 and len(same) == 13
+    assert got[: len(same)] == same
+
+
+def test_the_cover_pass_offers_a_rare_chunk_held_only_below_the_top() -> None:
+    idx = index_with(30)
+    idx.apply(member(0), ann(), 0.0)
+    for i in range(1, 29):  # 28 members with chunks 0..14: they outrank the lone holder of 19
+        idx.apply(member(i), ann((0, 14)), 0.0)
+    idx.apply(member(29), ann((19, 19)), 0.0)
+    for seed in range(10):
+        got = idx.candidates(D, member(0), 0.0, Random(seed))
+        assert member(29) in {h.member for h in got}
+        assert len(got) == 16
+
+
+def test_a_complete_asker_gets_no_candidates_and_unknown_blobs_have_none() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(complete=True), 0.0)
+    idx.apply(member(1), ann(complete=True), 0.0)
+    assert idx.candidates(D, member(0), 0.0, Random(0)) == []
+    assert idx.candidates(E, member(0), 0.0, Random(0)) == []
+
+
+def test_candidates_carry_their_live_lease_runs_as_fetching() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann((0, 0)), 0.0)
+    lease = idx.grant(D, member(1), [], 32, 0.0)
+    assert lease is not None
+    (holder,) = idx.candidates(D, member(0), 0.0, Random(0))
+    assert holder.fetching == ((lease.first, lease.last),)
+
+
+def test_a_stale_ranking_is_reused_within_its_ttl_but_never_offers_a_member_that_left() -> None:
+    idx = index_with(4, rank_ttl=10.0)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann((0, 3)), 0.0)
+    idx.apply(member(2), ann((0, 2)), 0.0)
+    assert [h.member for h in idx.candidates(D, member(0), 0.0, Random(0))] == [member(1), member(2)]
+    # not ranked until the ttl passes (and not needed by the cover pass: member 2 has its chunks)
+    idx.apply(member(3), ann((0, 1)), 1.0)
+    idx.drop_member(member(1))
+    assert [h.member for h in idx.candidates(D, member(0), 1.0, Random(0))] == [member(2)]
+    assert [h.member for h in idx.candidates(D, member(0), 11.0, Random(0))] == [member(2), member(3)]
+
+
+# -- leases ---------------------------------------------------------------------------------------
+
+
+def test_a_lone_member_gets_long_leases_and_others_short_ones() -> None:
+    idx = index_with(3)
+    idx.apply(member(0), ann(n=100), 0.0)
+    solo = idx.grant(D, member(0), [], 64, 0.0)
+    assert solo is not None and (solo.first, solo.last) == (0, 31)
+    idx.apply(member(1), ann(n=100), 0.0)
+    short = idx.grant(D, member(1), [], 64, 0.0)
+    assert short is not None and (short.first, short.last) == (32, 35)
+    capped = idx.grant(D, member(0), [], 2, 0.0)
+    assert capped is not None and (capped.first, capped.last) == (36, 37)
+
+
+def test_the_requesters_wanted_chunks_come_first() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann(), 0.0)
+    lease = idx.grant(D, member(0), [13, 2], 32, 0.0)
+    assert lease is not None and (lease.first, lease.last) == (13, 16)
+    # a wanted chunk that is taken is skipped for the next wanted one that is free
+    other = idx.grant(D, member(1), [14, 2], 32, 0.0)
+    assert other is not None and (other.first, other.last) == (2, 5)
+
+
+def test_a_run_stops_at_held_or_leased_chunks() -> None:
+    idx = index_with(3)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann((2, 2)), 0.0)
+    lease = idx.grant(D, member(0), [], 32, 0.0)
+    assert lease is not None and (lease.first, lease.last) == (0, 1)
+
+
+def test_no_lease_while_a_member_holds_the_blob_whole_or_when_nothing_is_free() -> None:
+    idx = index_with(3)
+    idx.apply(member(0), ann(n=4), 0.0)
+    assert idx.grant(D, member(0), [], 32, 0.0) is not None  # all four chunks
+    idx.apply(member(1), ann(n=4), 0.0)
+    assert idx.grant(D, member(1), [], 32, 0.0) is None
+    idx.apply(member(2), ann(complete=True, n=4), 0.0)
+    idx.release(D, member(0), 0, 3)
+    assert idx.grant(D, member(1), [], 32, 0.0) is None
+
+
+def test_a_member_must_announce_the_blob_before_it_gets_a_lease() -> None:
+    idx = index_with(1)
+    assert idx.grant(D, member(0), [], 32, 0.0) is None
+
+
+def test_at_most_two_live_leases_per_member_and_blob() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann(), 0.0)
+    assert idx.grant(D, member(0), [], 32, 0.0) is not None
+    assert idx.grant(D, member(0), [], 32, 0.0) is not None
+    assert idx.grant(D, member(0), [], 32, 0.0) is None
+
+
+def test_a_stalled_lease_is_regranted_and_progress_keeps_one_alive() -> None:
+    idx = index_with(3)
+    for i in range(3):
+        idx.apply(member(i), ann(), 0.0)
+    slow = idx.grant(D, member(0), [], 32, 0.0)
+    busy = idx.grant(D, member(1), [], 32, 0.0)
+    assert slow is not None and busy is not None
+    assert (slow.first, busy.first) == (0, 4)
+    for t in (2.0, 4.0, 6.0):  # member 1 lands a chunk of its run every 2 s
+        idx.apply(member(1), ann((busy.first + int(t / 2) - 1,) * 2), t)
+    late = 6.5
+    assert idx.grant(D, member(2), [0], 32, late) is not None
+    regrant = [le for le in idx.leases(D, late) if le.member == member(2)]
+    assert [(le.first, le.last) for le in regrant] == [(0, 3)]
+    assert any(le.member == member(1) for le in idx.leases(D, late))
+    assert not any(le.member == member(0) for le in idx.leases(D, late))
+
+
+def test_a_lease_whose_run_is_held_ends_and_a_released_one_frees_what_was_not_fetched() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann(), 0.0)
+    lease = idx.grant(D, member(0), [], 32, 0.0)
+    assert lease is not None and (lease.first, lease.last) == (0, 3)
+    idx.apply(member(0), ann((0, 3)), 1.0)
+    assert idx.leases(D, 1.0) == []
+    second = idx.grant(D, member(0), [], 32, 1.0)
+    assert second is not None and (second.first, second.last) == (4, 7)
+    idx.apply(member(0), ann((4, 5)), 2.0)
+    idx.release(D, member(0), 4, 7)
+    third = idx.grant(D, member(1), [], 32, 2.0)
+    assert third is not None and (third.first, third.last) == (6, 9)
+
+
+def test_announced_origin_fetches_are_adopted_as_leases_where_free() -> None:
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann((8, 8), fetching=((4, 11),)), 0.0)
+    assert [(le.member, le.first, le.last) for le in idx.leases(D, 0.0)] == [
+        (member(1), 4, 7),
+        (member(1), 9, 11),
+    ]
+    # a second announcement of the same runs does not duplicate them
+    idx.apply(member(1), ann(fetching=((4, 11),)), 0.5)
+    assert len(idx.leases(D, 0.5)) == 2
+    # and a run someone else leased stays theirs
+    idx.apply(member(0), ann(fetching=((0, 5),)), 1.0)
+    mine = [(le.first, le.last) for le in idx.leases(D, 1.0) if le.member == member(0)]
+    assert mine == [(0, 3)]
+
+
+# -- wire helpers ---------------------------------------------------------------------------------
+
+
+@given(st.sets(st.integers(0, 300)))
+def test_runs_and_bitmaps_round_trip(chunks: set[int]) -> None:
+    bits = sum(1 << i for i in chunks)
+    runs = runs_of(bits)
+    assert {i for a, b in runs for i in range(a, b + 1)} == chunks
+    assert all(b2 > a1 + 1 for (_, a1), (b2, _) in zip(runs, runs[1:], strict=False))
+    assert bitmap_to_int(int_to_bitmap(bits, 301)) == bits
+
+
+@pytest.mark.parametrize(
+    ("url", "net"),
+    [
+        ("http://10.231.1.12:5381", "10.231.1.0/24"),
+        ("10.1.2.3:80", "10.1.2.0/24"),
+        ("http://[fd00::1:2]:5381", "fd00::/64"),
+        ("http://node-7.local:5381", "node-7.local"),
+    ],
+)
+def test_subnet_of(url: str, net: str) -> None:
+    assert subnet_of(url) == net
+
+
+# -- properties -----------------------------------------------------------------------------------
+
+
+def live_disjoint(idx: Index, digest: str, now: float) -> bool:
+    seen = 0
+    for le in idx.leases(digest, now):
+        if seen & le.mask:
+            return False
+        seen |= le.mask
+    return True
+
+
+@given(
+    nchunks=st.integers(1, 80),
+    members=st.integers(1, 12),
+    ops=st.lists(
+        st.tuples(
+            st.sampled_from(["grant", "land", "release", "drop", "tick", "complete", "adopt"]),
+            st.integers(0, 11),
+            st.integers(0, 79),
+            st.integers(1, 40),
+        ),
+        max_size=120,
+    ),
+)
+def test_never_two_live_leases_on_one_chunk_nor_a_lease_on_a_held_chunk(
+    nchunks: int, members: int, ops: list[tuple[str, int, int, int]]
+) -> None:
+    idx = index_with(members)
+    now = 0.0
+    for i in range(members):
+        idx.apply(member(i), ann(n=nchunks), now)
+    for op, who, chunk, k in ops:
+        m = member(who % members)
+        if op == "grant":
+            held = 0
+            for x in idx.filling(D):
+                held |= idx.holdings(D, x) or 0
+            leased = 0
+            for le in idx.leases(D, now):
+                leased |= le.mask
+            lease = idx.grant(D, m, [chunk], k, now)
+            if lease is not None:
+                assert lease.mask & held == 0
+                assert lease.mask & leased == 0
+                assert idx.replicas(D) == 0
+                assert lease.last - lease.first + 1 <= k
+        elif op == "land":
+            idx.apply(m, ann((chunk, chunk + k // 8), n=nchunks), now)
+        elif op == "release":
+            idx.release(D, m, chunk, chunk + k)
+        elif op == "drop":
+            idx.drop_member(m)
+            idx.set_member(m, f"http://10.0.1.{who}:1")
+            idx.apply(m, ann(n=nchunks), now)
+        elif op == "tick":
+            now += k / 4
+        elif op == "complete":
+            idx.apply(m, ann(complete=True, n=nchunks), now)
+        elif op == "adopt":
+            idx.apply(m, ann(fetching=((chunk, chunk + k),), n=nchunks), now)
+        assert live_disjoint(idx, D, now)
+
+
+@given(nchunks=st.integers(1, 120), members=st.integers(1, 40), seed=st.integers(0, 2**32))
+def test_a_burst_of_lease_requests_covers_each_chunk_exactly_once(
+    nchunks: int, members: int, seed: int
+) -> None:
+    """Every member announces the blob, then they ask for leases in random order and land their
+    runs in random order (each holding at most two): every chunk is leased once, none twice."""
+    rng = Random(seed)
+    idx = index_with(members)
+    for i in range(members):
+        idx.apply(member(i), ann(n=nchunks), 0.0)
+    granted = [0] * nchunks
+    open_leases: list[tuple[str, int, int]] = []
+    now = 0.0
+    for _ in range(10 * nchunks + 10):
+        m = member(rng.randrange(members))
+        lease = idx.grant(D, m, [rng.randrange(nchunks)], 32, now)
+        if lease is not None:
+            for i in range(lease.first, lease.last + 1):
+                granted[i] += 1
+            open_leases.append((m, lease.first, lease.last))
+        if open_leases and rng.random() < 0.5:
+            who, a, b = open_leases.pop(rng.randrange(len(open_leases)))
+            idx.apply(who, ann((a, b), n=nchunks), now)
+        now += 0.01
+    for who, a, b in open_leases:
+        idx.apply(who, ann((a, b), n=nchunks), now)
+    while (lease := idx.grant(D, member(0), [], 32, now)) is not None:
+        for i in range(lease.first, lease.last + 1):
+            granted[i] += 1
+        idx.apply(member(0), ann((lease.first, lease.last), n=nchunks), now)
+    assert granted == [1] * nchunks
+
+
+@given(nchunks=st.integers(1, 100), members=st.integers(2, 20), seed=st.integers(0, 2**32))
+def test_staggered_arrivals_never_lease_a_held_or_leased_chunk(nchunks: int, members: int, seed: int) -> None:
+    """Members join one at a time while earlier ones hold some chunks and fetch others."""
+    rng = Random(seed)
+    idx = index_with(members)
+    now = 0.0
+    for i in range(members):
+        m = member(i)
+        held = rng.sample(range(nchunks), rng.randrange(nchunks + 1) // 2)
+        idx.apply(m, ann(*((c, c) for c in held), n=nchunks), now)
+        for _ in range(3):
+            union = 0
+            for x in idx.filling(D):
+                union |= idx.holdings(D, x) or 0
+            leased = 0
+            for le in idx.leases(D, now):
+                leased |= le.mask
+            lease = idx.grant(D, m, [rng.randrange(nchunks)], rng.randrange(1, 40), now)
+            if lease is not None:
+                assert lease.mask & union == 0
+                assert lease.mask & leased == 0
+        now += rng.random()
+
+
+@given(
+    members=st.integers(1, 60),
+    holdings=st.lists(st.sets(st.integers(0, N - 1)), min_size=1, max_size=60),
+    completes=st.sets(st.integers(0, 59)),
+    asker=st.integers(0, 59),
+    seed=st.integers(0, 2**32),
+)
+def test_candidates_are_bounded_distinct_holders_and_never_the_asker(
+    members: int, holdings: list[set[int]], completes: set[int], asker: int, seed: int
+) -> None:
+    idx = index_with(members, {i: i % 3 for i in range(members)})
+    for i in range(members):
+        m = member(i)
+        if i in completes:
+            idx.apply(m, ann(complete=True), 0.0)
+        else:
+            held = holdings[i % len(holdings)]
+            idx.apply(m, ann(*((c, c) for c in held)), 0.0)
+    me = member(asker % members)
+    got = idx.candidates(D, me, 0.0, Random(seed))
+    names = [h.member for h in got]
+    assert me not in names
+    assert len(names) == len(set(names)) <= 16
+    assert all(h.complete or h.have for h in got)
+    holders = [m for m in idx.members() if m != me and (idx.holdings(D, m) or 0)]
+    if idx.holdings(D, me) != (1 << N) - 1:
+        assert len(names) == min(16, len(holders))
+
+
+@given(
+    members=st.integers(2, 15),
+    drop=st.integers(0, 14),
+    seed=st.integers(0, 2**32),
+)
+def test_a_dropped_member_vanishes_from_every_answer(members: int, drop: int, seed: int) -> None:
+    rng = Random(seed)
+    idx = index_with(members)
+    for i in range(members):
+        held = rng.sample(range(N), rng.randrange(N))
+        idx.apply(member(i), ann(*((c, c) for c in held)), 0.0)
+        idx.grant(D, member(i), [], 8, 0.0)
+    gone = member(drop % members)
+    idx.drop_member(gone)
+    assert all(le.member != gone for le in idx.leases(D, 0.0))
+    assert idx.holdings(D, gone) is None
+    assert gone not in idx.filling(D)
+    for i in range(members):
+        assert gone not in {h.member for h in idx.candidates(D, member(i), 1.0, rng)}
