@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable, Collection
 
 import aiohttp
 import structlog
@@ -31,6 +32,7 @@ from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer import httpbounds
+from peer.access import ClientAccess
 from peer.cache import CacheManager
 from peer.catalog import Catalog
 from peer.control.plane import ControlPlane
@@ -50,8 +52,17 @@ log = structlog.get_logger(__name__)
 class PeerNode:
     """The HTTP side of one node. Lifecycle: `await start()`, then `await stop()`."""
 
-    def __init__(self, config: Config, store: ChunkStore, meta: Meta) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: ChunkStore,
+        meta: Meta,
+        installed_registries: Callable[[], Collection[str]] = tuple,
+    ) -> None:
+        """`installed_registries` says which registries' hosts.toml send their pulls to the
+        mirror (the assembly reads containerd's hosts dir); the mirror serves those too."""
         self.config = config
+        self.installed_registries = installed_registries
         self.store = store
         self.catalog = Catalog(meta)
         self.chains = ChainIndex(meta)  # the mirror notes the image manifests it serves
@@ -125,6 +136,9 @@ class PeerNode:
                 cfg.mirror.default_registry,
                 cfg.mirror.tag_ttl,
                 chains=self.chains,
+                registries=[*cfg.mirror.registries, *cfg.origin.plain_http, *cfg.origin.auth],
+                installed=self.installed_registries,
+                access=ClientAccess(origin, cfg.mirror.access_ttl),
             )
             app.add_routes(mirror.routes())
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")

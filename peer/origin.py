@@ -420,8 +420,9 @@ class OriginClient:
 
         The mirror's question about a local client: the node's own tokens, cached challenges and
         credentials are never used or changed, so nothing the node may read leaks into the answer.
-        True on a 2xx; False on 401, 403, 404 or a token server refusing `creds`; Unavailable (and
-        the like) when the origin cannot say.
+        True on a 2xx; False on 401, 403 or a token server refusing `creds`; NotFound on a 404 (the
+        client would get no more from the origin itself); Unavailable (and the like) when the
+        origin cannot say.
         """
         repo = _check_repo(registry, repo)
         if kind == "blobs":
@@ -438,7 +439,9 @@ class OriginClient:
             resp.release()
             if resp.status < 300:
                 return True
-            if resp.status in (403, 404) or attempt == 1 or resp.url.origin() != url.origin():
+            if resp.status == 404:
+                raise NotFound(f"{what}: {kind} {reference}: not found")
+            if resp.status == 403 or attempt == 1 or resp.url.origin() != url.origin():
                 break
             if resp.status != 401:
                 await _raise_for_status(resp, "HEAD", what)
@@ -452,10 +455,10 @@ class OriginClient:
             scope = challenge.params.get("scope") or f"repository:{repo}:pull"
             try:
                 token = await self._fetch_token((host, scope), challenge, creds, scope)
-            except (FailedPrecondition, NotFound):
+            except FailedPrecondition:
                 return False  # the token server refused these credentials
             authorization = f"Bearer {token.value}"
-        if resp.status in (401, 403, 404):
+        if resp.status in (401, 403):
             return False
         await _raise_for_status(resp, "HEAD", what)
         return False  # not reached: every status left here raises

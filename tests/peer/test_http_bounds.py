@@ -31,7 +31,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from kernel.config import Config, DiscoveryConfig, MirrorConfig, PeerConfig
+from kernel.config import Config, DiscoveryConfig, MirrorConfig, OriginConfig, PeerConfig
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer import httpbounds
@@ -63,6 +63,11 @@ class Node:
     partial: str  # digest of a partial blob (no chunk present yet)
     blob: str  # digest of a complete blob
     blob_size: int
+    registry: str  # host:port of a loopback registry the mirror serves; it lets anyone HEAD any blob
+
+
+async def anyone_may(request: web.Request) -> web.Response:
+    return web.Response()
 
 
 @pytest.fixture
@@ -77,19 +82,32 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     writer.write_at(0, data)
     blob = writer.commit(len(data), sha(data))
     ports = free_port(), free_port()
+    public = web.Application()  # the mirror asks the origin whether an anonymous client may read
+    public.router.add_route("HEAD", "/v2/{name:.+}/blobs/{digest}", anyone_may)
+    registry = TestServer(public, host="127.0.0.1")
+    await registry.start_server()
+    address = f"127.0.0.1:{registry.port}"
     config = Config(
         peer=PeerConfig(listen=f"127.0.0.1:{ports[0]}", peers=[]),
-        mirror=MirrorConfig(listen=f"127.0.0.1:{ports[1]}"),
+        mirror=MirrorConfig(listen=f"127.0.0.1:{ports[1]}", default_registry=address),
+        origin=OriginConfig(plain_http=[address]),
         discovery=DiscoveryConfig(mdns=False),
     )
     peer = PeerNode(config, store, meta)
     await peer.start()
     try:
         yield Node(
-            store, f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[1]}", partial, blob, len(data)
+            store,
+            f"http://127.0.0.1:{ports[0]}",
+            f"http://127.0.0.1:{ports[1]}",
+            partial,
+            blob,
+            len(data),
+            address,
         )
     finally:
         await peer.stop()
+        await registry.close()
         store.close()
         meta.close()
 
@@ -349,8 +367,7 @@ async def test_one_client_with_many_requests_is_refused_others_are_served(node: 
 
 
 async def test_mirror_bad_ranges_are_a_clear_4xx(node: Node, http: aiohttp.ClientSession) -> None:
-    closed = f"127.0.0.1:{free_port()}"  # no origin is asked for a stored blob; were one asked, it refuses
-    url = f"{node.mirror}/v2/library/x/blobs/{node.blob}?ns={closed}"
+    url = f"{node.mirror}/v2/library/x/blobs/{node.blob}?ns={node.registry}"
     for method in ("HEAD", "GET"):
         for value in ("bytes=" + "9" * 5000 + "-", "bytes=0-" + "9" * 5000, "bytes=99999999999999999999-"):
             async with http.request(method, url, headers={"Range": value}) as resp:
