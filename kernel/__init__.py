@@ -3,6 +3,8 @@
 - `errors`: the error vocabulary (one base class, mapped once to gRPC codes and HTTP statuses);
 - `config`: the daemon's configuration schema, defaults and validation;
 - `logging`: structlog setup (console or JSON);
+- `limits`: every bound on what a caller can make the daemon store, send or keep open (label and
+  ref sizes as containerd's, HTTP body, header, idle and concurrency limits), in one place;
 - `store`: the node's store, where `snapshotter/` and `peer/` meet: blob files cut into verified
   chunks, partial blobs, ingests, who keeps each blob (ownership) and the LMDB metadata under them.
 

@@ -125,6 +125,14 @@ listen = "127.0.0.1:5380"
 default_registry = "docker.io"
 # Seconds a tag's resolution is reused; tags are always re-resolved at the origin after this.
 tag_ttl = 2.0
+# The registries the mirror serves (?ns=), besides default_registry, those named in [origin]
+# (plain_http, auth) and those whose hosts.toml under hosts_dir holds the mirror (`peersync hosts
+# install`; "_default" names no registry). Any other ?ns= is refused with 403, no connection made.
+registries = []
+hosts_dir = "/etc/containerd/certs.d"
+# Seconds a local client's credentials, shown good at the origin for a manifest or blob, are
+# trusted before they are checked again (docs/security.md).
+access_ttl = 30.0
 
 [origin]
 # Registries reached over plain HTTP instead of HTTPS ("host:port").
@@ -210,6 +218,9 @@ class MirrorConfig:
     listen: str = "127.0.0.1:5380"
     default_registry: str = "docker.io"
     tag_ttl: float = 2.0
+    registries: list[str] = field(default_factory=list)
+    hosts_dir: str = "/etc/containerd/certs.d"
+    access_ttl: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -327,6 +338,8 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: snapshotter.prefetch_layers must be between 1 and 64")
     if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
+    if isinstance(config, MirrorConfig) and not 0 < config.access_ttl <= 3600:
+        raise InvalidArgument(f"{where}: mirror.access_ttl must be between 0 and 3600 seconds")
     if isinstance(config, PeerConfig):
         for address in config.bootstrap:
             if not _hostport(address.split("://", 1)[-1]):

@@ -8,7 +8,10 @@ under `/peersync/v1`:
                                 this node holds (`have` is the presence bitmap, base64, bit i LSB
                                 first in byte i // 8). 404 if it has none of the blob.
     POST /have                  body {"digests": [...]}: the same for many blobs in one round trip
-                                (absent blobs are omitted); what the download engine polls.
+                                (absent blobs are omitted); what the download engine polls. At
+                                most 1024 digests, each named once however often it is asked
+                                for; the answer stops adding views past 4 MiB and then carries
+                                "truncated": true (the views left out read as not held).
     GET  /blobs/{digest}/table  the blob's verified chunk hash table (32-byte SHA-256 per chunk,
                                 concatenated); only served for complete blobs, whose whole digest
                                 this node has verified.
@@ -21,6 +24,11 @@ under `/peersync/v1`:
                                 carries the server's hash of the range when it is exactly one
                                 chunk.
 
+Bad input is a 4xx with a short text saying why, never a 500: a body that is not JSON or not of
+the documented shape, a digest that is not `sha256:<64 hex>`, a Range that is not `bytes=a-b` with
+numbers of at most 19 digits. The server-wide bounds (bodies, heads, idle connections, requests in
+progress per client) are `peer.httpbounds`'s; the numbers are `kernel.limits`'s.
+
 A node serves a chunk only once it is on disk and checked (complete blobs: whole digest verified;
 partial blobs: against the table, or hashed as received from the origin), so announcing while
 downloading never spreads bytes the announcer has not itself received in full. The receiver
@@ -29,6 +37,7 @@ always re-checks (see `peer.engine`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import os
@@ -42,16 +51,20 @@ import aiohttp
 import structlog
 from aiohttp import web
 
+from kernel import limits
 from kernel.errors import InvalidArgument, NotFound, OutOfRange, PeerSyncError, Unavailable
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.fsutil import HASH_LEN
+from peer.httpbounds import read_json
 from peer.policy.holdings import BlobView
 
 log = structlog.get_logger(__name__)
 
 PREFIX = "/peersync/v1"
 DIGEST_RE = r"sha256:[0-9a-f]{64}"
-_RANGE = re.compile(r"bytes=(\d+)-(\d+)$")
+_DIGEST = re.compile(DIGEST_RE)
+# 19 digits hold any offset below 2**63; longer numbers are refused before int() parses them.
+_RANGE = re.compile(r"bytes=(\d{1,19})-(\d{1,19})")
 SEND_PIECE = 256 << 10  # a partial blob's range is streamed in pieces of this size
 
 
@@ -96,16 +109,9 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
 
     @r.post(PREFIX + "/have")
     async def have(request: web.Request) -> web.Response:
-        body = await request.json()
-        digests = body.get("digests") if isinstance(body, dict) else None
-        if not isinstance(digests, list) or len(digests) > 1024:
-            raise web.HTTPBadRequest(text='body must be {"digests": [...]} (at most 1024)')
-        views = [
-            v
-            for d in digests
-            if isinstance(d, str) and re.fullmatch(DIGEST_RE, d) and (v := _view(store, d, fetching))
-        ]
-        return web.json_response({"blobs": views})
+        body = await read_json(request, limits.HAVE_MAX_BODY)
+        return web.Response(text=await _have_answer(store, _have_digests(body), fetching),
+                            content_type="application/json")
 
     @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/table")
     async def table(request: web.Request) -> web.Response:
@@ -119,9 +125,11 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
     @r.get(PREFIX + "/blobs/{digest:" + DIGEST_RE + "}/data")
     async def data(request: web.Request) -> web.StreamResponse:
         digest = request.match_info["digest"]
-        m = _RANGE.match(request.headers.get("Range", ""))
+        m = _RANGE.fullmatch(request.headers.get("Range", ""))
         if m is None:
-            raise web.HTTPBadRequest(text="a single Range: bytes=a-b header is required")
+            raise web.HTTPBadRequest(
+                text="a single Range: bytes=a-b header (at most 19 digits each) is required"
+            )
         start, end = int(m.group(1)), int(m.group(2))
         try:
             path, sha = _servable(store, digest, start, end)
@@ -158,6 +166,45 @@ def routes(store: ChunkStore, fetching: Fetching | None = None) -> web.RouteTabl
             os.close(fd)
 
     return r
+
+
+def _have_digests(body: Any) -> list[str]:
+    """The distinct digests a /have body names, in order; 400 saying why for any other body."""
+    digests = body.get("digests") if isinstance(body, dict) else None
+    if not isinstance(digests, list):
+        raise web.HTTPBadRequest(text='body must be {"digests": [...]}\n')
+    if len(digests) > limits.HAVE_MAX_DIGESTS:
+        raise web.HTTPBadRequest(
+            text=f"at most {limits.HAVE_MAX_DIGESTS} digests per request, got {len(digests)}\n"
+        )
+    for i, d in enumerate(digests):
+        if not isinstance(d, str) or not _DIGEST.fullmatch(d):
+            shown = limits.short(repr(d), 80)
+            raise web.HTTPBadRequest(text=f"digests[{i}] is not a sha256:<64 hex> digest: {shown}\n")
+    return list(dict.fromkeys(digests))  # the same blob asked for twice is answered once
+
+
+async def _have_answer(store: ChunkStore, digests: list[str], fetching: Fetching | None) -> str:
+    """The JSON text of a /have answer: a view per held blob, while the answer stays within
+    HAVE_MAX_RESPONSE (the first view always goes in), yielding to the event loop every
+    HAVE_VIEWS_PER_YIELD digests so that one request never holds the loop for long."""
+    parts: list[str] = []
+    size = 0
+    truncated = False
+    for i, digest in enumerate(digests):
+        if i and i % limits.HAVE_VIEWS_PER_YIELD == 0:
+            await asyncio.sleep(0)
+        view = _view(store, digest, fetching)
+        if view is None:
+            continue
+        text = json.dumps(view)
+        if parts and size + len(text) > limits.HAVE_MAX_RESPONSE:
+            truncated = True
+            break
+        parts.append(text)
+        size += len(text) + 2
+    tail = ', "truncated": true' if truncated else ""
+    return '{"blobs": [' + ", ".join(parts) + "]" + tail + "}"
 
 
 def _servable(store: ChunkStore, digest: str, start: int, end: int) -> tuple[str, bytes | None]:
@@ -234,24 +281,41 @@ class PeerClient:
 
     `ssl` is the client context of `peer.tls` when the site speaks mutual TLS: given per request,
     so the session it shares with the origin client keeps the system's CAs for registries (aiohttp
-    pools connections per context, so peer connections are still reused)."""
+    pools connections per context, so peer connections are still reused).
+
+    Every call has a total timeout (`timeout`; `have_timeout` for /have) and reads at most the
+    bytes its answer can honestly take (a view list within `limits.PEER_HAVE_MAX_RESPONSE`, a
+    table of exactly the chunks asked for, a chunk of its length): a peer answering more is cut
+    off as soon as it passes that, before the excess is held, and the call fails with PeerError,
+    as does an answer that is not of the protocol's shape."""
 
     def __init__(
-        self, session: aiohttp.ClientSession, timeout: float = 10.0, ssl: sslmod.SSLContext | None = None
+        self,
+        session: aiohttp.ClientSession,
+        timeout: float = 10.0,
+        ssl: sslmod.SSLContext | None = None,
+        have_timeout: float = HAVE_TIMEOUT,
     ) -> None:
         self._session = session
         self._ssl: sslmod.SSLContext | bool = ssl if ssl is not None else True
         self._connect = TCP_CONNECT_TIMEOUT if ssl is None else None
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect)
+        self._have_timeout = have_timeout
 
     async def have(self, peer: str, digests: list[str]) -> dict[str, BlobView]:
+        url = f"{peer}{PREFIX}/have"
         body = await self._request(
-            "POST", f"{peer}{PREFIX}/have", body={"digests": digests}, timeout=HAVE_TIMEOUT
+            "POST", url, body={"digests": digests}, timeout=self._have_timeout,
+            limit=limits.PEER_HAVE_MAX_RESPONSE,
         )
-        return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
+        try:
+            return {v["digest"]: BlobView.from_json(v) for v in json.loads(body)["blobs"]}
+        except (ValueError, RecursionError, LookupError, TypeError, AttributeError) as exc:
+            why = f"{type(exc).__name__}: {limits.short(str(exc), 200)}"
+            raise PeerError(f"{url}: not a /have answer: {why}") from exc
 
     async def table(self, peer: str, digest: str, chunks: int) -> list[bytes]:
-        raw = await self._request("GET", f"{peer}{PREFIX}/blobs/{digest}/table")
+        raw = await self._request("GET", f"{peer}{PREFIX}/blobs/{digest}/table", limit=chunks * HASH_LEN)
         if len(raw) != chunks * HASH_LEN:
             raise PeerError(f"{peer}: table of {digest} has {len(raw)} bytes, expected {chunks * HASH_LEN}")
         return [raw[i : i + HASH_LEN] for i in range(0, len(raw), HASH_LEN)]
@@ -264,9 +328,10 @@ class PeerClient:
             async with self._session.get(url, headers=headers, timeout=self._timeout, ssl=self._ssl) as resp:
                 headers_at = time.monotonic()
                 if resp.status not in (200, 206):
-                    why = (await resp.text())[:200]
+                    # Only the start of the refusal: a peer's error page is no reason to read megabytes.
+                    why = (await resp.content.read(200)).decode("utf-8", "replace")
                     raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}: {why}")
-                data = await resp.read()
+                data = await _read_capped(resp, length, url)
                 claim = resp.headers.get("X-Chunk-Sha256")
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise PeerError(f"{peer}: {type(exc).__name__}: {exc}") from exc
@@ -274,8 +339,11 @@ class PeerClient:
             raise PeerError(f"{peer}: {len(data)} bytes for a {length}-byte chunk of {digest}")
         return ChunkReply(data, bytes.fromhex(claim) if claim else None, headers_at)
 
-    async def _request(self, method: str, url: str, timeout: float | None = None, body: Any = None) -> bytes:
-        """The response body of a 200 (`body`, if any, is sent as JSON)."""
+    async def _request(
+        self, method: str, url: str, timeout: float | None = None, body: Any = None,
+        limit: int = limits.PEER_JSON_MAX_RESPONSE,
+    ) -> bytes:
+        """The response body of a 200, at most `limit` bytes (`body`, if any, is sent as JSON)."""
         t = aiohttp.ClientTimeout(total=timeout, sock_connect=self._connect) if timeout else self._timeout
         try:
             async with self._session.request(method, url, timeout=t, json=body, ssl=self._ssl) as resp:
@@ -283,8 +351,24 @@ class PeerClient:
                     raise NotFound(f"{url}: not found")
                 if resp.status != 200:
                     raise PeerError(f"{url}: HTTP {resp.status}")
-                return await resp.read()
+                return await _read_capped(resp, limit, url)
         except PeerSyncError:
             raise
         except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
             raise PeerError(f"{url}: {type(exc).__name__}: {exc}") from exc
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The body of `resp`, streamed and given up as soon as it passes `limit` bytes (PeerError):
+    a peer cannot make this node hold more than the answer can honestly take."""
+    declared = resp.content_length
+    if declared is not None:
+        if declared > limit:
+            raise PeerError(f"{what}: answer of {declared} bytes, more than the {limit} expected")
+        return await resp.read()  # the framing ends the body at the declared length: one copy
+    body = bytearray()
+    async for piece in resp.content.iter_any():
+        body += piece
+        if len(body) > limit:
+            raise PeerError(f"{what}: answer longer than the {limit} bytes expected")
+    return bytes(body)

@@ -10,7 +10,14 @@ OCI distribution API, read-only, on a loopback address:
                                                 peers and the origin; Range requests honoured
 
 containerd appends `?ns=<registry>` to mirror requests; without it the configured default registry
-is assumed. Every manifest served is recorded in the catalog (layers, config, child manifests)
+is assumed. Only registries the mirror serves may be named (the default, `registries`, and those
+`installed` says have a hosts.toml naming the mirror); any other is a 403 before any connection.
+
+Who may read what (`peer.access`, docs/security.md): every manifest and blob request is answered
+only once the client's own credentials (HTTP basic; none for public content) are shown good for
+that object at the origin, or with a 401 Basic challenge; nothing is served on the node's word.
+
+Every manifest served is recorded in the catalog (layers, config, child manifests)
 so the content store can answer for those blobs lazily and the engine knows where to fetch them,
 and, if it is an image manifest, noted in the chain index (`kernel.store.chains`), so a layer can
 later be recognised by the chain ID alone when containerd prepares its snapshot.
@@ -37,14 +44,16 @@ import hashlib
 import json
 import re
 import time
+from collections.abc import Callable, Collection
 from http import HTTPStatus
 
 import structlog
 from aiohttp import web
 
-from kernel import errors
+from kernel import errors, limits
 from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
+from peer.access import ClientAccess, Object
 from peer.catalog import Catalog, Source
 from peer.engine import Engine
 from peer.origin import OriginClient
@@ -76,10 +85,17 @@ class Mirror:
         default_registry: str = "docker.io",
         tag_ttl: float = 2.0,
         chains: ChainIndex | None = None,
+        *,
+        registries: Collection[str] = (),
+        installed: Callable[[], Collection[str]] = tuple,
+        access: ClientAccess | None = None,
     ) -> None:
         self.store, self.catalog, self.origin, self.engine = store, catalog, origin, engine
         self.chains = chains
         self.default_registry = default_registry
+        self.registries = frozenset({default_registry, *registries})
+        self.installed = installed  # the registries whose hosts.toml names the mirror, read when asked
+        self.access = access if access is not None else ClientAccess(origin)
         self.tag_ttl = tag_ttl
         self._tags: dict[tuple[str, str, str], tuple[float, str]] = {}
 
@@ -96,9 +112,12 @@ class Mirror:
     # -- manifests ---------------------------------------------------------------------------
 
     async def manifest(self, request: web.Request) -> web.Response:
-        registry, repo = self._where(request)
         ref = request.match_info["reference"]
         try:
+            registry, repo = self._where(request)
+            denied = await self._gate(request, Object(registry, repo, "manifests", ref))
+            if denied is not None:
+                return denied
             body, media_type, digest = await self._manifest(registry, repo, ref)
         except errors.PeerSyncError as exc:
             return _error(exc, "MANIFEST_UNKNOWN")
@@ -120,7 +139,7 @@ class Mirror:
                 local = self.store.read(digest, 0, rec.size), rec.media_type
         if digest and local is not None:
             body = local[0]
-            media_type = local[1] or json.loads(body).get("mediaType", "")
+            media_type = local[1] or _media_type(body, digest)
         else:
             m = await self.origin.resolve(registry, repo, ref)
             body, media_type, digest = m.body, m.media_type, m.digest
@@ -177,11 +196,14 @@ class Mirror:
     # -- blobs -------------------------------------------------------------------------------
 
     async def blob(self, request: web.Request) -> web.StreamResponse:
-        registry, repo = self._where(request)
         digest = request.match_info["digest"]
         try:
+            registry, repo = self._where(request)
             if not DIGEST.match(digest):
-                raise errors.InvalidArgument(f"unsupported digest {digest!r}")
+                raise errors.InvalidArgument(f"unsupported digest {limits.short(digest, 100)!r}")
+            denied = await self._gate(request, Object(registry, repo, "blobs", digest))
+            if denied is not None:
+                return denied
             size = self.engine.known_size(digest)  # the store's record or a manifest's, never a HEAD
         except errors.PeerSyncError as exc:
             return _error(exc, "BLOB_UNKNOWN")
@@ -230,6 +252,8 @@ class Mirror:
         relayed chunked, as long as the origin's body is."""
         headers = _blob_headers(digest)
         m = _RANGE.match(request.headers.get("Range", ""))
+        if m and _too_long(m):
+            return web.Response(status=416, headers={"Content-Range": "bytes */*"})
         start, length, status = 0, None, 200
         try:
             if request.method == "HEAD" or (m and not m.group(2)):
@@ -271,7 +295,39 @@ class Mirror:
         return resp
 
     def _where(self, request: web.Request) -> tuple[str, str]:
-        return request.query.get("ns") or self.default_registry, request.match_info["name"]
+        """The registry (`?ns=`, else the default) and repository asked for. The registry must be
+        one the mirror serves (`registries`): anything else is refused before any connection,
+        so a local process can neither aim the daemon at a host of its choosing nor have the
+        node's credentials applied there (issue 10, finding 3)."""
+        registry = request.query.get("ns") or self.default_registry
+        if registry not in self.registries and (registry == "_default" or registry not in self.installed()):
+            raise errors.FailedPrecondition(
+                f"registry {limits.short(registry, 100)!r} is not one this mirror serves"
+            )
+        return registry, request.match_info["name"]
+
+    async def _gate(self, request: web.Request, obj: Object) -> web.Response | None:
+        """None if the client may read `obj` (`peer.access`), else the 401 that tells containerd
+        to come back with its credentials (or to go to the next host)."""
+        if await self.access.allows(obj, request.headers.get("Authorization")):
+            return None
+        body = {"errors": [{"code": "UNAUTHORIZED", "message": "authentication required"}]}
+        return web.json_response(
+            body, status=401, headers={"WWW-Authenticate": 'Basic realm="peersync mirror"'}
+        )
+
+
+def _media_type(body: bytes, digest: str) -> str:
+    """The `mediaType` a stored manifest declares; NotFound if the blob is no manifest at all (a
+    layer asked for under /manifests/ is unknown as a manifest, not a server error)."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict):
+        raise errors.NotFound(f"{digest} is not a manifest")
+    media_type = doc.get("mediaType", "")
+    return media_type if isinstance(media_type, str) else ""
 
 
 def _blob_headers(digest: str) -> dict[str, str]:
@@ -288,6 +344,8 @@ def _range(request: web.Request, size: int, headers: dict[str, str]) -> tuple[in
     start, end, status = 0, size, 200
     m = _RANGE.match(request.headers.get("Range", ""))
     if m:
+        if _too_long(m):
+            return web.Response(status=416, headers={"Content-Range": f"bytes */{size}"})
         start = int(m.group(1))
         end = min(size, int(m.group(2)) + 1) if m.group(2) else size
         if start >= size or end <= start:
@@ -296,6 +354,12 @@ def _range(request: web.Request, size: int, headers: dict[str, str]) -> tuple[in
         headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
     headers["Content-Length"] = str(end - start)
     return start, end, status
+
+
+def _too_long(m: re.Match[str]) -> bool:
+    """A Range number of more than 19 digits is past any size (2**63); int() would refuse a
+    5000-digit one, so it is a 416 before it is parsed."""
+    return len(m.group(1)) > 19 or len(m.group(2)) > 19
 
 
 def _error(exc: errors.PeerSyncError, code: str) -> web.Response:

@@ -29,16 +29,20 @@ import socket
 import ssl
 import time
 from dataclasses import replace
+from collections.abc import Callable, Collection
 
 import aiohttp
 import structlog
 from aiohttp import web
 
+from kernel import limits
 from kernel.config import Config, hostport
 from kernel.errors import FailedPrecondition, PeerSyncError
 from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from peer import httpbounds
+from peer.access import ClientAccess
 from peer.cache import CacheManager
 from peer.catalog import Catalog
 from peer.control.client import PREFIX as CONTROL_PREFIX
@@ -63,8 +67,17 @@ CONTROL_STATUS = CONTROL_PREFIX + "/status"
 class PeerNode:
     """The HTTP side of one node. Lifecycle: `await start()`, then `await stop()`."""
 
-    def __init__(self, config: Config, store: ChunkStore, meta: Meta) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: ChunkStore,
+        meta: Meta,
+        installed_registries: Callable[[], Collection[str]] = tuple,
+    ) -> None:
+        """`installed_registries` says which registries' hosts.toml send their pulls to the
+        mirror (the assembly reads containerd's hosts dir); the mirror serves those too."""
         self.config = config
+        self.installed_registries = installed_registries
         self.store = store
         self.catalog = Catalog(meta)
         self.chains = ChainIndex(meta)  # the mirror notes the image manifests it serves
@@ -108,7 +121,9 @@ class PeerNode:
 
     async def start(self) -> None:
         cfg = self.config
-        connector = aiohttp.TCPConnector(limit=256, limit_per_host=32)
+        connector = aiohttp.TCPConnector(
+            limit=256, limit_per_host=32, keepalive_timeout=limits.CLIENT_KEEPALIVE
+        )
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
@@ -129,7 +144,7 @@ class PeerNode:
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
         if cfg.peer.listen and transport.enabled:
-            app = web.Application()
+            app = httpbounds.application(httpbounds.EXCHANGE)
             app.add_routes(routes(self.store, self.engine.fetching))
             if self.control is not None:
                 app.add_routes(self.control.routes())
@@ -138,7 +153,7 @@ class PeerNode:
             app.router.add_get("/peersync/v1/transfers", self._transfers)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen", transport.server)
         if cfg.mirror.listen:
-            app = web.Application()
+            app = httpbounds.application(httpbounds.MIRROR)
             mirror = Mirror(
                 self.store,
                 self.catalog,
@@ -147,6 +162,9 @@ class PeerNode:
                 cfg.mirror.default_registry,
                 cfg.mirror.tag_ttl,
                 chains=self.chains,
+                registries=[*cfg.mirror.registries, *cfg.origin.plain_http, *cfg.origin.auth],
+                installed=self.installed_registries,
+                access=ClientAccess(origin, cfg.mirror.access_ttl),
             )
             app.add_routes(mirror.routes())
             if self.control is not None:  # local callers see the status even with the peer port closed
@@ -227,9 +245,9 @@ class PeerNode:
     ) -> None:
         """Listen on `listen` (with TLS context `tls`, if any) or fail naming the address, the
         reason and the config key (`key`): a second daemon on a host with the default config finds
-        the ports taken."""
+        the ports taken. The app's bounds (`peer.httpbounds`) also bound its connections."""
         host, port = hostport(listen)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = httpbounds.runner(app)
         await runner.setup()
         try:
             await web.TCPSite(runner, host, port, reuse_address=True, ssl_context=tls).start()

@@ -24,7 +24,17 @@ Docker token spec (GET, with basic credentials when configured, else anonymous),
 challenged, later requests authenticate up front, and concurrent requests share one token fetch.
 
 Redirects (registries send blob GETs to storage backends) are followed here, not by aiohttp, at most
-`MAX_REDIRECTS` hops; the Authorization header never leaves the registry's origin (scheme, host, port).
+`MAX_REDIRECTS` hops; the Authorization header never leaves the registry's origin (scheme, host, port),
+a 401 from another origin is a refusal, never a challenge (its realm would get the registry's
+credentials, and stored as the registry's challenge it would poison later requests), a chain begun on
+https never goes on over plain http, and an https registry's token realm must be https too.
+
+Manifests: what `resolve` returns is always a JSON manifest or index of one of
+`MANIFEST_MEDIA_TYPES` with the shape of its type, whatever the server sent (a tag lookup that was
+redirected to some internal page is refused, not stored as a "manifest").
+
+Network errors carry no detail past "could not be reached" (refused, reset, timeout, not TLS look
+alike to callers, who may be mirror clients); the detail is logged.
 
 Errors are translated once, at this boundary, into `kernel.errors`:
 
@@ -291,7 +301,9 @@ class OriginClient:
         finally:
             resp.release()
         digest = _manifest_digest(reference, resp.headers.get("Docker-Content-Digest"), body, what)
-        return Manifest(_media_type(resp.headers.get("Content-Type"), body), digest, len(body), body)
+        media_type = _media_type(resp.headers.get("Content-Type"), body)
+        _check_manifest(body, media_type, what)
+        return Manifest(media_type, digest, len(body), body)
 
     async def head_manifest(self, registry: str, repo: str, reference: str) -> Descriptor:
         """HEAD the manifest `reference`: its media type, digest and size, without the body.
@@ -396,6 +408,61 @@ class OriginClient:
             else:
                 resp.close()  # never drain a multi-GB body we stopped wanting
 
+    def has_credentials(self, registry: str) -> bool:
+        """True if this node holds credentials for `registry` (what it fetches may be private)."""
+        return self._credentials.get(registry) is not None
+
+    async def can_pull(
+        self, registry: str, repo: str, kind: str, reference: str, creds: BasicCredentials | None
+    ) -> bool:
+        """Whether `creds` (None: anonymous) may pull `kind` ("manifests" or "blobs") `reference`
+        of `registry/repo` at the origin, asked with a HEAD.
+
+        The mirror's question about a local client: the node's own tokens, cached challenges and
+        credentials are never used or changed, so nothing the node may read leaks into the answer.
+        True on a 2xx; False on 401, 403 or a token server refusing `creds`; NotFound on a 404 (the
+        client would get no more from the origin itself); Unavailable (and the like) when the
+        origin cannot say.
+        """
+        repo = _check_repo(registry, repo)
+        if kind == "blobs":
+            _check_digest(reference)
+        else:
+            _check_reference(reference)
+        what = f"access check {registry}/{repo}"
+        url = self._base_url(registry).with_path(f"/v2/{repo}/{kind}/{reference}", encoded=False)
+        headers = {"Accept": MANIFEST_ACCEPT, "Accept-Encoding": "identity"}
+        host = registry_host(registry)
+        authorization: str | None = None
+        for attempt in range(2):
+            resp = await self._send("HEAD", url, headers, authorization, what)
+            resp.release()
+            if resp.status < 300:
+                return True
+            if resp.status == 404:
+                raise NotFound(f"{what}: {kind} {reference}: not found")
+            if resp.status == 403 or attempt == 1 or resp.url.origin() != url.origin():
+                break
+            if resp.status != 401:
+                await _raise_for_status(resp, "HEAD", what)
+            challenge = _pick_challenge(parse_challenges(resp.headers.getall("WWW-Authenticate", [])))
+            if challenge is None or (challenge.scheme == "basic" and creds is None):
+                break
+            if challenge.scheme == "basic":
+                assert creds is not None
+                authorization = creds.header()
+                continue
+            scope = challenge.params.get("scope") or f"repository:{repo}:pull"
+            try:
+                token = await self._fetch_token((host, scope), challenge, creds, scope)
+            except FailedPrecondition:
+                return False  # the token server refused these credentials
+            authorization = f"Bearer {token.value}"
+        if resp.status in (401, 403):
+            return False
+        await _raise_for_status(resp, "HEAD", what)
+        return False  # not reached: every status left here raises
+
     # -- requests, auth, redirects ------------------------------------------------------------------
 
     def _settings(self, host: str) -> HostSettings:
@@ -441,6 +508,9 @@ class OriginClient:
         for attempt in range(2):
             auth = await self._authorization(registry, host, scope, rejected, asked_scope)
             resp = await self._send(method, url, headers, auth.header, what)
+            if resp.status == 401 and resp.url.origin() != url.origin():
+                resp.release()  # a redirect target's challenge is not the registry's (issue 10, finding 2)
+                raise FailedPrecondition(f"unauthorized: {what}: the registry redirected to a host that refused it")
             if resp.status != 401 or attempt == 1:
                 break
             challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))
@@ -514,6 +584,9 @@ class OriginClient:
             url = URL()
         if url.scheme not in ("http", "https") or not url.host:
             raise FailedPrecondition(f"unauthorized: {host} sent a bearer challenge with bad realm {realm!r}")
+        if url.scheme == "http" and not self._settings(host).plain_http:
+            # An https registry's credentials never travel in the clear to its token server.
+            raise FailedPrecondition(f"unauthorized: {host} (https) sent a plain-http token realm; refused")
         query: list[tuple[str, str]] = list(url.query.items())
         if "service" in challenge.params:
             query.append(("service", challenge.params["service"]))
@@ -545,7 +618,9 @@ class OriginClient:
     async def _send(
         self, method: str, url: URL, headers: Mapping[str, str], authorization: str | None, what: str
     ) -> aiohttp.ClientResponse:
-        """One request, following redirects by hand; Authorization stays on the first origin."""
+        """One request, following redirects by hand. Authorization stays on the first origin, and
+        a chain that began on https never continues over plain http (not even to the same host):
+        either would hand what the request carries, or what it fetches, to a third party."""
         origin = url.origin()
         for _ in range(MAX_REDIRECTS + 1):
             request_headers = dict(headers)
@@ -570,6 +645,8 @@ class OriginClient:
                 raise Unavailable(f"{what}: bad redirect location {location!r}") from exc
             if url.scheme not in ("http", "https"):
                 raise Unavailable(f"{what}: redirect to unsupported URL {location!r}")
+            if url.scheme == "http" and origin.scheme == "https":
+                raise FailedPrecondition(f"{what}: refused a redirect from https to plain http")
             if url.origin() != origin:
                 authorization = None  # never hand registry credentials to a storage backend
             if resp.status == 303 and method != "HEAD":
@@ -628,11 +705,14 @@ def _network_errors(what: str) -> Iterator[None]:
     except PeerSyncError:
         raise
     except aiohttp.ClientConnectorCertificateError as exc:
-        raise FailedPrecondition(f"{what}: TLS certificate verification failed: {exc}") from exc
-    except TimeoutError as exc:
-        raise Unavailable(f"{what}: timed out") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise Unavailable(f"{what}: {type(exc).__name__}: {exc}") from exc
+        log.warning("origin.unreachable", what=what, error=f"{type(exc).__name__}: {exc}")
+        raise FailedPrecondition(f"{what}: TLS certificate verification failed") from exc
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        # One text for refused, reset, timed out, not TLS, no such host: the message reaches mirror
+        # clients, and telling them apart would make the daemon a port scanner (issue 10,
+        # finding 3). The log has the detail.
+        log.warning("origin.unreachable", what=what, error=f"{type(exc).__name__}: {exc}")
+        raise Unavailable(f"{what}: the registry could not be reached") from exc
 
 
 def _content_length(resp: aiohttp.ClientResponse) -> int | None:
@@ -656,6 +736,29 @@ def _media_type(content_type: str | None, body: bytes) -> str:
         if isinstance(declared, str) and declared:
             return declared
     return media_type
+
+
+_INDEX_TYPES = frozenset({MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST})
+
+
+def _check_manifest(body: bytes, media_type: str, what: str) -> None:
+    """FailedPrecondition unless `body` is a manifest or index of an allowed media type, shaped as
+    its type says: an index lists `manifests`, an image manifest has a `config` and `layers`."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError):
+        doc = None
+    if not isinstance(doc, dict) or media_type not in MANIFEST_MEDIA_TYPES:
+        raise FailedPrecondition(f"{what}: the registry's answer is not a manifest or index")
+    declared = doc.get("mediaType")
+    if declared is not None and declared != media_type:
+        raise FailedPrecondition(f"{what}: served as {media_type} but declares {declared!r}")
+    if media_type in _INDEX_TYPES:
+        shaped = isinstance(doc.get("manifests"), list)
+    else:
+        shaped = isinstance(doc.get("config"), dict) and isinstance(doc.get("layers"), list)
+    if not shaped or doc.get("schemaVersion") != 2:
+        raise FailedPrecondition(f"{what}: the registry's answer is not a well-formed {media_type}")
 
 
 def _manifest_digest(reference: str, header: str | None, body: bytes, what: str) -> str:

@@ -41,7 +41,7 @@ from kernel.config import MirrorConfig
 from kernel.errors import FailedPrecondition, InvalidArgument, NotFound
 from kernel.store.fsutil import fsync_dir
 
-DEFAULT_DIR = Path("/etc/containerd/certs.d")
+DEFAULT_DIR = Path(MirrorConfig().hosts_dir)  # where the mirror also looks for what it serves
 # Where the daemon's mirror listens by default ([mirror] listen): the entry must point at it.
 DEFAULT_MIRROR = f"http://{MirrorConfig().listen}"
 CAPABILITIES = ("pull", "resolve")

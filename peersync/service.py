@@ -23,6 +23,7 @@ from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.node import PeerNode
+from peersync import hosts
 from peersync.activation import inherited_socket
 from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
@@ -55,7 +56,8 @@ class Service:
         self.meta = Meta(cfg.root)
         chunks = ChunkStore(cfg.root, self.meta, cfg.store.chunk_size)
         await asyncio.to_thread(chunks.recover)
-        self.peer = PeerNode(cfg, chunks, self.meta)
+        hosts_dir = Path(cfg.mirror.hosts_dir)
+        self.peer = PeerNode(cfg, chunks, self.meta, installed_registries=lambda: hosts.managed(hosts_dir))
         await self.peer.start()
         engine = self.peer.engine
         assert engine is not None

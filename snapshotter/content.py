@@ -55,6 +55,16 @@ Ingests
   Unavailable (containerd's GC retries later). `list_statuses(filters)` over the fields `ref`,
   `expected`, `offset`, `total`.
 
+Bounds (`kernel.limits`, containerd's own where it has one)
+- Labels, on `commit` and on the result of `update`: each key and value together at most 4096
+  bytes (containerd's `labels.Validate`), all labels of one blob at most 64 KiB encoded; otherwise
+  InvalidArgument and nothing changes.
+- Refs (`writer`, `status`, `abort`): non-empty and at most `REF_MAX_BYTES` (what containerd can
+  send); otherwise InvalidArgument.
+- Records stored by an older version beyond these bounds never break a listing: `info` and `walk`
+  report such a blob without the labels over the bounds (logged), and `list_statuses` leaves out an
+  ingest whose ref is over-long (it cannot be named by any request).
+
 BlobSource (the seam for the peer network; `peersync.blobs.LazyBlobs` implements it over the
 download engine). A ContentStore may be given a `source`: Info and Read consult it for blobs
 that are not present locally, so a blob can be served lazily, chunk by chunk, from peers
@@ -80,6 +90,9 @@ from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
+import structlog
+
+from kernel import limits
 from kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.ingest import IngestStatus, IngestWriter
@@ -91,6 +104,8 @@ INLINE_READ = 64 << 10  # preads up to this size run on the event loop: a thread
 INLINE_WRITE = 64 << 10  # same for hashing + writing small Write messages
 
 Status = IngestStatus
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -207,6 +222,7 @@ class Writer:
         being committed for a cache-only one."""
         if expected:
             parse_digest(expected)
+        limits.check_labels(labels or {}, f"commit of ingest {limits.short(self.ref, 100)}")
         store, chunks = self._store, self._store.chunks
         digest, written = self._ingest.digest(), self._ingest.status().offset
         newly = chunks.owners.adopt(digest)
@@ -304,6 +320,11 @@ class ContentStore:
         if not self.mine(info.digest):
             raise NotFound(f"content {info.digest}: not found")
         labels, replace_all = _label_update(info, fieldpaths)
+        # Checked on the result, as containerd's metadata store does (a merge can grow a blob's
+        # labels past the bound one key at a time); labels an older version stored beyond the
+        # bounds are not held against an update that leaves them alone.
+        current = {} if replace_all else limits.kept_labels(self.chunks.record(info.digest).labels)[0]
+        limits.check_labels(_merged(current, labels), f"content {info.digest}")
         return _info(self.chunks.update_labels(info.digest, labels, replace_all))
 
     async def walk(self, filters: Sequence[str] = ()) -> AsyncIterator[Info]:
@@ -386,6 +407,7 @@ class ContentStore:
     # -- ingests -----------------------------------------------------------------------------
 
     async def writer(self, ref: str, total: int = 0, expected: str = "") -> Writer:
+        limits.check_ref(ref)
         if expected and await self.known(expected):
             raise AlreadyExists(f"content {expected}: already exists")
         admitted = self.cache is not None and total > 0 and not self._ingesting(ref)
@@ -409,18 +431,41 @@ class ContentStore:
         return True
 
     async def status(self, ref: str) -> Status:
+        limits.check_ref(ref)
         return self.chunks.ingests.status(ref)
 
     async def list_statuses(self, filters: Sequence[str] = ()) -> list[Status]:
         match = compile_filters(filters)
-        return [st for st in self.chunks.ingests.list() if match(_status_fields(st))]
+        statuses = []
+        for st in self.chunks.ingests.list():
+            if not limits.ref_within_bounds(st.ref):
+                log.warning("over-long ingest ref left out of listings", ref=limits.short(st.ref, 100))
+            elif match(_status_fields(st)):
+                statuses.append(st)
+        return statuses
 
     async def abort(self, ref: str) -> None:
+        limits.check_ref(ref)
         await asyncio.to_thread(self.chunks.ingests.abort, ref)
 
 
 def _info(rec: BlobRecord) -> Info:
-    return Info(rec.digest, rec.size, rec.created_ns, rec.updated_ns, dict(rec.labels))
+    labels, dropped = limits.kept_labels(rec.labels)
+    if dropped:
+        log.warning("blob labels over the bounds left out (stored by an older version)",
+                    digest=rec.digest, dropped=dropped)
+    return Info(rec.digest, rec.size, rec.created_ns, rec.updated_ns, labels)
+
+
+def _merged(current: Mapping[str, str], labels: Mapping[str, str]) -> dict[str, str]:
+    """`current` with the update `labels` applied as the store applies them (empty deletes)."""
+    merged = dict(current)
+    for key, value in labels.items():
+        if value:
+            merged[key] = value
+        else:
+            merged.pop(key, None)
+    return merged
 
 
 def _fields(rec: BlobRecord) -> dict[str, Any]:

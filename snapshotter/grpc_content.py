@@ -13,12 +13,13 @@ from collections.abc import AsyncIterator
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from kernel import limits
 from kernel.errors import InvalidArgument
 from snapshotter.api import content_pb2, content_pb2_grpc
 from snapshotter.content import READ_PIECE, ContentStore, Info, Status, Writer
 from snapshotter.grpcerrors import translate
 
-LIST_BATCH = 100  # Info messages per List response
+LIST_BATCH = 100  # Info messages per List response, at most (and at most LIST_MESSAGE_BYTES)
 
 _Context = grpc.aio.ServicerContext  # typed with each method's [request, response] messages
 
@@ -55,11 +56,15 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
     ) -> AsyncIterator[content_pb2.ListContentResponse]:
         async with translate(context, "List"):
             batch: list[content_pb2.Info] = []
+            size = 0
             async for info in self._store.walk(list(request.filters)):
-                batch.append(info_pb(info))
-                if len(batch) >= LIST_BATCH:
+                pb = info_pb(info)
+                n = pb.ByteSize()
+                if batch and (len(batch) >= LIST_BATCH or size + n > limits.LIST_MESSAGE_BYTES):
                     yield content_pb2.ListContentResponse(info=batch)
-                    batch = []
+                    batch, size = [], 0
+                batch.append(pb)
+                size += n
             if batch:
                 yield content_pb2.ListContentResponse(info=batch)
 
@@ -151,7 +156,9 @@ class _WriteSession:
             self._expected = req.expected
         if req.total > 0:
             self._total = req.total
-        self._labels.update(req.labels)
+        if req.labels:  # gathered over the session: bounded as the blob's labels will be
+            self._labels.update(req.labels)
+            limits.check_labels(self._labels, f"write of ingest {limits.short(self._writer.ref, 100)}")
         digest = ""
         if req.action == content_pb2.WRITE:
             await self._writer.write_at(req.offset, req.data)

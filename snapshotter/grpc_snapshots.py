@@ -4,7 +4,8 @@ Each handler converts the request, calls the snapshotter, converts the answer, a
 `translate`, the one place where PeerSync errors become status codes. The `snapshotter` field of
 every request names the proxy plugin and is ignored; keys are opaque strings. `Info.kind` is
 always set (containerd reads UNKNOWN as committed). List streams its answer in batches so a
-large store never becomes one huge message. Commit's `parent` (field 5, containerd 2.x) is not
+large store never becomes one huge message (at most `list_batch` Infos and, past the first,
+`kernel.limits.LIST_MESSAGE_BYTES` per message). Commit's `parent` (field 5, containerd 2.x) is not
 used: a commit keeps the parent its active snapshot was prepared on.
 """
 
@@ -16,13 +17,14 @@ from datetime import UTC, datetime
 import grpc
 from google.protobuf import empty_pb2, timestamp_pb2
 
+from kernel import limits
 from snapshotter.api import mount_pb2, snapshots_pb2, snapshots_pb2_grpc
 from snapshotter.grpcerrors import translate
 from snapshotter.snapshots import Info, Kind, Mount, Snapshotter
 
 __all__ = ["SnapshotsServicer", "info_to_proto", "info_from_proto", "mounts_to_proto"]
 
-LIST_BATCH = 100  # Info messages per List response
+LIST_BATCH = 100  # Info messages per List response, at most
 
 _Context = grpc.aio.ServicerContext  # typed with each method's [request, response] messages
 
@@ -105,9 +107,18 @@ class SnapshotsServicer(snapshots_pb2_grpc.SnapshotsServicer):
     ) -> AsyncIterator[snapshots_pb2.ListSnapshotsResponse]:
         async with translate(context, "List"):
             infos = await self.snapshotter.walk(list(request.filters))
-            for start in range(0, len(infos), self.list_batch):
-                batch = infos[start : start + self.list_batch]
-                yield snapshots_pb2.ListSnapshotsResponse(info=[info_to_proto(i) for i in batch])
+            batch: list[snapshots_pb2.Info] = []
+            size = 0
+            for info in infos:
+                pb = info_to_proto(info)
+                n = pb.ByteSize()
+                if batch and (len(batch) >= self.list_batch or size + n > limits.LIST_MESSAGE_BYTES):
+                    yield snapshots_pb2.ListSnapshotsResponse(info=batch)
+                    batch, size = [], 0
+                batch.append(pb)
+                size += n
+            if batch:
+                yield snapshots_pb2.ListSnapshotsResponse(info=batch)
 
     async def Usage(
         self,

@@ -16,7 +16,7 @@ from typing import Any
 import grpc
 import structlog
 
-from kernel import errors
+from kernel import errors, limits
 
 log = structlog.get_logger(__name__)
 
@@ -44,14 +44,16 @@ def code_for(exc: BaseException) -> grpc.StatusCode:
 async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) -> AsyncIterator[None]:
     """Abort the RPC with the mapped status when the body raises a PeerSyncError.
 
+    Messages are cut to `limits.ERROR_MESSAGE_MAX` characters: they often quote the request (a
+    key, a ref), and a status carrying megabytes back breaks the client's header limits.
     Unexpected exceptions are logged with their traceback and reported as UNKNOWN (internal
     detail stays in the log, the message names the method)."""
     try:
         yield
     except errors.PeerSyncError as exc:
-        await context.abort(code_for(exc), str(exc))
+        await context.abort(code_for(exc), limits.short(str(exc)))
     except (grpc.aio.AbortError, GeneratorExit):
         raise
     except Exception as exc:  # last line of defence for one RPC
         log.exception("rpc failed", method=method)
-        await context.abort(grpc.StatusCode.UNKNOWN, f"{method}: internal error: {exc}")
+        await context.abort(grpc.StatusCode.UNKNOWN, limits.short(f"{method}: internal error: {exc}"))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import grpc
 
+from kernel import limits
 from kernel.config import GrpcConfig
 from kernel.errors import FailedPrecondition
 from snapshotter import h2server
@@ -29,8 +30,9 @@ def build_server(
     socket inherited from systemd; only our own HTTP/2 server can take one)."""
     options = [
         ("grpc.max_receive_message_length", cfg.max_receive_message_size),
-        # Read answers carry at most read_message_size of data; leave room for the envelope.
-        ("grpc.max_send_message_length", cfg.read_message_size + 64 * 1024),
+        # What containerd's proxy client accepts (16 MiB): Read answers carry at most
+        # read_message_size of data anyway, and a ListStatuses answer holds every ingest at once.
+        ("grpc.max_send_message_length", max(limits.GRPC_MAX_SEND, cfg.read_message_size + 64 * 1024)),
     ]
     server = new_server(options, cfg.implementation)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)

@@ -18,6 +18,12 @@ Layout (schema version 1, see `kernel.store.meta`):
 - ids come from `meta.next_id(txn, "snapshot")`; they are never reused once committed, so a
   directory named by an id that is not in `snapshots` is garbage.
 
+Bounds (`kernel.limits`): labels as containerd's metadata store bounds them (each key and value
+together at most 4096 bytes) and at most 64 KiB encoded per snapshot, checked on create, commit and
+update (InvalidArgument, nothing written); a key longer than containerd could send is
+InvalidArgument wherever it is named. A record an older version stored beyond the label bounds is
+reported without the labels over them, so it never breaks a walk of the whole store.
+
 Errors follow containerd: an unknown key is NotFound; a missing parent is NotFound and a
 parent that is not committed is InvalidArgument (CreateSnapshot); a duplicate key or commit
 name is AlreadyExists; Commit of a non-active and Mounts of a committed snapshot are
@@ -34,7 +40,9 @@ from datetime import UTC, datetime
 from typing import Any
 
 import lmdb
+import structlog
 
+from kernel import limits
 from kernel.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from kernel.store.meta import Meta, dumps, loads
 from snapshotter.filters import compile_filters
@@ -53,6 +61,8 @@ __all__ = [
     "walk_info",
     "id_map",
 ]
+
+log = structlog.get_logger(__name__)
 
 EPOCH = datetime.fromtimestamp(0, UTC)
 ID_COUNTER = "snapshot"
@@ -114,7 +124,7 @@ def create_snapshot(
         raise AlreadyExists(f"snapshot {key!r} already exists")
     snap_id = meta.next_id(txn, ID_COUNTER)
     now = time.time_ns()
-    record = {"id": snap_id, "kind": int(kind), "parent": parent, "labels": _clean(labels)}
+    record = {"id": snap_id, "kind": int(kind), "parent": parent, "labels": _clean(labels, key)}
     record |= {"created": now, "updated": now, "size": 0, "inodes": 0}
     _put(txn, meta, encoded, record)
     if parent_record is None:
@@ -159,7 +169,7 @@ def commit_active(
     if record["kind"] != Kind.ACTIVE:
         raise FailedPrecondition(f"snapshot {key!r} is {Kind(record['kind']).name.lower()}, not active")
     now = time.time_ns()
-    record |= {"kind": int(Kind.COMMITTED), "labels": _clean(labels), "created": now, "updated": now}
+    record |= {"kind": int(Kind.COMMITTED), "labels": _clean(labels, name), "created": now, "updated": now}
     record |= {"size": usage.size, "inodes": usage.inodes}
     txn.delete(_encode(key), db=_db(meta))
     _put(txn, meta, encoded_name, record)
@@ -190,7 +200,7 @@ def update_info(txn: lmdb.Transaction, meta: Meta, info: Info, fieldpaths: Seque
 
     No field paths replaces all labels. Any other path is InvalidArgument; nothing is written then."""
     record = _require(txn, meta, info.name)
-    labels = dict(record["labels"])
+    labels = limits.kept_labels(record["labels"])[0]  # what a client saw is what an update starts from
     for path in fieldpaths or ("labels",):
         if path.startswith("labels."):
             label = path.removeprefix("labels.")
@@ -199,7 +209,7 @@ def update_info(txn: lmdb.Transaction, meta: Meta, info: Info, fieldpaths: Seque
             labels = dict(info.labels)
         else:
             raise InvalidArgument(f"cannot update {path!r} field on snapshot {info.name!r}")
-    record["labels"] = _clean(labels)
+    record["labels"] = _clean(labels, info.name)
     record["updated"] = max(time.time_ns(), record["updated"])
     _put(txn, meta, _encode(info.name), record)
     return _info(info.name, record)
@@ -248,6 +258,9 @@ def _encode_new_key(meta: Meta, key: str) -> bytes:
 
 def _get(txn: lmdb.Transaction, meta: Meta, key: str) -> dict[str, Any] | None:
     encoded = _encode(key)
+    if len(encoded) > limits.REF_MAX_BYTES:
+        raise InvalidArgument(f"snapshot key is {len(encoded)} bytes; containerd's keys take at most "
+                              f"{limits.REF_MAX_BYTES}")
     if not encoded or len(encoded) > meta.env.max_key_size():
         return None  # cannot have been stored
     raw = txn.get(encoded, db=_db(meta))
@@ -301,19 +314,26 @@ def _has_children(txn: lmdb.Transaction, meta: Meta, snap_id: int) -> bool:
     return cursor.set_range(prefix) and bytes(cursor.key()).startswith(prefix)
 
 
-def _clean(labels: Mapping[str, str] | None) -> dict[str, str]:
-    """Labels as stored: containerd drops empty values instead of storing them."""
-    return {k: v for k, v in (labels or {}).items() if v != ""}
+def _clean(labels: Mapping[str, str] | None, key: str) -> dict[str, str]:
+    """Labels as stored: containerd drops empty values instead of storing them; InvalidArgument
+    beyond the bounds (`kernel.limits.check_labels`)."""
+    cleaned = {k: v for k, v in (labels or {}).items() if v != ""}
+    limits.check_labels(cleaned, f"snapshot {limits.short(key, 100)!r}")
+    return cleaned
 
 
 def _info(key: str, record: Mapping[str, Any]) -> Info:
+    labels, dropped = limits.kept_labels(record["labels"])
+    if dropped:
+        log.warning("snapshot labels over the bounds left out (stored by an older version)",
+                    key=limits.short(key, 100), dropped=dropped)
     return Info(
         name=key,
         parent=record["parent"],
         kind=Kind(record["kind"]),
         created=_datetime(record["created"]),
         updated=_datetime(record["updated"]),
-        labels=dict(record["labels"]),
+        labels=labels,
     )
 
 

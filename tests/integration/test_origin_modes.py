@@ -6,13 +6,15 @@ basic-auth and bearer-token registries, in both integration modes.
 - mirror-only: containerd keeps its builtin content store and overlayfs and only pulls through our
   mirror (`--hosts-dir`).
 
-The registry credentials live in the daemon's config (`[origin.auth."host:port"]`); ctr passes none.
+The registry credentials live in the daemon's config (`[origin.auth."host:port"]`); ctr passes its
+own (`--user`), which the mirror checks at the origin before it serves anything (docs/security.md).
 Also: wrong credentials, skopeo through the mirror (no `?ns=`: the default registry), a moved tag,
 and the mirror's blob endpoint (HEAD, Range, unknown blobs).
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
@@ -154,6 +156,7 @@ class Node:
     mode: str
     containerd: Containerd | None = None
     hosts_dir: Path | None = None
+    client: Credentials | None = None  # what ctr (a local mirror client) shows the mirror
 
     @property
     def mirror_url(self) -> str:
@@ -169,11 +172,13 @@ class Node:
         return self.containerd
 
     def pull(self, ref: str) -> None:
-        """Pull through the mirror only: ctr gets no credentials, the daemon holds them."""
+        """Pull through the mirror only, ctr with the client's credentials (the daemon's own are
+        used at the origin only once the client's are shown good there)."""
         self.ctr.pull(
             ref,
             snapshotter=self.snapshotter,
             plain_http=True,
+            user=self.client.colon if self.client else None,
             extra_args=["--hosts-dir", str(self.hosts_dir)],
         )
 
@@ -190,15 +195,17 @@ def start_node(
     origin: Registry,
     mode: str | None,
     credentials: Credentials | None = None,
+    client: Credentials | None = None,
     **mirror: object,
 ) -> Iterator[Node]:
-    """A daemon for `origin` and, unless `mode` is None, a containerd in that mode with a hosts dir
-    that sends `origin`'s pulls to the daemon's mirror."""
+    """A daemon for `origin` holding `credentials` and, unless `mode` is None, a containerd in that
+    mode with a hosts dir that sends `origin`'s pulls to the daemon's mirror; ctr shows `client`
+    (by default the daemon's `credentials`)."""
     peer_port = free_port()
     config = daemon_config(origin, peer_port, credentials, **mirror)  # type: ignore[arg-type]
     with ExitStack() as stack:
         daemon = stack.enter_context(start_peersync(workdir / "daemon", config=config))
-        node = Node(daemon, daemon.peer_url, mode or "")
+        node = Node(daemon, daemon.peer_url, mode or "", client=client or credentials)
         if mode is not None:
             extra = daemon.containerd_config() if mode == "full" else None
             node.containerd = stack.enter_context(
@@ -239,7 +246,10 @@ def http(
 
 def mirror_manifest(node: Node, registry: Registry, repo: str, ref: str, method: str = "HEAD") -> tuple:
     url = f"{node.mirror_url}/v2/{repo}/manifests/{ref}?ns={registry.address}"
-    return http(url, method, {"Accept": MANIFEST_ACCEPT})
+    headers = {"Accept": MANIFEST_ACCEPT}
+    if node.client is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(node.client.colon.encode()).decode()
+    return http(url, method, headers)
 
 
 def blob_bytes(image: BuiltImage, digest: str) -> bytes:
@@ -284,7 +294,13 @@ def test_wrong_credentials_fail_clearly(
     assert origin.credentials is not None
     wrong = Credentials(origin.credentials.username, "not-the-password")
     ref = origin.registry.ref(REPO, test_image.tag)
-    with start_node(tmp_path, origin.registry, mode, wrong) as node:
+    with start_node(tmp_path, origin.registry, mode, wrong, client=origin.credentials) as node:
+        # ctr shows good credentials (the mirror lets it in) and the daemon's are wrong. Its way
+        # around the mirror is cut (https to the plain-http registry fails), or it would fetch the
+        # image from the origin itself with its good credentials.
+        assert node.hosts_dir is not None
+        toml = node.hosts_dir / origin.registry.address / "hosts.toml"
+        toml.write_text(toml.read_text().replace(origin.registry.url, f"https://{origin.registry.address}"))
         with pytest.raises(CommandError) as failed:
             node.pull(ref)
         # ctr's own error line (containerd shows the mirror's status line, not its body) says why:
@@ -299,6 +315,23 @@ def test_wrong_credentials_fail_clearly(
         assert error["code"] == "DENIED" and "unauthorized" in error["message"], error
         assert node.daemon.blob_files() == set()
         assert node.daemon.corrupt_blobs() == []
+        assert node.stats()["origin_bytes"] == 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_without_credentials_gets_nothing_private(
+    request: pytest.FixtureRequest, tmp_path: Path, test_image: BuiltImage, mode: str
+) -> None:
+    """The daemon holds good credentials, ctr none: the mirror serves it nothing (issue 10, item 2)."""
+    origin = get_origin(request, "basic")
+    ref = origin.registry.ref(REPO, test_image.tag)
+    with start_node(tmp_path, origin.registry, mode, origin.credentials, client=None) as node:
+        node.client = None
+        with pytest.raises(CommandError):
+            node.pull(ref)
+        status, headers, _ = mirror_manifest(node, origin.registry, REPO, test_image.manifest.digest, "GET")
+        assert status == 401 and headers["WWW-Authenticate"].startswith("Basic"), status
+        assert node.daemon.blob_files() == set()
         assert node.stats()["origin_bytes"] == 0
 
 

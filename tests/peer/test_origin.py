@@ -10,7 +10,7 @@ import datetime as dt
 import hashlib
 import ipaddress
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 
 import aiohttp
@@ -702,3 +702,111 @@ async def test_https_private_ca_skip_verify_and_default_trust(
             await plain.blob_size(address, "fake/repo", FAKE_DIGEST)
     finally:
         await runner.cleanup()
+
+
+# -- hostile redirects and answers (issue 10, findings 2 and 3); every server is on loopback -------
+
+
+def recorder(seen: list[dict[str, str]], status: int, headers: Mapping[str, str], body: bytes = b"") -> web.Application:
+    """A server that records every request's headers and answers each with `status`."""
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append(dict(request.headers))
+        return web.Response(status=status, headers=headers, body=body)
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+async def test_a_redirect_targets_bearer_challenge_never_gets_the_registrys_credentials(
+    http: aiohttp.ClientSession,
+) -> None:
+    token_seen: list[dict[str, str]] = []
+    foreign_seen: list[dict[str, str]] = []
+    registry_seen: list[dict[str, str]] = []
+    async with serve(recorder(token_seen, 200, {}, b'{"token": "foreign"}')) as realm:
+        challenge = {"WWW-Authenticate": f'Bearer realm="{realm.make_url("/token")}",service="evil"'}
+        async with serve(recorder(foreign_seen, 401, challenge)) as foreign:
+            foreign_url = str(foreign.make_url("/storage/blob"))
+            async with serve(registry_app(registry_seen, lambda: foreign_url)) as fake:
+                address = f"127.0.0.1:{fake.port}"
+                store = CredentialStore.from_mapping({address: {"username": FAKE_USER[0], "password": FAKE_USER[1]}})
+                origin = OriginClient(http, store, hosts={address: HostSettings(plain_http=True)})
+                with pytest.raises(FailedPrecondition, match="digest mismatch"):  # learns basic auth
+                    await origin.resolve(address, "fake/repo", "v1")
+                with pytest.raises(FailedPrecondition) as refused:  # sent with credentials up front
+                    await collect(origin.read_blob(address, "fake/repo", FAKE_DIGEST))
+                # The registry's own challenge is intact: a later request authenticates with basic
+                # auth up front and never goes near the foreign realm.
+                with pytest.raises(FailedPrecondition, match="digest mismatch"):
+                    await origin.resolve(address, "fake/repo", "v1")
+    assert token_seen == [], "the foreign realm was asked for a token (with the registry's credentials)"
+    assert "redirected to a host that refused" in str(refused.value)
+    assert foreign_seen and all("Authorization" not in h for h in foreign_seen)
+    assert registry_seen[-1]["Authorization"] == basic_header(*FAKE_USER)
+
+
+async def test_a_redirect_from_https_to_plain_http_is_refused(http: aiohttp.ClientSession, tmp_path: Path) -> None:
+    cert, key = self_signed_localhost(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    plain_seen: list[dict[str, str]] = []
+    async with serve(recorder(plain_seen, 200, {}, FAKE_BLOB)) as plain:
+        app = registry_app([], lambda: str(plain.make_url("/storage/blob")))
+        port = free_port()
+        runner = web.AppRunner(app)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", port, ssl_context=context).start()
+        address = f"127.0.0.1:{port}"
+        store = CredentialStore.from_mapping({address: {"username": FAKE_USER[0], "password": FAKE_USER[1]}})
+        origin = OriginClient(http, store, hosts={address: HostSettings(ca_file=str(cert))})
+        try:
+            with pytest.raises(FailedPrecondition, match="from https to plain http"):
+                await collect(origin.read_blob(address, "fake/repo", FAKE_DIGEST))
+        finally:
+            await runner.cleanup()
+    assert plain_seen == [], "the plain-http target was asked"
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body"),
+    [
+        ("application/json", b'{"internal": "secret", "hostname": "db-7"}'),
+        ("text/html", b"<html>admin console</html>"),
+        (MEDIA_OCI_MANIFEST, b'{"schemaVersion": 2, "mediaType": "' + MEDIA_OCI_MANIFEST.encode() + b'"}'),
+        (MEDIA_OCI_MANIFEST, b'{"schemaVersion": 2, "config": {}, "layers": [], "mediaType": "x/y"}'),
+    ],
+    ids=["json", "html", "manifest-without-layers", "declares-another-type"],
+)
+async def test_a_tag_lookup_only_returns_a_manifest_of_an_allowed_type(
+    http: aiohttp.ClientSession, content_type: str, body: bytes
+) -> None:
+    async with serve(recorder([], 200, {"Content-Type": content_type}, body)) as internal:
+        target = str(internal.make_url("/internal/status"))
+
+        async def manifest(request: web.Request) -> web.StreamResponse:
+            raise web.HTTPTemporaryRedirect(target)
+
+        app = web.Application()
+        app.router.add_route("GET", "/v2/fake/repo/manifests/{reference}", manifest)
+        async with serve(app) as fake:
+            address = f"127.0.0.1:{fake.port}"
+            origin = OriginClient(http, hosts={address: HostSettings(plain_http=True)})
+            with pytest.raises(FailedPrecondition, match="not a manifest|not a well-formed|declares"):
+                await origin.resolve(address, "fake/repo", "latest")
+
+
+async def test_network_errors_do_not_tell_refused_from_not_tls(http: aiohttp.ClientSession) -> None:
+    """A port nobody listens on and a plain-http server spoken to with TLS read alike."""
+    async with serve(recorder([], 200, {})) as plain:
+        closed = f"127.0.0.1:{free_port()}"
+        not_tls = f"127.0.0.1:{plain.port}"
+        origin = OriginClient(http)
+        texts = []
+        for address in (closed, not_tls):
+            with pytest.raises(Unavailable) as caught:
+                await origin.resolve(address, "fake/repo", "latest")
+            texts.append(str(caught.value).replace(address, "HOST"))
+    assert texts[0] == texts[1]
+    assert not any(word in texts[0].lower() for word in ("refused", "ssl", "tls", "errno", "connect"))
