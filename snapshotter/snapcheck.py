@@ -15,7 +15,8 @@ daemon), for tests, benchmarks and operators after a crash and a restart:
 - no two records share an id.
 
 `check_snapshots(root)` returns the problems found, one line each ([] when consistent);
-`garbage_dirs(root)` lists the unreferenced directories, which are allowed."""
+`garbage_dirs(root)` lists the unreferenced directories, which are allowed; `snapshot_ids(root)`
+says which directory is whose."""
 
 from __future__ import annotations
 
@@ -69,6 +70,13 @@ def check_snapshots(root: Path) -> list[str]:
     return problems
 
 
+def snapshot_ids(root: Path) -> dict[str, str]:
+    """Every snapshot's key (or committed name) mapped to its id: where its directory is."""
+    if not (Path(root) / "meta" / "data.mdb").exists():
+        return {}
+    return {key: str(rec["id"]) for key, rec in _read(Path(root))[0].items()}
+
+
 def garbage_dirs(root: Path) -> list[str]:
     """Snapshot directories no record names (crash leftovers Cleanup deletes; allowed)."""
     snaps = Path(root) / "snapshots"
@@ -78,4 +86,4 @@ def garbage_dirs(root: Path) -> list[str]:
     return sorted(e.name for e in os.scandir(snaps) if e.name not in used)
 
 
-__all__ = ["check_snapshots", "garbage_dirs"]
+__all__ = ["check_snapshots", "garbage_dirs", "snapshot_ids"]
