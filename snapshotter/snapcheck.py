@@ -37,7 +37,10 @@ def _read(root: Path) -> tuple[dict[str, dict[str, Any]], list[tuple[str, str]]]
             snaps_db = env.open_db(b"snapshots", txn=txn, create=False)
             children_db = env.open_db(b"snapshot_children", txn=txn, create=False)
             records = {bytes(k).decode(): loads(bytes(v)) for k, v in txn.cursor(db=snaps_db)}
-            links = [tuple(bytes(k).decode().split("\0", 1)) for k in txn.cursor(db=children_db).iternext(values=False)]
+            links = [
+                tuple(bytes(k).decode().split("\0", 1))
+                for k in txn.cursor(db=children_db).iternext(values=False)
+            ]
     finally:
         env.close()
     return records, [(link[0], link[1]) for link in links]
@@ -58,7 +61,9 @@ def check_snapshots(root: Path) -> list[str]:
         ids[snap_id] = key
         directory = root / "snapshots" / snap_id
         if not (directory / "fs").is_dir():
-            problems.append(f"snapshot {key!r} ({kind.name.lower()}, id {snap_id}): no directory {directory}/fs")
+            problems.append(
+                f"snapshot {key!r} ({kind.name.lower()}, id {snap_id}): no directory {directory}/fs"
+            )
         elif kind is Kind.ACTIVE and not (directory / "work").is_dir():
             problems.append(f"active snapshot {key!r} (id {snap_id}): no work directory")
         parent = rec.get("parent", "")

@@ -41,8 +41,8 @@ import grpc
 
 from kernel.store.storecheck import check_store
 from snapshotter.api import content_pb2, content_pb2_grpc, snapshots_pb2, snapshots_pb2_grpc
-from snapshotter.snapcheck import check_snapshots, snapshot_ids
 from snapshotter.remote import chain_ids
+from snapshotter.snapcheck import check_snapshots, snapshot_ids
 from testbed.chainunpack import PRESENT, PROVIDED, unpack_by_chain_ids
 from testbed.images import BuiltImage, compare_manifests, snapshot_tree
 from testbed.peersyncd import PeerSyncDaemon
@@ -124,12 +124,16 @@ class ContentWrites(Workload):
 
 
 def _write_stream(ref: str, data: bytes, digest: str) -> Iterator[content_pb2.WriteContentRequest]:
-    pieces = [data[i:i + WRITE_PIECE] for i in range(0, len(data), WRITE_PIECE)] or [b""]
+    pieces = [data[i : i + WRITE_PIECE] for i in range(0, len(data), WRITE_PIECE)] or [b""]
     for index, piece in enumerate(pieces):
         last = index == len(pieces) - 1
         yield content_pb2.WriteContentRequest(
-            action=content_pb2.COMMIT if last else content_pb2.WRITE, ref=ref, total=len(data),
-            expected=digest, offset=index * WRITE_PIECE, data=piece,
+            action=content_pb2.COMMIT if last else content_pb2.WRITE,
+            ref=ref,
+            total=len(data),
+            expected=digest,
+            offset=index * WRITE_PIECE,
+            data=piece,
         )
 
 
@@ -146,21 +150,26 @@ class SnapshotWrites(Workload):
         n = self.steps
         if self.leaves and self.rng.random() < 0.25:
             victim = self.leaves.pop(self.rng.randrange(len(self.leaves)))
+            with self.ledger.lock:  # from now on either outcome is allowed, until the answer
+                self.ledger.snapshots.pop(victim, None)
             stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=victim),
                         timeout=GRPC_TIMEOUT)  # fmt: skip
             with self.ledger.lock:
-                self.ledger.snapshots.pop(victim, None)
                 self.ledger.removed.add(victim)
             return
         parent = self.rng.choice(self.leaves) if self.leaves and self.rng.random() < 0.5 else ""
         key = f"{self.tag}-active-{n}"
-        prepared = stub.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter=SNAPSHOTTER, key=key,
-                                                                     parent=parent), timeout=GRPC_TIMEOUT)
+        prepared = stub.Prepare(
+            snapshots_pb2.PrepareSnapshotRequest(snapshotter=SNAPSHOTTER, key=key, parent=parent),
+            timeout=GRPC_TIMEOUT,
+        )
         upper = _upper_dir(prepared.mounts)
         name, content = f"file-{n}", self.rng.randbytes(self.rng.choice([0, 10, 50_000]))
         (upper / name).write_bytes(content)
         if self.rng.random() < 0.15:  # an abandoned active snapshot
-            stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), timeout=GRPC_TIMEOUT)
+            stub.Remove(
+                snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), timeout=GRPC_TIMEOUT
+            )
             return
         committed = f"{self.tag}-{n}"
         stub.Commit(snapshots_pb2.CommitSnapshotRequest(snapshotter=SNAPSHOTTER, name=committed, key=key),
@@ -178,7 +187,7 @@ def _upper_dir(mounts: object) -> Path:
     (mount,) = list(mounts)  # type: ignore[call-overload]
     if mount.type == "bind":
         return Path(mount.source)
-    return Path(next(o for o in mount.options if o.startswith("upperdir="))[len("upperdir="):])
+    return Path(next(o for o in mount.options if o.startswith("upperdir="))[len("upperdir=") :])
 
 
 class MirrorFetches(Workload):
@@ -186,8 +195,15 @@ class MirrorFetches(Workload):
     blobs, their promotion, and, with a small cache budget, eviction). `blobs` are (repo, digest,
     size) of an image whose manifest `prime` fetched through the mirror (sizes come from it)."""
 
-    def __init__(self, daemon: PeerSyncDaemon, ledger: Ledger, rng: random.Random, tag: str,
-                 registry: str, blobs: list[tuple[str, str, int]]) -> None:
+    def __init__(
+        self,
+        daemon: PeerSyncDaemon,
+        ledger: Ledger,
+        rng: random.Random,
+        tag: str,
+        registry: str,
+        blobs: list[tuple[str, str, int]],
+    ) -> None:
         super().__init__(daemon, ledger, rng, tag)
         self.registry, self.blobs = registry, blobs
 
@@ -204,9 +220,12 @@ class MirrorFetches(Workload):
 
 def prime_mirror(daemon: PeerSyncDaemon, registry: str, repo: str, tag: str) -> None:
     """GET the image's manifest through the mirror, as containerd's resolver does first."""
-    accept = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
-    request = urllib.request.Request(f"http://{daemon.mirror}/v2/{repo}/manifests/{tag}?ns={registry}",
-                                     headers={"Accept": accept})
+    accept = (
+        "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json"
+    )
+    request = urllib.request.Request(
+        f"http://{daemon.mirror}/v2/{repo}/manifests/{tag}?ns={registry}", headers={"Accept": accept}
+    )
     with urllib.request.urlopen(request, timeout=GRPC_TIMEOUT) as resp:
         resp.read()
 
@@ -217,18 +236,23 @@ class ChainUnpacks(Workload):
     removed again so the next step unpacks anew. `diff_ids` are the image's, its manifest and
     config fetched through the mirror first (`testbed.chainunpack.diff_ids_through_mirror`)."""
 
-    def __init__(self, daemon: PeerSyncDaemon, ledger: Ledger, rng: random.Random, tag: str,
-                 diff_ids: list[str]) -> None:
+    def __init__(
+        self, daemon: PeerSyncDaemon, ledger: Ledger, rng: random.Random, tag: str, diff_ids: list[str]
+    ) -> None:
         super().__init__(daemon, ledger, rng, tag)
         self.diff_ids = diff_ids
 
     def step(self, channel: grpc.Channel) -> None:
-        outcome = unpack_by_chain_ids(self.daemon.socket, "default", SNAPSHOTTER, self.diff_ids, timeout=GRPC_TIMEOUT)
+        outcome = unpack_by_chain_ids(
+            self.daemon.socket, "default", SNAPSHOTTER, self.diff_ids, timeout=GRPC_TIMEOUT
+        )
         if outcome != [PROVIDED] * len(self.diff_ids):
             raise AssertionError(f"unpack by chain IDs: {outcome}")
         stub = snapshots_pb2_grpc.SnapshotsStub(channel)
         for chain in reversed(chain_ids(self.diff_ids)):
-            stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=chain), timeout=GRPC_TIMEOUT)
+            stub.Remove(
+                snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=chain), timeout=GRPC_TIMEOUT
+            )
 
 
 def unpacked_differences(daemon: PeerSyncDaemon, image: BuiltImage) -> list[str]:
@@ -251,20 +275,29 @@ def mounted_view(daemon: PeerSyncDaemon, name: str) -> Iterator[Path]:
     target = Path(tempfile.mkdtemp(prefix="faults-view-", dir="/tmp"))
     with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
         stub = snapshots_pb2_grpc.SnapshotsStub(channel)
-        view = stub.View(snapshots_pb2.ViewSnapshotRequest(snapshotter=SNAPSHOTTER, key=key, parent=name),
-                         timeout=GRPC_TIMEOUT)
+        view = stub.View(
+            snapshots_pb2.ViewSnapshotRequest(snapshotter=SNAPSHOTTER, key=key, parent=name),
+            timeout=GRPC_TIMEOUT,
+        )
         (mount,) = view.mounts
-        subprocess.run(["mount", "-t", mount.type, "-o", ",".join(mount.options), mount.source, str(target)],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mount", "-t", mount.type, "-o", ",".join(mount.options), mount.source, str(target)],
+            check=True,
+            capture_output=True,
+        )
         try:
             yield target
         finally:
             subprocess.run(["umount", str(target)], check=True, capture_output=True)
             target.rmdir()
-            stub.Remove(snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), timeout=GRPC_TIMEOUT)
+            stub.Remove(
+                snapshots_pb2.RemoveSnapshotRequest(snapshotter=SNAPSHOTTER, key=key), timeout=GRPC_TIMEOUT
+            )
 
 
-def refetched_differences(daemon: PeerSyncDaemon, registry: str, blobs: list[tuple[str, str, int]]) -> list[str]:
+def refetched_differences(
+    daemon: PeerSyncDaemon, registry: str, blobs: list[tuple[str, str, int]]
+) -> list[str]:
     """Fetch every blob through the restarted daemon's mirror to the end: each must be whole."""
     problems = []
     for repo, digest, size in blobs:
@@ -272,8 +305,27 @@ def refetched_differences(daemon: PeerSyncDaemon, registry: str, blobs: list[tup
         with urllib.request.urlopen(url, timeout=GRPC_TIMEOUT) as resp:
             body = resp.read()
         if len(body) != size or "sha256:" + hashlib.sha256(body).hexdigest() != digest:
-            problems.append(f"blob {digest}: the mirror served {len(body)} bytes that do not match it after the restart")
+            problems.append(
+                f"blob {digest}: the mirror served {len(body)} bytes that do not match it after the restart"
+            )
     return problems
+
+
+def fill_disk(
+    daemon: PeerSyncDaemon, ledger: Ledger, rng: random.Random, refusals: int = 3, most: int = 200
+) -> list[grpc.RpcError]:
+    """Content writes until the daemon refused `refusals` of them (its disk is full): the
+    refusals, for the caller to judge; what it acknowledged is in `ledger`."""
+    writer = ContentWrites(daemon, ledger, rng, f"full-{time.monotonic_ns()}")
+    refused: list[grpc.RpcError] = []
+    with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
+        while len(refused) < refusals and writer.steps < most:
+            try:
+                writer.step(channel)
+            except grpc.RpcError as exc:
+                refused.append(exc)
+            writer.steps += 1
+    return refused
 
 
 # -- checks --------------------------------------------------------------------------------------
@@ -293,7 +345,9 @@ def verify(daemon: PeerSyncDaemon, ledger: Ledger) -> list[str]:
             problems += _check_snapshot(snaps, daemon.root, ids, name, filename, data)
         for name in sorted(ledger.removed - set(ledger.snapshots)):
             with contextlib.suppress(grpc.RpcError):
-                snaps.Stat(snapshots_pb2.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=name), timeout=GRPC_TIMEOUT)
+                snaps.Stat(
+                    snapshots_pb2.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=name), timeout=GRPC_TIMEOUT
+                )
                 problems.append(f"snapshot {name}: removed (acknowledged) but back after the restart")
     return problems
 
@@ -321,14 +375,25 @@ def _check_blob(content: content_pb2_grpc.ContentStub, digest: str, size: int) -
     except grpc.RpcError as exc:
         return [f"blob {digest}: committed (acknowledged) but {exc.code().name}: {exc.details()}"]
     if info.size != size or "sha256:" + h.hexdigest() != digest:
-        return [f"blob {digest}: committed with {size} bytes, now {info.size} bytes hashing to sha256:{h.hexdigest()}"]
+        return [
+            f"blob {digest}: committed with {size} bytes, now {info.size} bytes "
+            f"hashing to sha256:{h.hexdigest()}"
+        ]
     return []
 
 
-def _check_snapshot(snaps: snapshots_pb2_grpc.SnapshotsStub, root: Path, ids: dict[str, str], name: str,
-                    filename: str, data: bytes) -> list[str]:
+def _check_snapshot(
+    snaps: snapshots_pb2_grpc.SnapshotsStub,
+    root: Path,
+    ids: dict[str, str],
+    name: str,
+    filename: str,
+    data: bytes,
+) -> list[str]:
     try:
-        info = snaps.Stat(snapshots_pb2.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=name), timeout=GRPC_TIMEOUT).info
+        info = snaps.Stat(
+            snapshots_pb2.StatSnapshotRequest(snapshotter=SNAPSHOTTER, key=name), timeout=GRPC_TIMEOUT
+        ).info
     except grpc.RpcError as exc:
         return [f"snapshot {name}: committed (acknowledged) but {exc.code().name}: {exc.details()}"]
     if info.kind != snapshots_pb2.COMMITTED:
@@ -352,8 +417,13 @@ class CycleResult:
     crashed: bool  # the daemon died on its own before the kill, or failed to restart
 
 
-def kill_cycle(daemon: PeerSyncDaemon, workloads: list[Workload], ledger: Ledger, rng: random.Random,
-               max_delay: float = 1.5) -> CycleResult:
+def kill_cycle(
+    daemon: PeerSyncDaemon,
+    workloads: list[Workload],
+    ledger: Ledger,
+    rng: random.Random,
+    max_delay: float = 1.5,
+) -> CycleResult:
     """Run `workloads`, SIGKILL the daemon after a random delay, restart it and `verify`."""
     for w in workloads:
         w.start()
@@ -391,6 +461,7 @@ __all__ = [
     "MirrorFetches",
     "SnapshotWrites",
     "Workload",
+    "fill_disk",
     "kill_cycle",
     "prime_mirror",
     "settled_check",

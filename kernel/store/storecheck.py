@@ -49,7 +49,9 @@ def check_store(root: Path, verify: bool = True) -> list[str]:
     try:
         with env.begin() as txn:
             dbs = {name: env.open_db(name.encode(), txn=txn, create=False) for name in _STORE_DBS}
-            records = [BlobRecord.decode(bytes(raw)) for raw in txn.cursor(db=dbs["blobs"]).iternext(keys=False)]
+            records = [
+                BlobRecord.decode(bytes(raw)) for raw in txn.cursor(db=dbs["blobs"]).iternext(keys=False)
+            ]
             chunk_keys = {bytes(k): bytes(v) for k, v in txn.cursor(db=dbs["chunks"])}
             ingests = {bytes(k).decode(): bytes(v) for k, v in txn.cursor(db=dbs["ingests"])}
     finally:
@@ -112,8 +114,11 @@ def _check_partial(layout: Layout, rec: BlobRecord, chunk_keys: dict[bytes, byte
             offset, length = rec.chunk_range(index)
             f.seek(offset)
             actual = hashlib.sha256(f.read(length)).digest()
-            expected = (table[index * HASH_LEN:(index + 1) * HASH_LEN] if table is not None
-                        else chunk_keys.get(schema.seen_key(rec.digest, index)))
+            expected = (
+                table[index * HASH_LEN : (index + 1) * HASH_LEN]
+                if table is not None
+                else chunk_keys.get(schema.seen_key(rec.digest, index))
+            )
             if expected != actual:
                 problems.append(f"{rec.digest}: chunk {index} is marked present but does not match")
     return problems
@@ -131,11 +136,17 @@ def _stray_files(directory: Path, by_digest: dict[str, BlobRecord], state: str) 
 
 
 def _check_ingests(layout: Layout, ingests: dict[str, bytes]) -> list[str]:
-    problems = [f"ingest {key}: record without its data file" for key in ingests
-                if not (layout.ingest / key / "data").is_file()]
+    problems = [
+        f"ingest {key}: record without its data file"
+        for key in ingests
+        if not (layout.ingest / key / "data").is_file()
+    ]
     if layout.ingest.is_dir():
-        problems += [f"ingest directory {entry.name} has no record" for entry in os.scandir(layout.ingest)
-                     if entry.name not in ingests]
+        problems += [
+            f"ingest directory {entry.name} has no record"
+            for entry in os.scandir(layout.ingest)
+            if entry.name not in ingests
+        ]
     return problems
 
 

@@ -24,6 +24,7 @@ from testbed.faults import (
     Ledger,
     MirrorFetches,
     SnapshotWrites,
+    fill_disk,
     kill_cycle,
     prime_mirror,
     refetched_differences,
@@ -65,7 +66,10 @@ def test_sigkill_during_content_writes_commits_and_snapshot_prepare_commit_remov
 ) -> None:
     rng, ledger = random.Random(seed), Ledger()
     for cycle in range(2):
-        workloads = [ContentWrites(daemon, ledger, rng, f"c{cycle}"), SnapshotWrites(daemon, ledger, rng, f"s{cycle}")]
+        workloads = [
+            ContentWrites(daemon, ledger, rng, f"c{cycle}"),
+            SnapshotWrites(daemon, ledger, rng, f"s{cycle}"),
+        ]
         result = kill_cycle(daemon, workloads, ledger, rng)
         assert result.problems == [] and not result.crashed
 
@@ -77,7 +81,9 @@ def test_sigkill_during_chunk_fetches_through_the_mirror(
     built, _ref = image
     rng, ledger = random.Random(seed), Ledger()
     prime_mirror(daemon, registry.address, REPO, built.tag)
-    fetches = [MirrorFetches(daemon, ledger, rng, f"m{i}", registry.address, layer_blobs(built)) for i in range(2)]
+    fetches = [
+        MirrorFetches(daemon, ledger, rng, f"m{i}", registry.address, layer_blobs(built)) for i in range(2)
+    ]
     result = kill_cycle(daemon, fetches, ledger, rng, max_delay=3.0)
     assert result.problems == [] and not result.crashed
     assert refetched_differences(daemon, registry.address, layer_blobs(built)) == []
@@ -91,7 +97,8 @@ def test_sigkill_during_eviction(tmp_path: Path, registry: Registry, image: tupl
     with start_peersync(tmp_path / "d", config=config) as daemon:
         for cycle in range(CYCLES):
             prime_mirror(daemon, registry.address, REPO, built.tag)
-            fetches = [MirrorFetches(daemon, ledger, rng, f"e{cycle}{i}", registry.address, layer_blobs(built))
+            blobs = layer_blobs(built)
+            fetches = [MirrorFetches(daemon, ledger, rng, f"e{cycle}{i}", registry.address, blobs)
                        for i in range(2)]  # fmt: skip
             result = kill_cycle(daemon, fetches, ledger, rng, max_delay=3.0)
             assert result.problems == [] and not result.crashed
@@ -113,20 +120,15 @@ def test_sigkill_during_the_daemons_own_unpack(daemon: PeerSyncDaemon, image: tu
 def test_a_full_disk_is_a_clear_error_and_loses_nothing_committed(tmp_path: Path) -> None:
     """ENOSPC on a 48 MiB ext4 (no cache budget, so the filesystem is what runs out)."""
     rng, ledger = random.Random(5), Ledger()
-    with loop_filesystem(tmp_path / "loop", 48) as mnt, \
-            start_peersync(mnt / "d", config=loopback_config(extra='[cache]\nbudget = ""\n')) as daemon:
-        writer = ContentWrites(daemon, ledger, rng, "full")
-        errors = []
+    with (
+        loop_filesystem(tmp_path / "loop", 48) as mnt,
+        start_peersync(mnt / "d", config=loopback_config(extra='[cache]\nbudget = ""\n')) as daemon,
+    ):
+        errors = fill_disk(daemon, ledger, rng)
         with grpc.insecure_channel(f"unix:{daemon.socket}") as channel:
-            while len(errors) < 3:
-                try:
-                    writer.step(channel)
-                except grpc.RpcError as exc:
-                    errors.append(exc)
-                writer.steps += 1
-                assert writer.steps < 200, "48 MiB never ran full"
             snaps = snapshots_pb2_grpc.SnapshotsStub(channel)
             snaps.Prepare(snapshots_pb2.PrepareSnapshotRequest(snapshotter="peersync", key="still-answers"))
+        assert len(errors) == 3, "48 MiB never ran full"
         for exc in errors:
             assert exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, exc
             assert "no space left on the store's filesystem" in (exc.details() or "")

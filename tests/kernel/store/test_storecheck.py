@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from kernel.store.storecheck import check_store
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from kernel.store.storecheck import check_store
 
 CHUNK = 64 * 1024
 DATA = os.urandom(3 * CHUNK + 123)
@@ -32,7 +32,9 @@ def root(tmp_path: Path) -> Iterator[Path]:
     other = os.urandom(2 * CHUNK)
     other_digest = "sha256:" + hashlib.sha256(other).hexdigest()
     store.partials.claim(other_digest, len(other))
-    store.partials.set_hashes(other_digest, [hashlib.sha256(other[i:i + CHUNK]).digest() for i in (0, CHUNK)])
+    store.partials.set_hashes(
+        other_digest, [hashlib.sha256(other[i : i + CHUNK]).digest() for i in (0, CHUNK)]
+    )
     store.partials.put_chunk(other_digest, 0, other[:CHUNK])
     store.ingests.open("open", 10).write_at(0, b"12345")
     store.close()
@@ -58,7 +60,9 @@ def test_a_corrupt_blob_is_reported(root: Path) -> None:
     with open(path, "r+b") as f:
         f.write(b"X")
     path.chmod(0o444)
-    assert check_store(root) == [f"{DIGEST}: content hashes to sha256:{hashlib.sha256(b'X' + DATA[1:]).hexdigest()}"]
+    assert check_store(root) == [
+        f"{DIGEST}: content hashes to sha256:{hashlib.sha256(b'X' + DATA[1:]).hexdigest()}"
+    ]
     assert check_store(root, verify=False) == []
 
 
