@@ -91,7 +91,7 @@ class Sizes:
 
 
 FULL = Sizes(requests=300, writes=40, fetches=20, evictions=20, unpacks=20, disks=3, network_runs=1)
-QUICK = Sizes(requests=40, writes=2, fetches=1, evictions=1, unpacks=1, disks=1, network_runs=0)
+QUICK = Sizes(requests=25, writes=1, fetches=1, evictions=1, unpacks=1, disks=1, network_runs=0)
 
 
 def _alive(daemon: PeerSyncDaemon) -> bool:

@@ -39,7 +39,7 @@ from testbed.registry import Registry
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(600)]
 
-CYCLES = 3
+CYCLES = 2
 REPO = "peersync/faults"
 
 
