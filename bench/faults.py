@@ -242,6 +242,8 @@ def network_rows(runs: int) -> list[Row]:
             row.tried += cases
             row.recovered += passed
             row.lost += cases - passed
+            if passed < cases:
+                print(f"  {name}: {proc.stdout[-3000:]}", file=sys.stderr)
         rows.append(row)
     return rows
 
