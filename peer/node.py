@@ -34,11 +34,12 @@ from peer.catalog import Catalog
 from peer.control.plane import ControlPlane
 from peer.control.popularity import PopularityMember, PopularityTracker
 from peer.control.sections import MemberSection, TrackerSection
-from peer.engine import Engine
+from peer.engine import Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import PeerSource, StaticPeers
+from peer.policy.choice import Rule
 from peer.policy.popularity import Window
 from peer.replication import Replicator
 
@@ -99,9 +100,11 @@ class PeerNode:
             for member_side, tracker_side in sides:
                 self.control.register(member_side, tracker_side)
             peers = self.control
+        engine_config = EngineConfig(choice=Rule(cfg.peer.choice), subnets=tuple(cfg.peer.subnets))
         self.engine = Engine(
-            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, cache=self.cache
-        )
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, engine_config,
+            cache=self.cache,
+        )  # fmt: skip
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
         if cfg.peer.listen:
@@ -110,6 +113,8 @@ class PeerNode:
             if self.control is not None:
                 app.add_routes(self.control.routes())
             app.router.add_get("/peersync/v1/stats", self._stats)
+            app.router.add_get("/peersync/v1/peers", self._peers)
+            app.router.add_get("/peersync/v1/transfers", self._transfers)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
             app = web.Application()
@@ -145,6 +150,16 @@ class PeerNode:
         if self.control is not None:
             body["control"] = self.control.counters.snapshot()
         return web.json_response(body)
+
+    async def _peers(self, request: web.Request) -> web.Response:
+        """Per-peer figures (`Engine.peers()`; keys documented by `peer.policy.peerstats.PeerFigures`)."""
+        assert self.engine is not None
+        return web.json_response(self.engine.peers())
+
+    async def _transfers(self, request: web.Request) -> web.Response:
+        """The last few thousand chunk requests to peers (`Engine.transfers()`), oldest first."""
+        assert self.engine is not None
+        return web.json_response({"transfers": self.engine.transfers()})
 
     async def stop(self) -> None:
         if self.control is not None:
