@@ -34,8 +34,9 @@ socket = "/run/peersync/peersync.sock"
 [log]
 # debug, info, warning, error
 level = "info"
-# "console" for people, "json" for log collectors
-format = "console"
+# "console" for people, "json" for log collectors, "auto": console when the log stream (stderr)
+# is a terminal, JSON otherwise (under systemd, in a container, into a file)
+format = "auto"
 
 [store]
 # Blobs are cut into chunks of this many bytes: the unit of integrity checks and of peer exchange.
@@ -102,6 +103,14 @@ default_registry = "docker.io"
 # Seconds a tag's resolution is reused; tags are always re-resolved at the origin after this.
 tag_ttl = 2.0
 
+[admin]
+# The admin socket the `peersync` CLI talks to (status, peers, cache, prefetch, seed export):
+# a unix socket of mode 0600, so only root (the daemon's user) may use it. "" means <root>/admin.sock.
+socket = ""
+# Where Prometheus scrapes /metrics over TCP; keep it on loopback (a node exporter or an agent
+# on the host scrapes it). "" disables it.
+listen = "127.0.0.1:5382"
+
 [origin]
 # Registries reached over plain HTTP instead of HTTPS ("host:port").
 plain_http = []
@@ -122,7 +131,13 @@ read_message_size = 1048576
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
-    format: str = "console"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket: str = ""
+    listen: str = "127.0.0.1:5382"
 
 
 @dataclass(frozen=True)
@@ -198,6 +213,12 @@ class Config:
     site: SiteConfig = field(default_factory=SiteConfig)
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+
+    @property
+    def admin_socket(self) -> Path:
+        """The admin socket's path: `[admin] socket`, or admin.sock in the root."""
+        return Path(self.admin.socket) if self.admin.socket else self.root / "admin.sock"
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
@@ -280,8 +301,8 @@ def _validate(config: Any, where: str) -> None:
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{where}: log.level must be debug, info, warning or error")
-        if config.format not in ("console", "json"):
-            raise InvalidArgument(f"{where}: log.format must be console or json")
+        if config.format not in ("console", "json", "auto"):
+            raise InvalidArgument(f"{where}: log.format must be console, json or auto")
     if isinstance(config, StoreConfig):
         if config.chunk_size < 4096 or config.chunk_size & (config.chunk_size - 1):
             raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
@@ -290,7 +311,8 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: snapshotter.unpack_ahead must be between 0 and 16")
         if not 1 <= config.prefetch_layers <= 64:
             raise InvalidArgument(f"{where}: snapshotter.prefetch_layers must be between 1 and 64")
-    if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
+    listens = isinstance(config, PeerConfig | MirrorConfig | AdminConfig)
+    if listens and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
     if isinstance(config, PeerConfig):
         for address in config.bootstrap:

@@ -220,12 +220,17 @@ class Engine:
             # control messages this node sent (`/have` polls; tracker syncs are added by the
             # control plane's index section): what must stay flat as the site grows
             "control_requests": 0,
+            "dropped_peers": 0,  # times a peer was dropped (failures, corrupt chunks, bad tables)
         }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
         self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
         # told True when downloads start running and False when the last one ends (the control
         # plane syncs more often while this node downloads)
         self.on_busy: Callable[[bool], None] | None = None
+        # told (source, seconds, bytes) for every chunk stored, source "peer" or "origin": the
+        # admin endpoint's latency histograms (`peersync.admin.metrics`); for the origin, the
+        # seconds since the previous chunk of the same range arrived (its first: since the request)
+        self.on_chunk: Callable[[str, float, int], None] | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -366,6 +371,7 @@ class Engine:
         st = self.stat(peer)
         seconds = self.config.drop_for if seconds is None else seconds
         st.drop(time.monotonic(), seconds)
+        self.counters["dropped_peers"] += 1
         for views in self.views.values():
             views.pop(peer, None)
         log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
@@ -842,6 +848,8 @@ class Download:
             log.info("chunk not stored", digest=self.digest, index=index, error=str(exc))
             return
         engine.counters["peer_bytes"] += length
+        if engine.on_chunk is not None:
+            engine.on_chunk("peer", time.monotonic() - t0, length)
         if not self.table_verified:
             self.provenance[index] = peer
         self._progress(index)
@@ -887,6 +895,7 @@ class Download:
         index = first
         batch: list[tuple[int, bytes]] = []
         storing: asyncio.Task[None] | None = None
+        mark = time.monotonic()
         try:
             pieces = engine.origin.read_blob(
                 src.registry, src.repository, self.digest, start, end - start, src.size
@@ -896,6 +905,10 @@ class Download:
                     buf += piece
                     while index <= last and len(buf) >= min(cs, src.size - index * cs):
                         n = min(cs, src.size - index * cs)
+                        if engine.on_chunk is not None:
+                            now = time.monotonic()
+                            engine.on_chunk("origin", now - mark, n)
+                            mark = now
                         batch.append((index, bytes(buf[:n])))
                         del buf[:n]
                         index += 1

@@ -17,8 +17,10 @@ and replica count is unknown, and nothing is replicated).
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
+from typing import Any
 
 import aiohttp
 import structlog
@@ -26,6 +28,7 @@ from aiohttp import web
 
 from kernel.config import Config, hostport
 from kernel.errors import FailedPrecondition, PeerSyncError
+from kernel.logging import bind_transfer
 from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
@@ -63,6 +66,12 @@ class PeerNode:
         self.popularity_tracker = PopularityTracker()
         self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
         self.replicator: Replicator | None = None
+        self.mirror: Mirror | None = None
+        self.origin: OriginClient | None = None
+        # bytes of blob bodies this node sent: to other peers (the exchange) and to this node's
+        # containerd (the mirror); what came in is the engine's counters
+        self.served = {"peer": 0, "local": 0}
+        self.mirror_inflight = 0
 
     def member_sections(self) -> list[MemberSection]:
         """This node's parts of the sync message, member side."""
@@ -92,6 +101,7 @@ class PeerNode:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
+        self.origin = origin
         peers: PeerSource = StaticPeers(cfg.peer.peers, self.self_url)
         if cfg.peer.listen:
             self.control = ControlPlane(cfg, self.self_url)
@@ -105,15 +115,15 @@ class PeerNode:
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
         if cfg.peer.listen:
-            app = web.Application()
+            app = web.Application(middlewares=[self._count_served("peer", "/data")])
             app.add_routes(routes(self.store, self.engine.fetching))
             if self.control is not None:
                 app.add_routes(self.control.routes())
             app.router.add_get("/peersync/v1/stats", self._stats)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
-            app = web.Application()
-            mirror = Mirror(
+            app = web.Application(middlewares=[self._transfer, self._count_served("local", "/blobs/")])
+            self.mirror = mirror = Mirror(
                 self.store,
                 self.catalog,
                 origin,
@@ -131,6 +141,34 @@ class PeerNode:
         self.replicator = Replicator(self.engine, self.cache, self.popularity)
         self.replicator.start()
         log.info("peer side up", url=self.self_url, peers=peers.peers())
+
+    @web.middleware
+    async def _transfer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every log line of one mirror request (a manifest or a blob of a pull), and of the
+        downloads it starts, carries one transfer id (`kernel.logging.bind_transfer`); the
+        requests being served are counted (`mirror_inflight`)."""
+        self.mirror_inflight += 1
+        try:
+            with bind_transfer(path=request.path):
+                resp: web.StreamResponse = await handler(request)
+                return resp
+        finally:
+            self.mirror_inflight -= 1
+
+    def _count_served(self, to: str, marker: str) -> Any:
+        """A middleware adding the body bytes of the blob responses sent to paths containing
+        `marker` to `served[to]`: their Content-Length once sent (a response whose stream was cut
+        raised instead, and counts nothing; aiohttp's own body count includes a sent file's
+        headers)."""
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            resp: web.StreamResponse = await handler(request)
+            if marker in request.path and request.method == "GET" and resp.status in (200, 206):
+                self.served[to] += _body_bytes(request, resp)
+            return resp
+
+        return count
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges), and
@@ -177,6 +215,15 @@ class PeerNode:
             raise FailedPrecondition(f"{what}: cannot listen on {listen}: {reason} ({hint})") from exc
         self._runners.append(runner)
         log.info("listening", what=what, address=listen)
+
+
+def _body_bytes(request: web.Request, resp: web.StreamResponse) -> int:
+    """The body bytes of a blob response: its Content-Length once sent; for a file response the
+    handler returned unsent (the exchange's), the length of the one Range it was asked for."""
+    if resp.prepared:
+        return resp.content_length or 0
+    m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+    return int(m.group(2)) - int(m.group(1)) + 1 if m else 0
 
 
 def advertised_url(config: Config) -> str:

@@ -5,6 +5,7 @@
     peersync config-defaults
     peersync hosts install [--dir DIR] [--mirror URL] REGISTRY...
     peersync hosts remove [--dir DIR] (REGISTRY... | --all)
+    peersync status | peers | version | cache ... | prefetch IMAGE... | seed ...   (`peersync.cli_admin`)
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from typing import Any
 
 from kernel import config
 from kernel.errors import PeerSyncError
-from peersync import __version__, containerd_config
+from peersync import __version__, cli_admin, containerd_config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "admin", False):
+        return cli_admin.run(args)
     try:
         return int(args.func(args) or 0)
     except PeerSyncError as exc:
@@ -62,6 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     defaults.set_defaults(func=lambda _args: print(config.DEFAULT_TOML, end=""))
 
     _hosts_parser(sub)
+    cli_admin.add_commands(sub)
     return parser
 
 

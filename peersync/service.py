@@ -24,6 +24,7 @@ from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync.activation import inherited_socket
+from peersync.admin.server import AdminServer
 from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from peersync.prefetch import Prefetcher
@@ -45,6 +46,7 @@ class Service:
         self._bound = False  # only a socket we bound is ours to remove
         self.peer: PeerNode | None = None
         self.snapshotter: Snapshotter | None = None
+        self.admin: AdminServer | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -72,6 +74,8 @@ class Service:
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
             restrict_socket(cfg.socket)
+        self.admin = AdminServer(cfg, self.peer, snapshotter.unpacks_running)
+        await self.admin.start()
         log.info(
             "serving",
             socket=str(cfg.socket),
@@ -82,6 +86,9 @@ class Service:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Finish in-flight RPCs (up to `grace` seconds), then close the store."""
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None

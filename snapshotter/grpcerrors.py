@@ -49,9 +49,11 @@ async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
     try:
         yield
     except errors.PeerSyncError as exc:
+        errors.reported.note("grpc", exc)
         await context.abort(code_for(exc), str(exc))
     except (grpc.aio.AbortError, GeneratorExit):
         raise
     except Exception as exc:  # last line of defence for one RPC
         log.exception("rpc failed", method=method)
+        errors.reported.note("grpc", exc)
         await context.abort(grpc.StatusCode.UNKNOWN, f"{method}: internal error: {exc}")
