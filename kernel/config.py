@@ -91,8 +91,9 @@ interfaces = []
 # peers, or deleted by containerd) go by popularity, recency and how many other nodes hold them.
 # A download that cannot fit even then is refused, saying so. "" means no budget.
 budget = "80%"
-# Eviction starts above high_watermark x budget and stops below low_watermark x budget.
+# Eviction starts above high_watermark x budget ...
 high_watermark = 0.95
+# ... and stops below low_watermark x budget.
 low_watermark = 0.85
 
 [mirror]
@@ -107,8 +108,8 @@ tag_ttl = 2.0
 # The admin socket the `peersync` CLI talks to (status, peers, cache, prefetch, seed export):
 # a unix socket of mode 0600, so only root (the daemon's user) may use it. "" means <root>/admin.sock.
 socket = ""
-# Where Prometheus scrapes /metrics over TCP; keep it on loopback (a node exporter or an agent
-# on the host scrapes it). "" disables it.
+# Where Prometheus scrapes /metrics over TCP. Loopback by default (an agent on the host scrapes
+# it); the Helm chart passes the node's own address (`--metrics-listen`). "" disables it.
 listen = "127.0.0.1:5382"
 
 [origin]
@@ -223,6 +224,13 @@ class Config:
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def with_admin_listen(config: Config, listen: str) -> Config:
+    """A copy whose /metrics listens on `listen` (validated as `[admin] listen` is)."""
+    admin = dataclasses.replace(config.admin, listen=listen)
+    _validate(admin, "--metrics-listen")
+    return dataclasses.replace(config, admin=admin)
 
 
 def load(path: Path | None) -> Config:

@@ -41,6 +41,9 @@ def _parser() -> argparse.ArgumentParser:
     daemon = sub.add_parser("daemon", help="serve the containerd proxy plugins until SIGTERM")
     _common(daemon)
     daemon.add_argument("--root", type=Path, help="state directory (default from config: /var/lib/peersync)")
+    daemon.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="where /metrics listens (overrides [admin] listen; the Helm chart passes "
+                        "the node's address)")
     daemon.set_defaults(func=_daemon)
 
     cc = sub.add_parser("containerd-config", help="print the containerd config (v2) that registers peersync")
@@ -137,6 +140,8 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _daemon(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.metrics_listen is not None:
+        cfg = config.with_admin_listen(cfg, args.metrics_listen)
     from kernel import logging as pslogging
     from peersync.service import Service, run_until_signal
 
