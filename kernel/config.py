@@ -106,7 +106,8 @@ tag_ttl = 2.0
 
 [admin]
 # The admin socket the `peersync` CLI talks to (status, peers, cache, prefetch, seed export):
-# a unix socket of mode 0600, so only root (the daemon's user) may use it. "" means <root>/admin.sock.
+# a unix socket of mode 0600, so only root (the daemon's user) may use it. "" means admin.sock
+# beside `socket` (/run/peersync/admin.sock).
 socket = ""
 # Where Prometheus scrapes /metrics over TCP. Loopback by default (an agent on the host scrapes
 # it); the Helm chart passes the node's own address (`--metrics-listen`). "" disables it.
@@ -218,8 +219,10 @@ class Config:
 
     @property
     def admin_socket(self) -> Path:
-        """The admin socket's path: `[admin] socket`, or admin.sock in the root."""
-        return Path(self.admin.socket) if self.admin.socket else self.root / "admin.sock"
+        """The admin socket's path: `[admin] socket`, or admin.sock beside the plugins' socket
+        (a directory systemd's socket unit or the daemon made; short, unlike some roots, and a
+        unix socket's path must fit 107 bytes)."""
+        return Path(self.admin.socket) if self.admin.socket else self.socket.parent / "admin.sock"
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""

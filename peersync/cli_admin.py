@@ -6,8 +6,8 @@
     peersync seed export IMAGE... --out FILE [--direct]   (from the daemon, or straight from the registry)
     peersync seed import FILE --root DIR [--no-pin]       (offline: no daemon on that root)
 
-Every command takes `--admin-socket PATH`, or finds the socket from `--config FILE` / `--root
-DIR` as the daemon does (`[admin] socket`, default `<root>/admin.sock`). Human output is rich
+Every command takes `--admin-socket PATH`, or finds the socket from `--config FILE` as the daemon
+does (`[admin] socket`, default admin.sock beside `socket`: /run/peersync/admin.sock). Human output is rich
 tables; `--json` prints the daemon's answer as one JSON document, whose keys docs/cli.md
 documents and keeps stable. A daemon that is not running, or a socket that is not accessible,
 is one line on stderr and exit status 1.
@@ -82,7 +82,6 @@ def _admin(sub: Sub, name: str, text: str) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON (docs/cli.md) instead of tables")
     p.add_argument("--admin-socket", type=Path, help="the daemon's admin socket")
     p.add_argument("--config", type=Path, help="the daemon's config, to find its admin socket")
-    p.add_argument("--root", type=Path, help="the daemon's root, to find its admin socket")
     p.set_defaults(admin=True)
     return p
 
@@ -100,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _cfg(args: argparse.Namespace) -> config.Config:
-    return config.load(getattr(args, "config", None)).with_overrides(root=getattr(args, "root", None))
+    return config.load(getattr(args, "config", None))
 
 
 def _client(args: argparse.Namespace) -> AdminClient:

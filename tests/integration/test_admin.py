@@ -141,16 +141,22 @@ def test_cli_prefetch_brings_an_image_into_the_store(site: tuple[Node, Node],
     assert row["image"] == ref and row["done"] and "error" not in row
     assert row["done_bytes"] == row["total"] == sum(blob_sizes(image).values()) + image.manifest.size
     assert set(blob_sizes(image)) <= b.daemon.blob_files()
+    again = b.cli("prefetch", ref)  # the progress bars (on stderr), everything here already
+    assert again.returncode == 0 and ref in again.stderr and not again.stdout
     bad = b.cli("prefetch", f"{ref.rsplit(':', 1)[0]}:no-such-tag", "--json", check=False)
     assert bad.returncode == 1 and json.loads(bad.stdout)["images"][0]["error"]
 
 
 def test_cli_says_in_one_line_when_the_daemon_is_not_running(tmp_path: Path) -> None:
+    cfg = tmp_path / "peersync.toml"
+    cfg.write_text(f'socket = "{tmp_path}/peersync.sock"\n')  # the admin socket would be beside it
     for args in (["status"], ["peers"], ["cache", "ls"], ["prefetch", "busybox"]):
-        proc = cli(*args, "--root", str(tmp_path), check=False)
+        proc = cli(*args, "--config", str(cfg), check=False)
         assert proc.returncode == 1, args
         assert proc.stderr.count("\n") == 1 and "not running" in proc.stderr, proc.stderr
-    assert cli("version", "--root", str(tmp_path), "--json").stdout.strip().endswith("}")
+        assert f"{tmp_path}/admin.sock" in proc.stderr
+    version = json.loads(cli("version", "--admin-socket", str(tmp_path / "none.sock"), "--json").stdout)
+    assert version == {"cli": __version__, "daemon": None}
 
 
 def test_every_log_line_of_a_pull_carries_a_transfer_id(site: tuple[Node, Node]) -> None:
