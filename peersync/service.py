@@ -74,6 +74,7 @@ class Service:
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
             restrict_socket(cfg.socket)
+        prepare_socket(cfg.admin_socket)  # a live one is another daemon's: refused, as above
         self.admin = AdminServer(cfg, self.peer, snapshotter.unpacks_running)
         await self.admin.start()
         log.info(

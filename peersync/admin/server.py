@@ -34,7 +34,6 @@ import json
 import os
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -74,11 +73,13 @@ class AdminServer:
         self._runners: list[web.AppRunner] = []
 
     async def start(self) -> None:
+        """Listen; the socket's path must be free (`peersync.service.prepare_socket` makes it
+        so: a stale socket is removed, a live one or another file refused)."""
         if self.node.engine is not None:
             self.node.engine.on_chunk = self.metrics.observe_chunk
         app = web.Application(middlewares=[_errors])
         app.add_routes(self.routes())
-        prepare_admin_socket(self.socket)
+        self.socket.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         old = os.umask(0o177)  # the socket is born 0600: no moment where others could connect
@@ -98,8 +99,9 @@ class AdminServer:
                 await web.TCPSite(mrunner, host, port, reuse_address=True).start()
             except OSError as exc:
                 await mrunner.cleanup()
+                reason = os.strerror(exc.errno).lower() if exc.errno else str(exc)
                 raise errors.FailedPrecondition(
-                    f"metrics: cannot listen on {self.config.admin.listen}: {exc.strerror} "
+                    f"metrics: cannot listen on {self.config.admin.listen}: {reason} "
                     "(another daemon on this host? [admin] listen in the config)"
                 ) from exc
             self._runners.append(mrunner)
@@ -281,16 +283,6 @@ class AdminServer:
         if self.node.mirror is None:
             raise errors.FailedPrecondition("the registry mirror is disabled ([mirror] listen)")
         return self.node.mirror.resolve
-
-
-def prepare_admin_socket(path: Path) -> None:
-    """The socket's directory exists and is root's alone; a stale socket is replaced (the root
-    lock says no other daemon owns this root)."""
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.is_socket():
-        path.unlink()
-    elif path.exists():
-        raise errors.FailedPrecondition(f"admin socket {path} exists and is not a socket; refusing it")
 
 
 @web.middleware
