@@ -36,6 +36,7 @@ from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog, Source
 from peer.images import Blob, Image, ImageRef, Resolver, parse_ref, walk
+from peersync.rootlock import lock_root
 
 LAYOUT = b'{"imageLayoutVersion":"1.0.0"}'
 INDEX_TYPE = "application/vnd.oci.image.index.v1+json"
@@ -133,8 +134,6 @@ class ImportReport:
 
 def import_seed(path: Path, root: Path, chunk_size: int, pin: bool = True) -> ImportReport:
     """Install the seed at `path` into the store at `root` (no daemon may be running on it)."""
-    from peersync.service import lock_root
-
     lock = lock_root(root)
     meta = Meta(root)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 import signal
 import socket as socketlib
@@ -28,6 +27,7 @@ from peersync.admin.server import AdminServer
 from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from peersync.prefetch import Prefetcher
+from peersync.rootlock import lock_root
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
@@ -123,24 +123,6 @@ async def run_until_signal(service: Service) -> None:
         log.info("signal received, shutting down")
     finally:
         await service.stop()
-
-
-def lock_root(root: Path) -> int:
-    """Create `root` if needed and take its exclusive lock; returns the lock's fd."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise FailedPrecondition(f"root {root} is unusable: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(f"root {root} is in use by another peersync daemon") from None
-    if not os.access(root, os.W_OK):
-        os.close(fd)
-        raise FailedPrecondition(f"root {root} is not writable")
-    return fd
 
 
 def prepare_socket(path: Path) -> None:
