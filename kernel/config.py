@@ -36,8 +36,9 @@ socket = "/run/peersync/peersync.sock"
 [log]
 # debug, info, warning, error
 level = "info"
-# "console" for people, "json" for log collectors
-format = "console"
+# "console" for people, "json" for log collectors, "auto": console when the log stream (stderr)
+# is a terminal, JSON otherwise (under systemd, in a container, into a file)
+format = "auto"
 
 [store]
 # Blobs are cut into chunks of this many bytes: the unit of integrity checks and of peer exchange.
@@ -62,7 +63,8 @@ prefetch_layers = 2
 [peer]
 # Where the peer exchange listens (other nodes fetch chunks here); "" disables it.
 listen = "0.0.0.0:5381"
-# The URL other nodes reach this one at; default: http://<listen> with the host's address.
+# The URL other nodes reach this one at; default: https://<listen> (http:// when [tls] insecure)
+# with the host's address.
 advertise = ""
 # A fixed list of the other nodes of the site, "host:port". Not needed on one LAN segment, where
 # nodes find each other by DNS-SD over multicast DNS ([discovery]); it keeps working beside it.
@@ -98,8 +100,9 @@ interfaces = []
 # NODE --dir DIR --ip ADDR --out /etc/peersync/tls` writes a node's three files where these
 # defaults look for them. The site CA's certificate (several, concatenated, while a CA is rotated):
 ca = "/etc/peersync/tls/ca.crt"
-# This node's certificate (its addresses as SANs) and private key (mode 0600).
+# This node's certificate (its addresses as SANs).
 cert = "/etc/peersync/tls/node.crt"
+# This node's private key (mode 0600).
 key = "/etc/peersync/tls/node.key"
 # Without usable certificates the daemon neither serves peers nor asks them: containerd and the
 # mirror keep working (from the origin), and the log and the control plane's status say why.
@@ -114,8 +117,9 @@ insecure = false
 # peers, or deleted by containerd) go by popularity, recency and how many other nodes hold them.
 # A download that cannot fit even then is refused, saying so. "" means no budget.
 budget = "80%"
-# Eviction starts above high_watermark x budget and stops below low_watermark x budget.
+# Eviction starts above high_watermark x budget ...
 high_watermark = 0.95
+# ... and stops below low_watermark x budget.
 low_watermark = 0.85
 
 [mirror]
@@ -129,10 +133,20 @@ tag_ttl = 2.0
 # (plain_http, auth) and those whose hosts.toml under hosts_dir holds the mirror (`peersync hosts
 # install`; "_default" names no registry). Any other ?ns= is refused with 403, no connection made.
 registries = []
+# containerd's hosts.toml directory, read for the registries whose hosts.toml names this mirror.
 hosts_dir = "/etc/containerd/certs.d"
 # Seconds a local client's credentials, shown good at the origin for a manifest or blob, are
 # trusted before they are checked again (docs/security.md).
 access_ttl = 30.0
+
+[admin]
+# The admin socket the `peersync` CLI talks to (status, peers, cache, prefetch, seed export):
+# a unix socket of mode 0600, so only root (the daemon's user) may use it. "" means admin.sock
+# beside `socket` (/run/peersync/admin.sock).
+socket = ""
+# Where Prometheus scrapes /metrics over TCP. Loopback by default (an agent on the host scrapes
+# it); the Helm chart passes the node's own address (`--metrics-listen`). "" disables it.
+listen = "127.0.0.1:5382"
 
 [origin]
 # Registries reached over plain HTTP instead of HTTPS ("host:port").
@@ -154,7 +168,13 @@ read_message_size = 1048576
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
-    format: str = "console"
+    format: str = "auto"
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    socket: str = ""
+    listen: str = "127.0.0.1:5382"
 
 
 @dataclass(frozen=True)
@@ -244,10 +264,25 @@ class Config:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)
     tls: TlsConfig = field(default_factory=TlsConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    admin: AdminConfig = field(default_factory=AdminConfig)
+
+    @property
+    def admin_socket(self) -> Path:
+        """The admin socket's path: `[admin] socket`, or admin.sock beside the plugins' socket
+        (a directory systemd's socket unit or the daemon made; short, unlike some roots, and a
+        unix socket's path must fit 107 bytes)."""
+        return Path(self.admin.socket) if self.admin.socket else self.socket.parent / "admin.sock"
 
     def with_overrides(self, **changes: Any) -> Config:
         """A copy with the non-None keyword values replaced (CLI flags win over the file)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+def with_admin_listen(config: Config, listen: str) -> Config:
+    """A copy whose /metrics listens on `listen` (validated as `[admin] listen` is)."""
+    admin = dataclasses.replace(config.admin, listen=listen)
+    _validate(admin, "--metrics-listen")
+    return dataclasses.replace(config, admin=admin)
 
 
 def load(path: Path | None) -> Config:
@@ -326,8 +361,8 @@ def _validate(config: Any, where: str) -> None:
     if isinstance(config, LogConfig):
         if config.level not in ("debug", "info", "warning", "error"):
             raise InvalidArgument(f"{where}: log.level must be debug, info, warning or error")
-        if config.format not in ("console", "json"):
-            raise InvalidArgument(f"{where}: log.format must be console or json")
+        if config.format not in ("console", "json", "auto"):
+            raise InvalidArgument(f"{where}: log.format must be console, json or auto")
     if isinstance(config, StoreConfig):
         if config.chunk_size < 4096 or config.chunk_size & (config.chunk_size - 1):
             raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
@@ -336,7 +371,8 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: snapshotter.unpack_ahead must be between 0 and 16")
         if not 1 <= config.prefetch_layers <= 64:
             raise InvalidArgument(f"{where}: snapshotter.prefetch_layers must be between 1 and 64")
-    if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
+    listens = isinstance(config, PeerConfig | MirrorConfig | AdminConfig)
+    if listens and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
     if isinstance(config, MirrorConfig) and not 0 < config.access_ttl <= 3600:
         raise InvalidArgument(f"{where}: mirror.access_ttl must be between 0 and 3600 seconds")

@@ -69,3 +69,31 @@ __all__ = [
     "ResourceExhausted",
     "Unimplemented",
 ]
+
+
+class ErrorCounts:
+    """Errors reported to callers, by where they were reported ("grpc" to containerd, "mirror"
+    to registry clients, "admin" to the CLI) and by class of the vocabulary above (a subclass
+    counts as its vocabulary class; anything else as "internal"). Read by the daemon's metrics.
+
+    One instance per process (`reported`): a daemon is one process, and the two places that map
+    errors (`snapshotter.grpcerrors`, `peer.mirror`) sit on the two sides of the daemon, which
+    share nothing else but this module."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+
+    def note(self, where: str, exc: BaseException) -> None:
+        key = (where, vocabulary_class(exc))
+        self.counts[key] = self.counts.get(key, 0) + 1
+
+
+def vocabulary_class(exc: BaseException) -> str:
+    """The name of the class of the vocabulary `exc` belongs to, or "internal"."""
+    for cls in type(exc).__mro__:
+        if cls.__bases__ == (PeerSyncError,):
+            return cls.__name__
+    return "internal"
+
+
+reported = ErrorCounts()

@@ -228,6 +228,7 @@ class Engine:
             # control messages this node sent (`/have` polls; tracker syncs are added by the
             # control plane's index section): what must stay flat as the site grows
             "control_requests": 0,
+            "dropped_peers": 0,  # times a peer was dropped (failures, corrupt chunks, bad tables)
         }
         self.inflight = 0  # chunk requests to peers in flight, all blobs together
         self._asking: set[asyncio.Task[None]] = set()  # /have requests still running
@@ -236,6 +237,10 @@ class Engine:
         self.on_busy: Callable[[bool], None] | None = None
         self.locality = Locality.of(self_url, self.config.subnets)
         self.recent: deque[TransferRecord] = deque(maxlen=RECENT_TRANSFERS)
+        # told (source, seconds, bytes) for every chunk stored, source "peer" or "origin": the
+        # admin endpoint's latency histograms (`peersync.admin.metrics`); for the origin, the
+        # seconds since the previous chunk of the same range arrived (its first: since the request)
+        self.on_chunk: Callable[[str, float, int], None] | None = None
 
     # -- public API --------------------------------------------------------------------------
 
@@ -408,6 +413,7 @@ class Engine:
         st = self.stat(peer)
         seconds = self.config.drop_for if seconds is None else seconds
         st.drop(time.monotonic(), seconds, kind)
+        self.counters["dropped_peers"] += 1
         for views in self.views.values():
             views.pop(peer, None)
         log.warning("peer dropped", peer=peer, why=why, seconds=seconds, kind=kind)
@@ -990,6 +996,8 @@ class Download:
         asked = self.asked.pop(index, None)  # None: its twin's bytes were stored a moment ago
         if asked is not None:
             engine.counters["peer_bytes"] += length
+            if engine.on_chunk is not None:
+                engine.on_chunk("peer", seconds, length)
         if not self.table_verified:
             self.provenance[index] = peer
         self._record(f, seconds, "ok", None if asked is None else time.monotonic() - asked)
@@ -1045,6 +1053,7 @@ class Download:
         index = first
         batch: list[tuple[int, bytes]] = []
         storing: asyncio.Task[None] | None = None
+        mark = time.monotonic()
         try:
             pieces = engine.origin.read_blob(
                 src.registry, src.repository, self.digest, start, end - start, src.size
@@ -1054,6 +1063,10 @@ class Download:
                     buf += piece
                     while index <= last and len(buf) >= min(cs, src.size - index * cs):
                         n = min(cs, src.size - index * cs)
+                        if engine.on_chunk is not None:
+                            now = time.monotonic()
+                            engine.on_chunk("origin", now - mark, n)
+                            mark = now
                         batch.append((index, bytes(buf[:n])))
                         del buf[:n]
                         index += 1

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,9 +75,12 @@ SERVER_LOG = logging.getLogger("peer.http")
 SERVER_LOG.addFilter(_one_line_for_malformed)
 
 
-def application(bounds: ServerBounds) -> web.Application:
-    """An empty app whose routes all run under `bounds` (serve it with `runner`)."""
-    app = web.Application(client_max_size=bounds.max_body, middlewares=[_per_client(bounds.per_client)])
+def application(bounds: ServerBounds, middlewares: Sequence[Middleware] = ()) -> web.Application:
+    """An empty app whose routes all run under `bounds` (serve it with `runner`); `middlewares`
+    run inside the per-client bound (a refused request never reaches them)."""
+    app = web.Application(
+        client_max_size=bounds.max_body, middlewares=[_per_client(bounds.per_client), *middlewares]
+    )
     app[BOUNDS_KEY] = bounds
     return app
 

@@ -130,6 +130,11 @@ class Mirror:
             return web.Response(headers=headers)
         return web.Response(body=body, headers=headers)
 
+    async def resolve(self, registry: str, repo: str, ref: str) -> tuple[bytes, str, str]:
+        """A manifest or index as a pull through the mirror gets it (body, media type, digest):
+        kept, catalogued and noted in the chain index (`peer.images.walk` over the mirror)."""
+        return await self._manifest(registry, repo, ref)
+
     async def _manifest(self, registry: str, repo: str, ref: str) -> tuple[bytes, str, str]:
         digest = ref if DIGEST.match(ref) else self._cached_tag(registry, repo, ref)
         local = None
@@ -363,6 +368,7 @@ def _too_long(m: re.Match[str]) -> bool:
 
 
 def _error(exc: errors.PeerSyncError, code: str) -> web.Response:
+    errors.reported.note("mirror", exc)
     # mypy reads isinstance(exc, cls) as always true, cls being a type[PeerSyncError]: a false positive.
     status = next((s for cls, s in _STATUS.items() if isinstance(exc, cls)), 500)  # type: ignore[redundant-expr]
     if status != 404:

@@ -25,11 +25,13 @@ loopback, and the origin client keeps the system's CAs.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import ssl
 import time
-from dataclasses import replace
 from collections.abc import Callable, Collection
+from dataclasses import replace
+from typing import Any
 
 import aiohttp
 import structlog
@@ -38,6 +40,7 @@ from aiohttp import web
 from kernel import limits
 from kernel.config import Config, hostport
 from kernel.errors import FailedPrecondition, PeerSyncError
+from kernel.logging import bind_transfer
 from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
@@ -96,6 +99,12 @@ class PeerNode:
         self.popularity_tracker = PopularityTracker()
         self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
         self.replicator: Replicator | None = None
+        self.mirror: Mirror | None = None
+        self.origin: OriginClient | None = None
+        # bytes of blob bodies this node sent: to other peers (the exchange) and to this node's
+        # containerd (the mirror); what came in is the engine's counters
+        self.served = {"peer": 0, "local": 0}
+        self.mirror_inflight = 0
 
     def member_sections(self) -> list[MemberSection]:
         """This node's parts of the sync message, member side."""
@@ -127,6 +136,7 @@ class PeerNode:
         self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
+        self.origin = origin
         transport = self.transport
         static = cfg.peer.peers if transport.enabled else []
         peers: PeerSource = StaticPeers(static, self.self_url, transport.scheme)
@@ -144,7 +154,7 @@ class PeerNode:
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
         if cfg.peer.listen and transport.enabled:
-            app = httpbounds.application(httpbounds.EXCHANGE)
+            app = httpbounds.application(httpbounds.EXCHANGE, [self._count_served("peer", "/data")])
             app.add_routes(routes(self.store, self.engine.fetching))
             if self.control is not None:
                 app.add_routes(self.control.routes())
@@ -153,8 +163,10 @@ class PeerNode:
             app.router.add_get("/peersync/v1/transfers", self._transfers)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen", transport.server)
         if cfg.mirror.listen:
-            app = httpbounds.application(httpbounds.MIRROR)
-            mirror = Mirror(
+            app = httpbounds.application(
+                httpbounds.MIRROR, [self._transfer, self._count_served("local", "/blobs/")]
+            )
+            self.mirror = mirror = Mirror(
                 self.store,
                 self.catalog,
                 origin,
@@ -199,6 +211,34 @@ class PeerNode:
         """The control plane's status for local callers (on the loopback mirror listener)."""
         assert self.control is not None
         return web.json_response(self.control.status())
+
+    @web.middleware
+    async def _transfer(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        """Every log line of one mirror request (a manifest or a blob of a pull), and of the
+        downloads it starts, carries one transfer id (`kernel.logging.bind_transfer`); the
+        requests being served are counted (`mirror_inflight`)."""
+        self.mirror_inflight += 1
+        try:
+            with bind_transfer(path=request.path):
+                resp: web.StreamResponse = await handler(request)
+                return resp
+        finally:
+            self.mirror_inflight -= 1
+
+    def _count_served(self, to: str, marker: str) -> Any:
+        """A middleware adding the body bytes of the blob responses sent to paths containing
+        `marker` to `served[to]`: their Content-Length once sent (a response whose stream was cut
+        raised instead, and counts nothing; aiohttp's own body count includes a sent file's
+        headers)."""
+
+        @web.middleware
+        async def count(request: web.Request, handler: Any) -> web.StreamResponse:
+            resp: web.StreamResponse = await handler(request)
+            if marker in request.path and request.method == "GET" and resp.status in (200, 206):
+                self.served[to] += _body_bytes(request, resp)
+            return resp
+
+        return count
 
     async def _stats(self, request: web.Request) -> web.Response:
         """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges), and
@@ -258,6 +298,15 @@ class PeerNode:
             raise FailedPrecondition(f"{what}: cannot listen on {listen}: {reason} ({hint})") from exc
         self._runners.append(runner)
         log.info("listening", what=what, address=listen)
+
+
+def _body_bytes(request: web.Request, resp: web.StreamResponse) -> int:
+    """The body bytes of a blob response: its Content-Length once sent; for a file response the
+    handler returned unsent (the exchange's), the length of the one Range it was asked for."""
+    if resp.prepared:
+        return resp.content_length or 0
+    m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
+    return int(m.group(2)) - int(m.group(1)) + 1 if m else 0
 
 
 def advertised_url(config: Config, scheme: str = "https") -> str:

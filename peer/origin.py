@@ -510,7 +510,9 @@ class OriginClient:
             resp = await self._send(method, url, headers, auth.header, what)
             if resp.status == 401 and resp.url.origin() != url.origin():
                 resp.release()  # a redirect target's challenge is not the registry's (issue 10, finding 2)
-                raise FailedPrecondition(f"unauthorized: {what}: the registry redirected to a host that refused it")
+                raise FailedPrecondition(
+                    f"unauthorized: {what}: the registry redirected to a host that refused it"
+                )
             if resp.status != 401 or attempt == 1:
                 break
             challenges = parse_challenges(resp.headers.getall("WWW-Authenticate", []))

@@ -7,6 +7,7 @@
     peersync hosts remove [--dir DIR] (REGISTRY... | --all)
     peersync site init --dir DIR [--name SITE] [--days N] [--force]
     peersync site issue NODE --dir DIR [--out DIR] [--ip ADDR ...] [--dns NAME ...] [--days N] [--force]
+    peersync status | peers | version | cache ... | prefetch IMAGE... | seed ...   (`peersync.cli_admin`)
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from typing import Any
 
 from kernel import config
 from kernel.errors import PeerSyncError
-from peersync import __version__, containerd_config
+from peersync import __version__, cli_admin, containerd_config
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if getattr(args, "admin", False):
+        return cli_admin.run(args)
     try:
         return int(args.func(args) or 0)
     except PeerSyncError as exc:
@@ -40,6 +43,9 @@ def _parser() -> argparse.ArgumentParser:
     daemon = sub.add_parser("daemon", help="serve the containerd proxy plugins until SIGTERM")
     _common(daemon)
     daemon.add_argument("--root", type=Path, help="state directory (default from config: /var/lib/peersync)")
+    daemon.add_argument("--metrics-listen", metavar="HOST:PORT",
+                        help="where /metrics listens (overrides [admin] listen; the Helm chart passes "
+                        "the node's address)")
     daemon.set_defaults(func=_daemon)
 
     cc = sub.add_parser("containerd-config", help="print the containerd config (v2) that registers peersync")
@@ -65,6 +71,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _hosts_parser(sub)
     _site_parser(sub)
+    cli_admin.add_commands(sub)
     return parser
 
 
@@ -183,6 +190,8 @@ def _load(args: argparse.Namespace) -> config.Config:
 
 def _daemon(args: argparse.Namespace) -> int:
     cfg = _load(args)
+    if args.metrics_listen is not None:
+        cfg = config.with_admin_listen(cfg, args.metrics_listen)
     from kernel import logging as pslogging
     from peersync.service import Service, run_until_signal
 

@@ -18,6 +18,7 @@ import functools
 from collections.abc import Iterable
 
 from kernel.errors import PeerSyncError
+from kernel.logging import bind_transfer
 from peer.engine import Engine
 
 DEFAULT_CONCURRENT = 2
@@ -43,7 +44,8 @@ class Prefetcher:
         while self._queue and len(self._active) < self.concurrent:
             digest = self._queue.pop(0)
             try:
-                download = self.engine.ensure(digest)
+                with bind_transfer(blob=digest):  # the download's lines: a transfer id of their own
+                    download = self.engine.ensure(digest)
             except PeerSyncError:
                 continue  # not catalogued: containerd will fetch it
             if download is None:

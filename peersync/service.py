@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import fcntl
 import os
 import signal
 import socket as socketlib
@@ -25,9 +24,11 @@ from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync import hosts
 from peersync.activation import inherited_socket
+from peersync.admin.server import AdminServer
 from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from peersync.prefetch import Prefetcher
+from peersync.rootlock import lock_root
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
@@ -46,6 +47,7 @@ class Service:
         self._bound = False  # only a socket we bound is ours to remove
         self.peer: PeerNode | None = None
         self.snapshotter: Snapshotter | None = None
+        self.admin: AdminServer | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -74,6 +76,9 @@ class Service:
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
             restrict_socket(cfg.socket)
+        prepare_socket(cfg.admin_socket)  # a live one is another daemon's: refused, as above
+        self.admin = AdminServer(cfg, self.peer, snapshotter.unpacks_running)
+        await self.admin.start()
         log.info(
             "serving",
             socket=str(cfg.socket),
@@ -84,6 +89,9 @@ class Service:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Finish in-flight RPCs (up to `grace` seconds), then close the store."""
+        if self.admin is not None:
+            await self.admin.stop()
+            self.admin = None
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
@@ -117,24 +125,6 @@ async def run_until_signal(service: Service) -> None:
         log.info("signal received, shutting down")
     finally:
         await service.stop()
-
-
-def lock_root(root: Path) -> int:
-    """Create `root` if needed and take its exclusive lock; returns the lock's fd."""
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(root / "lock", os.O_RDWR | os.O_CREAT, 0o600)
-    except OSError as exc:
-        raise FailedPrecondition(f"root {root} is unusable: {exc.strerror}") from exc
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        raise FailedPrecondition(f"root {root} is in use by another peersync daemon") from None
-    if not os.access(root, os.W_OK):
-        os.close(fd)
-        raise FailedPrecondition(f"root {root} is not writable")
-    return fd
 
 
 def prepare_socket(path: Path) -> None:

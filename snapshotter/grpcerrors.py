@@ -70,6 +70,7 @@ async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
     try:
         yield
     except errors.PeerSyncError as exc:
+        errors.reported.note("grpc", exc)
         await context.abort(code_for(exc), limits.short(str(exc)))
     except (grpc.aio.AbortError, GeneratorExit):
         raise
@@ -80,4 +81,5 @@ async def translate(context: grpc.aio.ServicerContext[Any, Any], method: str) ->
                                 f"{method}: no space left on the store's filesystem; free some or "
                                 "lower [cache] budget (nothing committed was lost)")
         log.exception("rpc failed", method=method)
+        errors.reported.note("grpc", exc)
         await context.abort(grpc.StatusCode.UNKNOWN, limits.short(f"{method}: internal error: {exc}"))

@@ -180,6 +180,10 @@ class Snapshotter:
             )
         return self._unpacker
 
+    def unpacks_running(self) -> int:
+        """Layers the daemon is unpacking right now (0 before the first)."""
+        return self._unpacker.running if self._unpacker is not None else 0
+
     async def close(self) -> None:
         """Stop unpacking ahead (what is staged is deleted; nothing committed is touched)."""
         if self._unpacker is not None:

@@ -96,6 +96,11 @@ class Unpacker:
         shutil.rmtree(staging, ignore_errors=True)  # a previous run's jobs: nobody's snapshots
         staging.mkdir(mode=0o700, parents=True, exist_ok=True)
 
+    @property
+    def running(self) -> int:
+        """Layer unpacks running now (the metrics' unpacks in flight)."""
+        return self._running
+
     def known(self, chain: str) -> bool:
         """Whether a job for `chain` is queued, running or staged."""
         return chain in self._jobs

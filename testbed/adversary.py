@@ -213,7 +213,9 @@ def content_calls(target: Target) -> st.SearchStrategy[tuple[str, Call]]:
                 _unary(
                     stub,
                     "Update",
-                    pb.UpdateRequest(info=pb.Info(digest=d, labels=lab), update_mask=field_mask.FieldMask(paths=paths)),
+                    pb.UpdateRequest(
+                        info=pb.Info(digest=d, labels=lab), update_mask=field_mask.FieldMask(paths=paths)
+                    ),
                 ),
             ),
             writable,

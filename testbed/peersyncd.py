@@ -130,15 +130,24 @@ class PeerSyncDaemon:
 
 
 def loopback_config(plain_http: Sequence[str] = (), peers: Sequence[str] = (), extra: str = "") -> str:
-    """A daemon config with the peer exchange and the mirror on free loopback ports and
+    """A daemon config with the peer exchange, the mirror and /metrics on free loopback ports and
     multicast DNS off (the host's daemons meet through `peers`, never by multicast)."""
     return (
         f'[peer]\nlisten = "127.0.0.1:{free_port()}"\npeers = {list(peers)!r}\n'.replace("'", '"')
         + f'[mirror]\nlisten = "127.0.0.1:{free_port()}"\n'
+        + f'[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
         + f"[origin]\nplain_http = {list(plain_http)!r}\n".replace("'", '"')
         + "[discovery]\nmdns = false\n"
         + extra
     )
+
+
+def with_own_metrics_port(config: str) -> str:
+    """`config` with /metrics on a free loopback port unless it says where: the default port
+    (5382) would clash between the daemons that tests and benchmarks run side by side."""
+    if "admin" in tomllib.loads(config):
+        return config
+    return config + f'\n[admin]\nlisten = "127.0.0.1:{free_port()}"\n'
 
 
 class UnsafeDaemonConfig(RuntimeError):
@@ -233,6 +242,7 @@ def start_peersync(
         config = loopback_config()
     if not in_test_namespace(prefix):
         check_host_config(config)
+        config = with_own_metrics_port(config)
     scheme, host, _issue = peer_side(config, addresses)
     sockdir = Path(tempfile.mkdtemp(prefix="ps-", dir="/tmp"))
     env = daemon_env()

@@ -62,6 +62,7 @@ CASES: dict[str, dict[str, Any]] = {
         },
     },
     "k3s-no-init": {"containerd": {"configure": False}, "probes": {"liveness": {"timeoutSeconds": 20}}},
+    "metrics-off": {"metrics": {"enabled": False}},
     "site-config": {
         "config": {
             "peer": {"peers": ["10.0.0.12:5381", "10.0.0.13:5381"], "listen": "0.0.0.0:7381"},
@@ -149,7 +150,12 @@ def check_daemonset(ds: dict[str, Any], cm: dict[str, Any], values: dict[str, An
     assert ds["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
     (daemon,) = spec["containers"]
     assert daemon["securityContext"]["privileged"] is True
-    assert daemon["command"] == ["peersync", "daemon", "--config", "/etc/peersync/config.toml"]
+    command = ["peersync", "daemon", "--config", "/etc/peersync/config.toml"]
+    if values["metrics"]["enabled"]:  # /metrics on the node's address, not loopback, not 0.0.0.0
+        command += ["--metrics-listen", f"$(PEERSYNC_NODE_IP):{values['metrics']['port']}"]
+        (env,) = daemon["env"]
+        assert env == {"name": "PEERSYNC_NODE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.hostIP"}}}
+    assert daemon["command"] == command
     assert daemon["resources"]["requests"] and daemon["resources"]["limits"]["memory"]
     volumes = {v["name"]: v for v in spec["volumes"]}
     mounts = {m["name"]: m["mountPath"] for m in daemon["volumeMounts"]}

@@ -124,7 +124,7 @@ async def test_ns_naming_another_host_is_refused_without_any_connection(
         async with mirror_site(tmp_path, http, ["127.0.0.1:1"]) as site:
             elsewhere = f"127.0.0.1:{outside.port}"
             digest = "sha256:" + "a" * 64
-            for path in (f"/v2/some/repo/manifests/latest", f"/v2/some/repo/blobs/{digest}"):
+            for path in ("/v2/some/repo/manifests/latest", f"/v2/some/repo/blobs/{digest}"):
                 status, body, reason = await get(http, site.url(path, elsewhere))
                 assert status == 403, (status, body)
                 assert b"not one this mirror serves" in body

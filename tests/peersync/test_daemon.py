@@ -114,9 +114,9 @@ def test_refuses_root_in_use(tmp_path: Path, daemon: Daemon) -> None:
     assert b"in use by another peersync daemon" in err
 
 
-@pytest.mark.parametrize("section", ["peer", "mirror"])
+@pytest.mark.parametrize("section", ["peer", "mirror", "admin"])
 def test_refuses_a_port_in_use_and_says_which(tmp_path: Path, section: str) -> None:
-    """Two daemons on one host with the default config both want 5381 and 5380: the second must
+    """Two daemons on one host with the default config both want 5381, 5380 and 5382: the second must
     stop at once, naming the address and the config key, and leave the first one serving."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))
@@ -134,6 +134,25 @@ def test_refuses_a_port_in_use_and_says_which(tmp_path: Path, section: str) -> N
     assert f"cannot listen on {address}: address already in use".encode() in err, err
     assert f"[{section}] listen in the config".encode() in err, err
     assert not sock.exists(), "socket file left behind"
+    assert not (tmp_path / "admin.sock").exists(), "admin socket left behind"
+
+
+def test_refuses_an_admin_socket_in_use(tmp_path: Path, daemon: Daemon) -> None:
+    """A second daemon (its own root and plugin socket) told to use the first one's admin socket
+    stops, naming it, and the first keeps answering on it."""
+    _proc, _root, sock = daemon
+    admin = sock.parent / "admin.sock"  # the default: beside the plugins' socket
+    deadline = time.monotonic() + 30
+    while not admin.is_socket() and time.monotonic() < deadline:  # made just after the plugins'
+        time.sleep(0.05)
+    assert admin.is_socket() and (admin.stat().st_mode & 0o777) == 0o600
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(loopback_config().replace("[admin]\n", f'[admin]\nsocket = "{admin}"\n'))
+    second = start_daemon(tmp_path / "root2", tmp_path / "other.sock", "--config", str(cfg))
+    _out, err = second.communicate(timeout=30)
+    assert second.returncode == 2
+    assert f"socket {admin} is in use by another process".encode() in err, err
+    assert admin.is_socket()
 
 
 def test_replaces_stale_socket(tmp_path: Path) -> None:

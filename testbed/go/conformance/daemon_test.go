@@ -153,8 +153,8 @@ func dial(socket string) (*grpc.ClientConn, error) {
 	)
 }
 
-// loopbackConfig: the daemon's config with the peer exchange and the mirror on free loopback
-// ports (as testbed.peersyncd.loopback_config does), no peers, no origin.
+// loopbackConfig: the daemon's config with the peer exchange, the mirror and /metrics on free
+// loopback ports (as testbed.peersyncd.loopback_config does), no peers, no origin.
 func loopbackConfig() (string, error) {
 	peer, err := freePort()
 	if err != nil {
@@ -164,8 +164,12 @@ func loopbackConfig() (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return fmt.Sprintf("[peer]\nlisten = \"127.0.0.1:%d\"\npeers = []\n[mirror]\nlisten = \"127.0.0.1:%d\"\n",
-		peer, mirror), nil
+	metrics, err := freePort()
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("[peer]\nlisten = \"127.0.0.1:%d\"\npeers = []\n[mirror]\nlisten = \"127.0.0.1:%d\"\n"+
+		"[admin]\nlisten = \"127.0.0.1:%d\"\n", peer, mirror, metrics), nil
 }
 
 // freePort: a port the kernel says is free on 127.0.0.1 now (the daemon binds it right after).
