@@ -17,6 +17,7 @@ the layer and the test fails there.
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import shutil
@@ -73,14 +74,17 @@ def test_a_private_layer_a_node_pulled_is_served_to_site_members_only(
     assert layer.size > 2 * CHUNK
     private_bytes = (image.layout / "blobs" / "sha256" / layer.digest[7:]).read_bytes()
     with start_peersync(tmp_path / "node", config=config) as daemon:
-        # The node pulls the private image through its mirror (the daemon holds the credentials).
+        # The node pulls the private image through its mirror, the client showing its own
+        # credentials (the mirror checks them at the origin before it serves private content).
         base = f"http://127.0.0.1:{mirror}/v2/{REPO}"
         ns = f"?ns={registry.address}"
-        ask = urllib.request.Request(f"{base}/manifests/v1{ns}", headers={"Accept": MANIFEST})
+        basic = base64.b64encode(f"{USER.username}:{USER.password}".encode()).decode()
+        auth = {"Authorization": f"Basic {basic}"}
+        ask = urllib.request.Request(f"{base}/manifests/v1{ns}", headers={"Accept": MANIFEST, **auth})
         with urllib.request.urlopen(ask, timeout=30) as resp:
             manifest = json.loads(resp.read())
         for blob in [manifest["config"], *manifest["layers"]]:
-            url = f"{base}/blobs/{blob['digest']}{ns}"
+            url = urllib.request.Request(f"{base}/blobs/{blob['digest']}{ns}", headers=auth)
             with urllib.request.urlopen(url, timeout=60) as r:
                 assert hashlib.sha256(r.read()).hexdigest() == blob["digest"][7:]
         deadline = time.monotonic() + 30
