@@ -68,7 +68,7 @@ from peer.peers import PeerSource
 from peer.policy.choice import Picker, Rule
 from peer.policy.fanout import fanout
 from peer.policy.gathering import gather
-from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma
+from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma, oldest_requests
 from peer.policy.holdings import BlobView, holders, usable_views
 from peer.policy.peerstats import PeerFigures, PeerStats
 from peer.policy.schedule import Slots, schedule, wanted_chunks
@@ -390,13 +390,7 @@ class Engine:
     def oldest(self) -> dict[str, tuple[float, int]]:
         """Per peer, its oldest request in flight over all blobs: (launched at, the queue it was
         launched into). What a peer has not answered yet is evidence too (`PeerStats.bound`)."""
-        out: dict[str, tuple[float, int]] = {}
-        for dl in self.downloads.values():
-            for flights in dl.flights.values():
-                for f in flights:
-                    if f.peer not in out or f.started < out[f.peer][0]:
-                        out[f.peer] = (f.started, f.queue)
-        return out
+        return oldest_requests(f for dl in self.downloads.values() for fl in dl.flights.values() for f in fl)
 
     def transfers(self) -> list[dict[str, object]]:
         """The last `RECENT_TRANSFERS` chunk requests to peers, oldest first (`TransferRecord`)."""
