@@ -7,7 +7,7 @@ same simulated figures (the tracker's measured CPU, `tracker_cores`, is real CPU
 - `validate`: the emulated testbed's shape (`bench/scale.py`: 100 Mbit/s uplink, busybox + 20 MB
   in one 22.0 MB layer, every node pulling at once through CRI, all daemons and containerds on
   one 2-core machine) with the testbed profile (`testbed_profile`), against the figures of the
-  emulated run recorded in `EMULATED` (bench/results/scale-emulated.json).
+  emulated run recorded in `EMULATED` (bench/simulation/scale-emulated.json).
 - `scale`: one site of N nodes, 1 Gbit/s nodes, 100 Mbit/s uplink, the same image, a burst;
   all-done p50/p99 against the physical limit (`physical_limit`), uplink bytes, tracker load.
 - `election`: the tracker killed in a settled site of N (`testbed.sim.election`).
@@ -74,7 +74,7 @@ def row(kind: str, n: int, res: SiteResult, topo: Topology, **extra: Any) -> dic
 
 # -- validation --------------------------------------------------------------------------------
 
-EMULATED = Path(__file__).resolve().parents[2] / "bench" / "results" / "scale-emulated.json"
+EMULATED = Path(__file__).resolve().parents[2] / "bench" / "simulation" / "scale-emulated.json"
 CALIBRATION = {"host_mbit": 160.0, "unpack_mb_s": 100.0, "pre": 0.40}  # fitted at N=1 and N=4 only
 
 
