@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+import structlog  # noqa: E402
 
 from testbed.sim import study  # noqa: E402
 
@@ -44,10 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", help=f"site sizes of the burst ({ALL_SCALE} with --all)")
     p.add_argument("--election", help=f"site sizes of the election ({ALL_ELECTION} with --all)")
     p.add_argument("--churn", action="store_true", help="100 nodes, 0 / 5 / 20%% dying mid-pull")
-    p.add_argument("--sites", action="store_true", help="1 / 4 sites of 64 nodes under one registry of 200 Mbit/s")
+    p.add_argument("--sites", action="store_true", help="1 / 4 sites of 64 nodes, one 200 Mbit/s registry")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="output directory (bench/results/simulation-<timestamp>)")
     args = p.parse_args(argv)
+    # the product's own modules log as in a daemon (members dropped, ...): only warnings here
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     out = args.out or REPO / "bench" / "results" / f"simulation-{time.strftime('%Y%m%d-%H%M%S')}"
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
