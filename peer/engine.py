@@ -69,7 +69,7 @@ from peer.policy.choice import Picker, Rule
 from peer.policy.fanout import fanout
 from peer.policy.gathering import gather
 from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma, oldest_requests
-from peer.policy.holdings import BlobView, holders, usable_views
+from peer.policy.holdings import BlobView, filling, holders, usable_views
 from peer.policy.peerstats import PeerFigures, PeerStats
 from peer.policy.schedule import Slots, schedule, wanted_chunks
 from peer.policy.striping import Sighting, Stripes, origin_candidates, origin_run, stalled, track_progress
@@ -776,13 +776,20 @@ class Download:
         views = self.engine.views.get(self.digest, {})
         return usable_views(views, self.engine.stats, time.monotonic(), self.source.size)
 
-    def _picker(self, now: float) -> Picker:
+    def _picker(self, now: float, views: dict[str, BlobView]) -> Picker:
         """This round's peer choices (`policy.choice`): it counts what it assigns, so one round
-        spreads chunks over peers as their queues grow."""
+        spreads chunks over peers as their queues grow, and caps peers still filling the blob."""
         engine = self.engine
         cfg = engine.config
         return Picker(
-            engine.stats, self.chunk_size, now, engine.rng, cfg.choice, engine.locality, engine.oldest()
+            engine.stats,
+            self.chunk_size,
+            now,
+            engine.rng,
+            cfg.choice,
+            engine.locality,
+            engine.oldest(),
+            filling=filling(views),
         )
 
     def _schedule(self, missing: list[int]) -> None:
@@ -800,7 +807,7 @@ class Download:
             max_inflight=cfg.max_inflight,
             reserve=RESERVE,
         )
-        picker = self._picker(now)
+        picker = self._picker(now, views)
         fetches = schedule(missing, held, self.wanted, in_flight, slots, picker)
         for fetch in fetches:
             self._launch(fetch.index, fetch.peer)

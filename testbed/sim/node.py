@@ -29,7 +29,7 @@ from kernel.store.schema import BlobRecord
 from peer.engine import Coordination, Untracked
 from peer.policy.choice import Picker, Rule
 from peer.policy.hedging import RESERVE, hedges, late_at_bound, oldest_requests
-from peer.policy.holdings import BlobView, holders, usable_views
+from peer.policy.holdings import BlobView, filling, holders, usable_views
 from peer.policy.peerstats import PeerStats
 from peer.policy.schedule import Slots, schedule
 from peer.policy.subnet import Locality
@@ -199,7 +199,10 @@ class SimDownload:
             max_inflight=MAX_INFLIGHT,
             reserve=RESERVE,
         )
-        picker = Picker(eng.stats, blob.chunk_size, now, eng.rng, Rule.BOUND, eng.locality, eng.oldest())
+        oldest = eng.oldest()
+        picker = Picker(
+            eng.stats, blob.chunk_size, now, eng.rng, Rule.BOUND, eng.locality, oldest, filling=filling(views)
+        )
         fetches = schedule(missing, held, self.wanted, in_flight, slots, picker)
         for f in fetches:
             launch(self, f.index, f.peer, False)
