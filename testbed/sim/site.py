@@ -7,8 +7,8 @@ registered in real `peer.control.sections.Sections`; every node's member side is
 side's payload inside the sync envelope, serialised to JSON, parsed by `SyncRequest.from_wire`,
 answered by `Tracker.handle`, serialised back and handed to `IndexMember.incoming`. Only the HTTP
 between them is simulated: half a round trip each way, and the tracker's CPU as one FIFO core that
-each sync occupies for `tracker_cost` seconds (or, with `tracker_cost=None`, the CPU time the real
-parsing, handling and serialising took plus `http_overhead`).
+each sync occupies for `tracker_cost` seconds (or, with `tracker_cost=None`, the mean CPU time the
+real parsing, handling and serialising took, read on every `CPU_SAMPLE`th sync, plus `http_overhead`).
 
 The clock is simpy's (`simpy.Environment.now`), handed to every product object that takes one
 (`IndexMember(clock=...)`, `Tracker.handle(now=...)`, `PeerStats`): no product code reads the
@@ -39,10 +39,13 @@ from peer.control.sections import Sections
 from peer.control.tracker import SyncRequest, Tracker
 from peer.policy.index import IndexConfig
 from peer.policy.membership import Member
+from peer.policy.pacing import SYNC_BUDGET, member_interval
 from testbed.sim.network import Host, Link, NodeLinks, Topology, transfer
 from testbed.sim.node import Blob, Flight, SimDownload, SimEngine
 
 PROTOCOL = 1
+CPU_SAMPLE = 8  # the tracker's CPU is read on every 8th sync (reading it costs more than a sync
+# under load here); the others are charged the sampled mean
 
 
 @dataclass
@@ -82,6 +85,7 @@ class SimNode:
     soon: bool = False
     sync_wake: simpy.Event | None = None
     last_sync: float = -1.0
+    pace: float = 0.0  # the tracker's pace, from its last answer (`peer.policy.pacing`)
     syncs: int = 0
     arrived: float = 0.0
     done: float | None = None
@@ -99,6 +103,8 @@ class TrackerLoad:
 
     syncs: int = 0
     cpu: float = 0.0  # seconds of real CPU in from_wire + handle + serialising
+    sampled_cpu: float = 0.0  # ... of the syncs whose CPU was read (every `CPU_SAMPLE`th)
+    samples: int = 0
     busy: float = 0.0  # simulated seconds its core was busy
     free: float = 0.0  # when its core is next free
     max_wait: float = 0.0  # the longest a sync waited for the core
@@ -120,6 +126,7 @@ class SimSite:
         arrival: Callable[[int], float] = lambda i: 0.0,
         kill: Sequence[tuple[int, int, float]] = (),
         index_config: IndexConfig | None = None,
+        sync_budget: float = SYNC_BUDGET,
     ) -> None:
         self.topology = topology
         self.blobs = list(blobs)
@@ -129,6 +136,7 @@ class SimSite:
         self.http_overhead = http_overhead
         self.arrival = arrival
         self.index_config = index_config or IndexConfig()
+        self.sync_budget = sync_budget  # the trackers' (`Tracker.sync_budget`; 0: members unpaced)
         self.env = simpy.Environment()
         self.rng = random.Random(seed)
         self.registry = Link(topology.registry)
@@ -166,7 +174,10 @@ class SimSite:
             sections = Sections()
             first = self.nodes[s * topo.nodes]
             sections.add(first.member, IndexTracker(self.index_config, rng=random.Random(seed * 31 + s)))
-            tracker = Tracker(members[0], 1, sections, self.control.member_timeout, 0.0, seed=members)
+            timeout = self.control.member_timeout
+            tracker = Tracker(
+                members[0], 1, sections, timeout, 0.0, seed=members, sync_budget=self.sync_budget
+            )
             self.trackers.append(tracker)
         for node in self.nodes:
             node.mv = self.trackers[node.site].table.version
@@ -183,7 +194,7 @@ class SimSite:
     def _sync_loop(self, node: SimNode) -> Any:
         env, cfg = self.env, self.control
         while node.alive:
-            interval = cfg.sync_busy if node.member.active() else cfg.sync_idle
+            interval = member_interval(cfg.sync_busy if node.member.active() else cfg.sync_idle, node.pace)
             due = node.last_sync + interval
             if node.soon:
                 due = min(due, node.last_sync + cfg.min_sync_gap)
@@ -223,10 +234,14 @@ class SimSite:
         load.max_wait = max(load.max_wait, start - env.now)
         if start > env.now:
             yield env.timeout(start - env.now)
-        t0 = time.process_time()  # this process's CPU: other processes on the machine do not count
+        sampled = load.syncs % CPU_SAMPLE == 0
+        t0 = time.process_time() if sampled else 0.0  # this process's CPU, not the machine's
         reply = tracker.handle(SyncRequest.from_wire(json.loads(wire)), env.now)
         out = json.dumps({"v": PROTOCOL, "site": node.record.site, **reply})
-        cpu = time.process_time() - t0
+        if sampled:
+            load.sampled_cpu += time.process_time() - t0
+            load.samples += 1
+        cpu = load.sampled_cpu / load.samples  # the mean of the sampled syncs' CPU
         cost = cpu + self.http_overhead if self.tracker_cost is None else self.tracker_cost
         load.syncs += 1
         load.cpu += cpu
@@ -239,6 +254,7 @@ class SimSite:
         members = answer.get("members")
         if isinstance(members, dict):
             node.mv = int(members.get("v", node.mv))
+        node.pace = float(answer.get("pace", 0.0))
         node.member.incoming(answer.get("sections", {}).get("index"))
 
     def _expire_loop(self, site: int) -> Any:
