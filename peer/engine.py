@@ -68,8 +68,8 @@ from peer.peers import PeerSource
 from peer.policy.choice import Picker, Rule
 from peer.policy.fanout import fanout
 from peer.policy.gathering import gather
-from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma
-from peer.policy.holdings import BlobView, holders, usable_views
+from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma, oldest_requests
+from peer.policy.holdings import BlobView, filling, holders, usable_views
 from peer.policy.peerstats import PeerFigures, PeerStats
 from peer.policy.schedule import Slots, schedule, wanted_chunks
 from peer.policy.striping import Sighting, Stripes, origin_candidates, origin_run, stalled, track_progress
@@ -395,13 +395,7 @@ class Engine:
     def oldest(self) -> dict[str, tuple[float, int]]:
         """Per peer, its oldest request in flight over all blobs: (launched at, the queue it was
         launched into). What a peer has not answered yet is evidence too (`PeerStats.bound`)."""
-        out: dict[str, tuple[float, int]] = {}
-        for dl in self.downloads.values():
-            for flights in dl.flights.values():
-                for f in flights:
-                    if f.peer not in out or f.started < out[f.peer][0]:
-                        out[f.peer] = (f.started, f.queue)
-        return out
+        return oldest_requests(f for dl in self.downloads.values() for fl in dl.flights.values() for f in fl)
 
     def transfers(self) -> list[dict[str, object]]:
         """The last `RECENT_TRANSFERS` chunk requests to peers, oldest first (`TransferRecord`)."""
@@ -788,13 +782,20 @@ class Download:
         views = self.engine.views.get(self.digest, {})
         return usable_views(views, self.engine.stats, time.monotonic(), self.source.size)
 
-    def _picker(self, now: float) -> Picker:
+    def _picker(self, now: float, views: dict[str, BlobView]) -> Picker:
         """This round's peer choices (`policy.choice`): it counts what it assigns, so one round
-        spreads chunks over peers as their queues grow."""
+        spreads chunks over peers as their queues grow, and caps peers still filling the blob."""
         engine = self.engine
         cfg = engine.config
         return Picker(
-            engine.stats, self.chunk_size, now, engine.rng, cfg.choice, engine.locality, engine.oldest()
+            engine.stats,
+            self.chunk_size,
+            now,
+            engine.rng,
+            cfg.choice,
+            engine.locality,
+            engine.oldest(),
+            filling=filling(views),
         )
 
     def _schedule(self, missing: list[int]) -> None:
@@ -812,7 +813,7 @@ class Download:
             max_inflight=cfg.max_inflight,
             reserve=RESERVE,
         )
-        picker = self._picker(now)
+        picker = self._picker(now, views)
         fetches = schedule(missing, held, self.wanted, in_flight, slots, picker)
         for fetch in fetches:
             self._launch(fetch.index, fetch.peer)

@@ -51,7 +51,7 @@ from __future__ import annotations
 import base64
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping, MutableMapping
 from dataclasses import dataclass, field
 from random import Random
 from typing import Any, Protocol
@@ -59,7 +59,8 @@ from typing import Any, Protocol
 import structlog
 
 from kernel.errors import NotFound, PeerSyncError
-from peer.engine import Engine
+from kernel.store.schema import BlobRecord
+from peer.engine import Coordination
 from peer.policy.holdings import BlobView
 from peer.policy.index import (
     Announcement,
@@ -85,6 +86,85 @@ class ControlLink(Protocol):
     def sync_soon(self) -> None:
         """Send the next sync now instead of at the next interval (coalesced: many calls before
         it goes out make one sync)."""
+        ...
+
+
+class PartialsSide(Protocol):
+    """What the member side reads of the store's partial blobs (`kernel.store.partial.Partials`)."""
+
+    def records(self) -> Iterable[BlobRecord]: ...
+
+    def record(self, digest: str) -> BlobRecord:
+        """The partial blob's record; a `PeerSyncError` if `digest` is not being filled."""
+        ...
+
+    def have(self, digest: str) -> bytes:
+        """Its presence bitmap (bit i LSB first in byte i // 8)."""
+        ...
+
+
+class StoreSide(Protocol):
+    """What the member side reads of the node's store (`kernel.store.chunkstore.ChunkStore`)."""
+
+    @property
+    def partials(self) -> PartialsSide: ...
+
+    def iter_blobs(self) -> Iterable[BlobRecord]: ...
+
+    def record(self, digest: str) -> BlobRecord:
+        """A complete blob's record; `NotFound` if the store does not hold it whole."""
+        ...
+
+    def exists(self, digest: str) -> bool: ...
+
+
+class TaskSide(Protocol):
+    """A download's task, as far as the member side looks at it (an `asyncio.Task`)."""
+
+    def done(self) -> bool: ...
+
+
+class DownloadSide(Protocol):
+    """What the member side needs of one download (`peer.engine.Download`): its lease requests,
+    the leases granted to it, and the runs it finished."""
+
+    leases_done: list[tuple[int, int]]
+
+    @property
+    def task(self) -> TaskSide: ...
+
+    def lease_request(self) -> tuple[list[int], int] | None: ...
+
+    def grant_lease(self, first: int, last: int) -> None: ...
+
+    def drop_leases(self) -> None: ...
+
+
+class EngineSide(Protocol):
+    """What the member side needs of the download engine (`peer.engine.Engine`).
+
+    Why a seam: the index section is the only code that turns a node's holdings into sync
+    payloads and the tracker's answers into views and leases, and the scale simulator
+    (`testbed.sim`) drives this very code over simulated nodes instead of re-writing it."""
+
+    coordination: Coordination
+    self_url: str
+
+    @property
+    def store(self) -> StoreSide: ...
+
+    @property
+    def downloads(self) -> Mapping[str, DownloadSide]: ...
+
+    @property
+    def counters(self) -> MutableMapping[str, int]: ...
+
+    def fetching(self, digest: str) -> list[int]:
+        """The chunks of `digest` this node is fetching from the origin right now."""
+        ...
+
+    def set_views(self, digest: str, views: dict[str, BlobView]) -> None:
+        """Who holds what of `digest`, from the tracker's candidate set."""
         ...
 
 
@@ -122,7 +202,7 @@ class IndexMember:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: EngineSide,
         link: ControlLink | None = None,
         stale_after: float = 3.0,
         rescan_interval: float = 30.0,

@@ -4,7 +4,9 @@ One `MemberAgent` per node runs one loop (docs/control-plane.md). What it does e
 depends on the node's role:
 
 - **member** (following a tracker): one sync, every `sync_busy` seconds while the engine has
-  downloads (`set_busy`), `sync_idle` otherwise, sooner on `wake()`. The sync carries every
+  downloads (`set_busy`), `sync_idle` otherwise, never more often than the tracker's `pace` (its
+  answer says it: `policy.pacing`, so a large site's tracker stays within its budget), sooner on
+  `wake()`. The sync carries every
   registered section's payload and brings back the member-table delta and the sections'
   answers. A sync that fails is retried at once; `fail_after` failures in a row and the tracker
   is lost (removed from this node's copy at once, remembered at its epoch in `lost`), and the
@@ -62,6 +64,7 @@ from peer.policy.election import (
     usable,
 )
 from peer.policy.membership import Delta, Member, MemberTable, fanout
+from peer.policy.pacing import member_interval
 
 log = structlog.get_logger(__name__)
 
@@ -130,6 +133,7 @@ class MemberAgent:
         self._lost: dict[str, tuple[Member, float]] = {}  # tracker id -> (record, when lost)
         self.failures = 0
         self.busy = False
+        self.pace = 0.0  # the tracker's pace (`policy.pacing`): our syncs are at least this far apart
         self.elections = 0
         self.claims = 0
         self.electing_since: float | None = now
@@ -223,7 +227,7 @@ class MemberAgent:
         if self.following is not None:
             if self.failures or self._first:
                 return self.cfg.retry_after
-            return self.cfg.sync_busy if self.busy else self.cfg.sync_idle
+            return member_interval(self.cfg.sync_busy if self.busy else self.cfg.sync_idle, self.pace)
         return self.cfg.leaderless_interval if self._leaderless else self.cfg.probe_interval
 
     async def _pause(self, began: float) -> None:
@@ -318,6 +322,8 @@ class MemberAgent:
         self._first = False
         self._owed.clear()
         self.failures = 0
+        pace = reply.get("pace")
+        self.pace = float(pace) if isinstance(pace, int | float) and pace >= 0 else 0.0
         self.synced_at = now
 
     def _redirected(self, redirect: Any, now: float) -> None:

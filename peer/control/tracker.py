@@ -10,10 +10,11 @@ Routes, under `/peersync/v1/control/` on the peer port, answered by every node (
 current role decides the answer; `ControlNode` is what they need of it):
 
     POST sync      a member's periodic sync: {v, site, id, epoch, mv, full, record?, leave?,
-                   sections: {name: payload}} -> {v, site, tracker, members, sections} from the
-                   tracker; {v, site, redirect: tracker | null} from a node that is not (the
-                   member follows the redirect); {v, site, resync: true} when the tracker does
-                   not know the member or the member's state (the member re-announces in full).
+                   sections: {name: payload}} -> {v, site, tracker, members, sections, pace} from
+                   the tracker (`pace`: the seconds between one member's syncs, `policy.pacing`);
+                   {v, site, redirect: tracker | null} from a node that is not (the member
+                   follows the redirect); {v, site, resync: true} when the tracker does not know
+                   the member or the member's state (the member re-announces in full).
     POST whois     {v, site, record, lost?} -> {v, site, record, tracker: tracker | null, epoch_seen}:
                    who this node is and which tracker it follows (itself when it is the tracker);
                    the asker's record lets a node with no tracker learn of it. `lost` names a
@@ -40,6 +41,7 @@ from peer.control.client import PREFIX, PROTOCOL, Counters
 from peer.control.sections import Sections
 from peer.policy.election import TrackerRef
 from peer.policy.membership import NODE_ID, Member, MemberTable
+from peer.policy.pacing import SYNC_BUDGET, member_timeout, sync_pace
 
 log = structlog.get_logger(__name__)
 
@@ -90,6 +92,7 @@ class Tracker:
         seed: Iterable[Member] = (),
         former_max: int = 256,
         former_ttl: float = 600.0,
+        sync_budget: float = SYNC_BUDGET,
     ) -> None:
         """Seed the table with `seed` (this node's member copy, minus the tracker it lost), all
         heard at `now`: the members get `member_timeout` to sync with the new tracker before
@@ -97,6 +100,7 @@ class Tracker:
         self.ref = TrackerRef(epoch, me)
         self.sections = sections
         self.member_timeout = member_timeout
+        self.sync_budget = sync_budget  # syncs per second the members' pace keeps it within
         self.table = MemberTable()
         self.table.reset([me, *(m for m in seed if m.id != me.id and m.site == me.site)], now)
         self.former: OrderedDict[str, tuple[Member, float]] = OrderedDict()  # id -> (record, dropped at)
@@ -141,11 +145,18 @@ class Tracker:
             "tracker": self.ref.to_wire(),
             "members": self.table.delta_since(mv).to_wire(),
             "sections": replies,
+            "pace": round(self.pace(), 3),
         }
 
+    def pace(self) -> float:
+        """The seconds between one member's syncs that keep this site's within `sync_budget`."""
+        return sync_pace(len(self.table), self.sync_budget)
+
     def expire(self, now: float) -> list[Member]:
-        """Drop the members that have not synced for `member_timeout`; their records."""
-        dead = self.table.expire(now, self.member_timeout, keep=[self.me.id])
+        """Drop the members that have not synced for `member_timeout` (stretched to `MISSED`
+        paces in a site large enough to be paced, `policy.pacing`); their records."""
+        timeout = member_timeout(self.member_timeout, self.pace())
+        dead = self.table.expire(now, timeout, keep=[self.me.id])
         for record in dead:
             self._forget(record, now, why="silent")
         return dead

@@ -34,4 +34,6 @@ The model, one module per concept:
 - `eviction`   the cache's eviction score (popularity, recency, replicas), its order, the last copy
                of a hot blob, and the plan against the watermarks (`peer.cache` acts on it).
 - `replication` which site-hot, scarce blob an idle node copies from its peers (`peer.replication`).
+- `pacing`     how often members sync: the tracker's pace, stretched with the site's size so its
+               syncs per second stay within a budget; the member timeout stretched with it.
 """

@@ -16,6 +16,17 @@ costs is bounded: a peer that has never answered a chunk request holds at most `
 (its queue, this round's assignments included) while any other candidate has room, so a first round
 over unknown peers sends each a couple of probes, not a window's worth to whichever came first.
 
+A peer that is itself still filling the blob (`filling`: its view is partial) holds at most
+`FILLING_CAP` of our requests; a chunk whose every candidate is at that cap gets no request this
+round (the picker answers None) and waits for the next. Why: in a flash crowd the first holders of
+a chunk are the few members fetching it from the origin, everyone sees it there at once, and a
+window of 8-32 queued every chunk at them as soon as it was announced; those queues (thousands of
+requests, seconds deep) then stayed where they were while the same chunks appeared at idle members
+a sync later, so a site's whole download ran through the up links of its five or six origin
+leaseholders (the scale simulator, bench/SIMULATION.md). A partial holder's chunks will be at more
+members soon, so a request that waits loses little; a complete holder (a seed) is not capped, so a
+download from one seed still keeps its window in flight.
+
 Ties after jitter go to the smaller peer URL, so a decision is a pure function of its inputs and
 the random draws: one draw per candidate, in candidate order. A caller that feeds the same
 `random.Random` state gets the same choices.
@@ -42,6 +53,7 @@ from peer.policy.subnet import Locality
 JITTER = 0.05  # the bound rule's tie-breaking jitter
 PROBES = 2  # requests a peer that never answered may hold, while others have room
 EWMA_JITTER = 0.1  # the EWMA rule's jitter (its only exploration)
+FILLING_CAP = 1  # our requests a peer still filling the blob may hold (see the module docstring)
 
 
 class Rule(enum.StrEnum):
@@ -68,7 +80,8 @@ class Picker:
     Under the bound rule it counts what it assigned (`assigned`), so later chunks of the same round
     see the queues earlier ones built, and it holds each peer to what its oldest request still in
     flight has shown (`oldest`: peer -> (launched at, queue it was launched into); see
-    `PeerStats.bound`'s `waiting`). Reads `stats`, never changes them."""
+    `PeerStats.bound`'s `waiting`), and holds a peer still filling the blob (`filling`) to
+    `FILLING_CAP` requests. Reads `stats`, never changes them."""
 
     stats: Mapping[str, PeerStats]
     nbytes: int
@@ -78,6 +91,7 @@ class Picker:
     locality: Locality = field(default_factory=Locality)
     oldest: Mapping[str, tuple[float, int]] = field(default_factory=dict)
     assigned: Counter[str] = field(default_factory=Counter)
+    filling: frozenset[str] = frozenset()  # candidates whose own copy of the blob is partial
 
     def queue(self, peer: str) -> int:
         """Our requests in flight to `peer` plus those this round assigned to it."""
@@ -109,7 +123,12 @@ class Picker:
         """Whether `peer` has never answered and already holds `PROBES` requests."""
         return not len(stat_of(self.stats, peer).history) and self.queue(peer) >= PROBES
 
+    def capped(self, peer: str) -> bool:
+        """Whether `peer` is still filling the blob and already holds `FILLING_CAP` requests."""
+        return peer in self.filling and self.queue(peer) >= FILLING_CAP
+
     def _bound(self, candidates: Sequence[str]) -> str | None:
+        candidates = [p for p in candidates if not self.capped(p)]
         if not candidates:
             return None
         scored = [

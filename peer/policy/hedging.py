@@ -29,7 +29,7 @@ chunks' stragglers first, then the oldest.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence, Set
+from collections.abc import Callable, Iterable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -55,6 +55,17 @@ class InFlight(Protocol):
 
     @property
     def queue(self) -> int: ...
+
+
+def oldest_requests(flights: Iterable[InFlight]) -> dict[str, tuple[float, int]]:
+    """Per peer, its oldest request among `flights`: (launched at, the queue it was launched
+    into). What a peer has not answered yet is evidence too (`PeerStats.bound`, `choice.Picker`'s
+    `oldest`)."""
+    out: dict[str, tuple[float, int]] = {}
+    for f in flights:
+        if f.peer not in out or f.started < out[f.peer][0]:
+            out[f.peer] = (f.started, f.queue)
+    return out
 
 
 @dataclass(frozen=True)

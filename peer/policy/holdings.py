@@ -69,5 +69,18 @@ def usable_views(
 def holders(views: Mapping[str, BlobView], chunks: Iterable[int], chunk_size: int) -> dict[int, list[str]]:
     """For each chunk, the peers that hold it, cut with our `chunk_size` (a peer that cut the blob
     differently cannot serve our chunks as ranges of its own)."""
-    same = [(p, v) for p, v in views.items() if v.chunk_size == chunk_size]
-    return {i: [p for p, v in same if v.has(i)] for i in chunks}
+    # each bitmap read once as an int (bit i = chunk i, as `BlobView.has`): this runs every
+    # planning round over every candidate and missing chunk, the simulator's hottest loop
+    full = -1
+    same = [
+        (p, full if v.complete else int.from_bytes(v.have, "little"))
+        for p, v in views.items()
+        if v.chunk_size == chunk_size
+    ]
+    return {i: [p for p, bits in same if bits >> i & 1] for i in chunks}
+
+
+def filling(views: Mapping[str, BlobView]) -> frozenset[str]:
+    """The peers whose copy of the blob is still partial (what `choice.Picker` caps: their
+    chunks will be at more members soon)."""
+    return frozenset(p for p, v in views.items() if not v.complete)

@@ -22,7 +22,12 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
-  spread and re-planned often, `solo_lease_chunks` (32) when the member is alone. A lease whose
+  spread and re-planned often, `solo_lease_chunks` (32) when the member is alone, except for the
+  blob's first lease, which is always short: in a burst the first member's sync reaches the tracker
+  before the others have announced the blob, and a long first lease gave that one member the whole
+  blob from the origin, leaving every other member of the site queued behind it with nothing to
+  trade (the scale simulator, bench/SIMULATION.md: 100 nodes 17.9 s with it, 4.9 s without). A
+  member that is still alone at its next grant gets the long run then. A lease whose
   holder announced no progress on its run for `lease_grace` (6 s) is expired and its run is free
   again (re-granted). A member holds at most `leases_per_member` (2: the batch in flight and the
   next one) live leases per blob.
@@ -148,6 +153,7 @@ class _Blob:
         self.held = 0  # bits with counts > 0
         self.seeds: list[list[str]] = [[] for _ in range(self.nchunks)]
         self.leases: list[Lease] = []
+        self.grants = 0  # leases granted of this blob, ever (the first one is short)
         self.ranking: _Ranking | None = None
         self.dirty = True
 
@@ -454,7 +460,8 @@ class Index:
         first = next((i for i in want if 0 <= i < blob.nchunks and free >> i & 1), None)
         if first is None:
             first = (free & -free).bit_length() - 1
-        alone = len(blob.have) == 1
+        alone = len(blob.have) == 1 and blob.grants > 0
+        blob.grants += 1
         limit = min(max_chunks, cfg.solo_lease_chunks if alone else cfg.lease_chunks)
         last = first
         while last - first + 1 < limit and last + 1 < blob.nchunks and free >> (last + 1) & 1:

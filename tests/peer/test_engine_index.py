@@ -205,7 +205,9 @@ async def test_a_burst_with_an_index_fetches_each_chunk_once_from_the_origin(
         for e in engines:  # every control request was a sync: nobody's /have was polled
             assert e.counters["control_requests"] > 0
             assert not e._asking
-        assert sum(e.counters["peer_bytes"] for e in engines) == 3 * size
+        # each member got the rest from peers; a hedge's twin may land before it is cancelled
+        hedged = sum(e.counters["hedges"] for e in engines)
+        assert 3 * size <= sum(e.counters["peer_bytes"] for e in engines) <= 3 * size + hedged * CHUNK
     finally:
         for node in made:
             await node.close()
@@ -252,13 +254,14 @@ async def test_a_dead_lease_holders_run_is_regranted(
     test_image: BuiltImage,
     test_image_ref: str,
 ) -> None:
-    """Member A is alone, so it is leased the whole blob; its uplink hangs, then it dies without
+    """Member A is alone, so it is leased the whole blob (runs as long as the blob: its first
+    lease too, which is short by default); its uplink hangs, then it dies without
     the tracker noticing (no `forget`). B, which joined meanwhile, is granted A's run once A has
     shown no progress for `lease_grace`, and completes from the origin: not by the engine's own
     rescue, which waits longer."""
     digest, size, data = biggest_layer(test_image)
     nchunks = -(-size // CHUNK)
-    driver = Driver(IndexTracker(IndexConfig(lease_grace=3.0)))
+    driver = Driver(IndexTracker(IndexConfig(lease_grace=3.0, lease_chunks=32)))
     a, b = await nodes(tmp_path, session, 2, [registry.address, hanging_origin])
     try:
         for name, node, origin in (("a", a, hanging_origin), ("b", b, registry.address)):

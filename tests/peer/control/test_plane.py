@@ -223,6 +223,22 @@ async def test_wake_syncs_now(site: Site) -> None:
     await until(lambda: t.board.by_member[member.id] == ["now"], timeout=5.0)
 
 
+async def test_members_sync_at_the_pace_the_tracker_answers(site: Site) -> None:
+    """A tracker whose budget the site exceeds stretches its members' syncs (`policy.pacing`)."""
+    nodes = [await site.add() for _ in range(2)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    member = next(n for n in nodes if n is not t)
+    assert t.plane.agent.tracker is not None
+    t.plane.agent.tracker.sync_budget = 2 / 30  # two members: one sync each every 30 s
+    await until(lambda: member.plane.agent.pace == pytest.approx(30.0))
+    member.notes.add("later")
+    await asyncio.sleep(0.5)  # ten busy intervals of FAST
+    assert t.board.by_member[member.id] == []  # the next sync is half a minute away
+    member.plane.wake()  # the pace bounds the periodic syncs, not a wake
+    await until(lambda: t.board.by_member[member.id] == ["later"], timeout=5.0)
+
+
 async def test_a_site_with_no_node_that_may_lead_fans_out_directly(site: Site) -> None:
     few = ControlConfig(**{**FAST.__dict__, "fanout": 1})
     nodes = [await site.add(priority=-1, tunables=few) for _ in range(3)]

@@ -11,6 +11,7 @@ from sections_cases import Board, Broken
 from peer.control.sections import Sections
 from peer.control.tracker import SyncRequest, Tracker
 from peer.policy.membership import Delta, Member
+from peer.policy.pacing import sync_pace
 
 SITE = "default"
 
@@ -161,3 +162,19 @@ def test_a_former_member_that_syncs_again_is_no_longer_former() -> None:
 def test_a_malformed_sync_is_refused(body: Any) -> None:
     with pytest.raises(ValueError):
         SyncRequest.from_wire(body)
+
+
+def test_the_answer_carries_the_pace_and_a_large_site_gets_a_longer_one() -> None:
+    small = tracker(seed=[member(n) for n in range(2, 10)])
+    reply = small.handle(sync(2, full=True, record=True), 1.0)
+    assert reply["pace"] == pytest.approx(sync_pace(len(small.table)), abs=1e-3)
+    big = Tracker(ME, 3, Sections(), member_timeout=3.0, now=0.0, seed=[member(n) for n in range(2, 202)])
+    big.sync_budget = 20.0  # 201 members within 20 syncs/s: one sync each every ~10 s
+    assert big.handle(sync(2, full=True, record=True), 1.0)["pace"] == pytest.approx(201 / 20.0, abs=1e-3)
+
+
+def test_a_paced_site_drops_a_silent_member_after_missed_paces_not_the_base_timeout() -> None:
+    t = Tracker(ME, 3, Sections(), member_timeout=3.0, now=0.0, seed=[member(2), member(3)], sync_budget=1.0)
+    assert t.pace() == pytest.approx(3.0)  # 3 members, 1 sync/s
+    assert t.expire(5.0) == []  # silent 5 s: more than the base timeout, fewer than MISSED paces
+    assert {m.id for m in t.expire(9.5)} == {member(2).id, member(3).id}

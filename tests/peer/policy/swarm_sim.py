@@ -23,6 +23,7 @@ from peer.policy.choice import Picker, Rule
 from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma
 from peer.policy.peerstats import PeerStats
 from peer.policy.schedule import Slots, schedule
+from testbed.sim.node import Flight
 
 MB = 1e6 / 8  # bytes per second in one Mbit/s
 
@@ -48,17 +49,10 @@ class SimPeer:
 
 
 @dataclass
-class Request:
-    """A request in flight (a `hedging.InFlight`)."""
+class Request(Flight):
+    """A request in flight (a `hedging.InFlight`; the scale simulator's flight, plus its bytes)."""
 
-    index: int
-    peer: str
-    started: float
-    queue: int
-    nbytes: int
-    hedge: bool = False
-    hedged: bool = False
-    first_byte: float = 0.0
+    nbytes: int = 0
     remaining: float = 0.0
 
 
@@ -217,7 +211,7 @@ class Swarm:
         res: Result,
     ) -> None:
         st = self.stat(peer)
-        r = Request(index, peer, t, st.inflight, self.chunk, hedge, hedge)
+        r = Request(index, peer, t, st.inflight, hedge, hedge, nbytes=self.chunk)
         r.first_byte = t + self.peers[peer].latency
         r.remaining = float(self.chunk)
         st.inflight += 1

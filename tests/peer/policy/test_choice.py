@@ -13,7 +13,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 from policy_cases import CHUNK, PEERS, measured, peer_stats
 
-from peer.policy.choice import EWMA_JITTER, JITTER, PROBES, Picker, Rule, ewma_peer, random_peer, score
+from peer.policy.choice import (
+    EWMA_JITTER,
+    FILLING_CAP,
+    JITTER,
+    PROBES,
+    Picker,
+    Rule,
+    ewma_peer,
+    random_peer,
+    score,
+)
 from peer.policy.peerstats import PeerStats
 from peer.policy.subnet import Locality
 
@@ -276,3 +286,39 @@ def test_assignments_only_ever_raise_a_peers_score(candidates: list[str], seed: 
         picker(candidates)
     assert all(picker.score(p) >= before[p] for p in candidates)
     assert sum(picker.assigned.values()) == rounds
+
+
+# -- peers still filling the blob ---------------------------------------------------------------------
+
+
+def test_a_peer_still_filling_the_blob_holds_at_most_the_cap() -> None:
+    """A partial holder gets FILLING_CAP of our requests; then the round's chunks go to the other
+    candidates, and a chunk only capped peers hold gets no request (it waits for more holders)."""
+    stats = {A: measured(0.01), B: measured(0.02)}
+    picker = pick(stats, filling=frozenset({A}))
+    got = [picker([A, B]) for _ in range(4)]
+    assert got.count(A) == FILLING_CAP == 1
+    assert got.count(B) == 3
+    assert picker([A]) is None
+
+
+def test_requests_in_flight_count_against_the_cap() -> None:
+    stats = {A: measured(0.01), B: measured(0.04)}
+    stats[A].inflight = FILLING_CAP
+    assert pick(stats, filling=frozenset({A}))([A, B]) == B
+    assert pick(stats, filling=frozenset({A}))([A]) is None
+
+
+def test_a_complete_holder_is_not_capped() -> None:
+    """A download from one seed keeps its whole window in flight there."""
+    picker = pick({A: measured(0.01)}, filling=frozenset({B}))
+    assert [picker([A]) for _ in range(8)] == [A] * 8
+
+
+@given(st.integers(0, 2**32 - 1), st.integers(1, 30))
+def test_no_filling_peer_ever_exceeds_the_cap(seed: int, rounds: int) -> None:
+    stats = {A: measured(0.01), B: measured(0.02), C: measured(0.03)}
+    picker = pick(stats, seed, filling=frozenset({A, B}))
+    got = Counter(picker([A, B, C]) for _ in range(rounds))
+    assert got[A] <= FILLING_CAP and got[B] <= FILLING_CAP
+    assert got[C] == rounds - got[A] - got[B]

@@ -10,7 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from policy_cases import CHUNK, DIGEST, PEERS, peer_stats, view, views_of
 
-from peer.policy.holdings import BlobView, holders, usable_views
+from peer.policy.holdings import BlobView, filling, holders, usable_views
 from peer.policy.peerstats import PeerStats
 
 NOW = 1000.0
@@ -160,3 +160,13 @@ def test_holders_property(views: dict[str, BlobView], chunks: set[int]) -> None:
     assert set(got) == chunks
     for i, who in got.items():
         assert who == [p for p, v in views.items() if v.has(i)]
+
+
+def test_filling_names_the_peers_whose_copy_is_partial() -> None:
+    views = {
+        PEERS[0]: BlobView(DIGEST, 4 * CHUNK, CHUNK, True, b""),
+        PEERS[1]: BlobView(DIGEST, 4 * CHUNK, CHUNK, False, b"\x03"),
+        PEERS[2]: BlobView(DIGEST, 4 * CHUNK, CHUNK, False, b""),
+    }
+    assert filling(views) == {PEERS[1], PEERS[2]}
+    assert filling({}) == frozenset()

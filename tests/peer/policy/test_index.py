@@ -198,16 +198,32 @@ def test_a_stale_ranking_is_reused_within_its_ttl_but_never_offers_a_member_that
 # -- leases ---------------------------------------------------------------------------------------
 
 
-def test_a_lone_member_gets_long_leases_and_others_short_ones() -> None:
+def test_a_lone_member_gets_long_leases_after_the_first_and_others_short_ones() -> None:
     idx = index_with(3)
     idx.apply(member(0), ann(n=100), 0.0)
+    first = idx.grant(D, member(0), [], 64, 0.0)
+    assert first is not None and (first.first, first.last) == (0, 3)  # a burst may be forming
     solo = idx.grant(D, member(0), [], 64, 0.0)
-    assert solo is not None and (solo.first, solo.last) == (0, 31)
+    assert solo is not None and (solo.first, solo.last) == (4, 35)  # still alone: a long run
     idx.apply(member(1), ann(n=100), 0.0)
     short = idx.grant(D, member(1), [], 64, 0.0)
-    assert short is not None and (short.first, short.last) == (32, 35)
+    assert short is not None and (short.first, short.last) == (36, 39)
+    idx.release(D, member(0), 0, 3)
     capped = idx.grant(D, member(0), [], 2, 0.0)
-    assert capped is not None and (capped.first, capped.last) == (36, 37)
+    assert capped is not None and (capped.first, capped.last) == (0, 1)
+
+
+def test_in_a_burst_the_first_member_does_not_get_the_whole_blob() -> None:
+    """The first sync of a burst reaches the tracker before the others announce the blob: its
+    lease is short, so the members arriving a moment later share the origin work."""
+    idx = index_with(8)
+    idx.apply(member(0), ann(n=22), 0.0)
+    first = idx.grant(D, member(0), [], 32, 0.0)
+    assert first is not None and first.last - first.first + 1 == 4
+    for m in range(1, 8):
+        idx.apply(member(m), ann(n=22), 0.0)
+    others = [idx.grant(D, member(m), [], 32, 0.0) for m in range(1, 8)]
+    assert sum(le is not None for le in others) == 5  # 18 chunks left: four runs of 4 and one of 2
 
 
 def test_the_requesters_wanted_chunks_come_first() -> None:

@@ -1,0 +1,63 @@
+"""Small simulated sites (seeded, a few seconds of CPU): the real tracker and index section under
+simulated nodes. What the brief asks of the control plane must hold in simulated time: the uplink
+carries the image about once, every node finishes, control messages per node stay flat with N."""
+
+from __future__ import annotations
+
+import pytest
+
+from peer.control.index_sections import IndexTracker
+from testbed.sim.network import MBIT, Topology
+from testbed.sim.node import Blob
+from testbed.sim.site import SimSite, SiteResult
+from testbed.sim.study import physical_limit
+
+LAYER = Blob("sha256:" + "ab" * 32, 8_000_000)
+
+
+def run(
+    n: int, seed: int = 0, kill: list[tuple[int, int, float]] | None = None
+) -> tuple[SimSite, SiteResult]:
+    site = SimSite(Topology(nodes=n), [LAYER], seed=seed, kill=kill or [])
+    return site, site.run(until=120.0)
+
+
+@pytest.mark.parametrize("n", [1, 4, 12])
+def test_every_node_gets_the_image_and_the_uplink_carries_it_about_once(n: int) -> None:
+    _site, res = run(n)
+    assert res.unfinished == 0 and len(res.times) == n
+    assert 0.99 <= res.uplink_x() <= 1.1
+    topo = Topology(nodes=n)
+    assert res.all_done >= physical_limit(topo, LAYER.size)  # a lower bound is never beaten
+
+
+def test_the_same_seed_gives_the_same_run() -> None:
+    a, b = run(6, seed=3)[1], run(6, seed=3)[1]
+    assert a.times == b.times and a.uplink_bytes == b.uplink_bytes
+
+
+def test_control_messages_per_node_do_not_grow_with_the_site() -> None:
+    small, large = run(4)[1], run(16)[1]
+    assert large.syncs_per_node_per_s <= small.syncs_per_node_per_s * 1.25
+    assert large.syncs_per_node_per_s <= 4.5  # one sync per 0.25 s while downloading, a few early ones
+
+
+def test_the_tracker_state_is_the_real_index() -> None:
+    site, res = run(5)
+    section = site.trackers[0].sections.tracker["index"]
+    assert isinstance(section, IndexTracker)
+    assert section.index.replicas(LAYER.digest) == 5  # every member announced the blob complete
+    assert res.tracker_memory[0] > 0
+
+
+def test_nodes_that_die_mid_pull_do_not_stop_the_others() -> None:
+    kill = [(0, i, 0.6) for i in (2, 3)]
+    _site, res = run(8, kill=kill)
+    assert res.unfinished == 0 and len(res.times) == 6
+    assert res.uplink_x() <= 1.3
+
+
+def test_a_slow_uplink_makes_the_pull_slower_in_proportion() -> None:
+    fast = SimSite(Topology(nodes=3), [LAYER], seed=1).run()
+    slow = SimSite(Topology(nodes=3, uplink=50 * MBIT), [LAYER], seed=1).run()
+    assert 1.5 <= slow.all_done / fast.all_done <= 3.0
