@@ -9,6 +9,12 @@ When the peer exchange listens, the node runs a control plane (`peer.control.pla
 membership, tracker election, the sync message) on the same port, and the engine's peers come
 from it (the static `[peer] peers` list included); without a listen address there is nobody to
 meet, and the engine keeps the static list alone.
+
+The tracker index rides on the control plane as its `index` section, registered on every node:
+any node may become tracker, and the tracker's own node drives its member side in process like
+any member's, so it too announces its holdings and fetches origin chunks only under leases. The
+member side (`IndexMember`) is the engine's `Coordination` (candidate sets instead of `/have`
+polling while a tracker answers), and its early-sync requests wake the control plane's loop.
 """
 
 from __future__ import annotations
@@ -26,8 +32,9 @@ from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog
+from peer.control.index_sections import IndexMember, IndexTracker
 from peer.control.plane import ControlPlane
-from peer.engine import Engine
+from peer.engine import Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
@@ -47,6 +54,7 @@ class PeerNode:
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self.control: ControlPlane | None = None
+        self.index: IndexMember | None = None
         self.self_url = advertised_url(config)
 
     async def start(self) -> None:
@@ -56,12 +64,19 @@ class PeerNode:
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         peers: PeerSource = StaticPeers(cfg.peer.peers, self.self_url)
+        engine_config = EngineConfig()
         if cfg.peer.listen:
             self.control = ControlPlane(cfg, self.self_url)
+            # one bound on direct polling: the engine's groups, and the status that reports them
+            engine_config.fanout = self.control.tunables.fanout
             peers = self.control
-        self.engine = Engine(self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url)
+        self.engine = Engine(
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, engine_config
+        )
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
+            self.index = IndexMember(self.engine, _Wake(self.control))  # the engine's coordination
+            self.control.register(self.index, IndexTracker())
         if cfg.peer.listen:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
@@ -119,6 +134,18 @@ class PeerNode:
             raise FailedPrecondition(f"{what}: cannot listen on {listen}: {reason} ({hint})") from exc
         self._runners.append(runner)
         log.info("listening", what=what, address=listen)
+
+
+class _Wake:
+    """The index section's `ControlLink` over the control plane: an early sync is a `wake()` of
+    its loop (coalesced there; never closer than its minimum gap). On the tracker's own node the
+    wake runs the in-process sync of its sections, so a lease it asks itself for comes as soon."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def sync_soon(self) -> None:
+        self.plane.wake()
 
 
 def advertised_url(config: Config) -> str:

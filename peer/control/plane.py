@@ -5,9 +5,11 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
 
 - `members()` / `member(id)`: the other members alive in this node's view (`Member` records:
   id, url, site, started, priority, cpus, mem_mib, link_mbit);
-- `peers()` (the engine's `PeerSource`): the static `[peer] peers` list, plus every member while
-  there is a tracker, or at most `fanout` members (chosen per node by rendezvous hashing) while
-  there is none: the engine's direct `/have` questions stay bounded without a tracker;
+- `peers()` (the engine's `PeerSource`): the static `[peer] peers` list plus every member in
+  this node's view, tracker or not. The whole list, the same on every node once membership has
+  converged: without a tracker the engine polls only the other members of its group
+  (`peer.policy.fanout`, at most `fanout`), and the groups agree only if every node deals them
+  from the same list (docs/control-plane.md, "No tracker");
 - `role` ("tracker", "member" or "electing"), `tracker` (a `TrackerRef`: `.id`, `.url`,
   `.epoch`, `.record`; None while electing), `node_id`, `me` (this node's record);
 - `register(member_section, tracker_section)`: a concern that rides on the sync message
@@ -27,7 +29,9 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
                     (unix seconds), "last_heard" (seconds ago: on the tracker, since the
                     member's last sync; on a member, since the tracker last vouched for it),
                     "self" (bool)}], best rank first, this node included
-      direct_peers  the member URLs the engine may ask directly now (see `peers()`)
+      direct_peers  the member URLs the engine polls directly when it has no tracker: the
+                    other members of this node's group (`peer.policy.fanout` over the
+                    members, at most `fanout`); while a tracker answers it polls nobody
       messages      control messages by kind since start: sync_sent, sync_failed,
                     sync_received, whois_sent, whois_failed, whois_received, tracker_sent,
                     tracker_failed, tracker_received (a member sends one sync per interval
@@ -57,6 +61,7 @@ from peer.control.member import ControlConfig, MemberAgent
 from peer.control.sections import MemberSection, Sections, TrackerSection
 from peer.control.tracker import routes
 from peer.policy.election import TrackerRef
+from peer.policy.fanout import fanout
 from peer.policy.membership import Member
 
 log = structlog.get_logger(__name__)
@@ -128,8 +133,9 @@ class ControlPlane:
         return self.agent.table().get(node)
 
     def peers(self) -> list[str]:
-        """The engine's `PeerSource`: the static list plus the members it may ask directly."""
-        urls = [*self.discovery.static, *self.agent.direct_peers()]
+        """The engine's `PeerSource`: the static list plus every member (the engine bounds what
+        it polls; see the module docstring)."""
+        urls = [*self.discovery.static, *self.agent.member_urls()]
         return [u for u in dict.fromkeys(urls) if u != self.me.url]
 
     def register(self, member_section: MemberSection, tracker_section: TrackerSection) -> None:
@@ -147,4 +153,6 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """This node's control-plane state (keys in the module docstring)."""
-        return self.agent.status()
+        status = self.agent.status()
+        status["direct_peers"] = fanout(self.peers(), self.me.url, self.tunables.fanout)
+        return status

@@ -24,6 +24,7 @@ from sections_cases import Board, Broken, Notes
 from kernel.config import loads
 from peer.control.member import ControlConfig
 from peer.control.plane import ControlPlane
+from peer.policy.fanout import fanout
 from testbed.procs import free_port
 
 FAST = ControlConfig(
@@ -217,13 +218,21 @@ async def test_wake_syncs_now(site: Site) -> None:
 
 
 async def test_a_site_with_no_node_that_may_lead_fans_out_directly(site: Site) -> None:
+    """The engine gets every member (it deals the groups itself, from the same list on every
+    node); the status reports the group it polls: at most `fanout`, the same groups everywhere."""
     few = ControlConfig(**{**FAST.__dict__, "fanout": 1})
     nodes = [await site.add(priority=-1, tunables=few) for _ in range(3)]
     await until(lambda: all(len(n.plane.members()) == 2 for n in nodes))
     await asyncio.sleep(FAST.startup_grace + FAST.claim_wait)
+    polled: dict[str, set[str]] = {}
     for n in nodes:
         assert n.plane.role == "electing" and n.plane.tracker is None
-        assert len(n.plane.peers()) == 1, "at most `fanout` members asked directly"
+        assert sorted(n.plane.peers()) == sorted(m.plane.me.url for m in nodes if m is not n)
+        direct = n.plane.status()["direct_peers"]
+        assert direct == fanout(n.plane.peers(), n.plane.me.url, 1) and len(direct) <= 1
+        polled[n.plane.me.url] = set(direct)
+    for me, others in polled.items():  # groups are cliques: whom I poll polls me
+        assert all(me in polled[o] for o in others)
 
 
 async def test_a_node_of_another_site_never_joins(site: Site) -> None:
