@@ -1,4 +1,5 @@
-"""Server CPU per content `Read` RPC: snapshotter.h2server vs grpc.aio, side by side in one run.
+"""Server CPU per content `Read` RPC: snapshotter.h2server vs its predecessors and grpc.aio, side by
+side in one run.
 
 Reproduces containerd's unpack pattern: one server-streaming Read(digest, offset, 32 KiB) per ReadAt,
 strictly sequential, each answered with a 32 KiB `os.pread` from a blob. The client (a separate
@@ -6,10 +7,20 @@ process, identical for every server: grpcio's sync stub over a unix socket) warm
 Reads; the server's CPU (user+sys of the whole process, from /proc) is sampled around the measured
 window. Servers run in their own processes too. Rounds are interleaved to spread machine noise.
 
-    python bench/rpc_overhead.py [-n 5000] [--rounds 3] [--size 32768]
+    python bench/rpc_overhead.py [-n 5000] [--rounds 3] [--size 32768] [--only h2/asyncio,...]
+                                 [--old-rev cecb1e0] [--lib-rev 9bdab7b]
 
-Rows: h2server and grpc.aio on the default asyncio loop and on uvloop (if installed), plus h2server
-with the pread moved to `asyncio.to_thread` (what a servicer that keeps the loop free pays).
+Rows, on the default asyncio loop and on uvloop (if installed):
+- `h2`: snapshotter/h2server.py as it is in this tree;
+- `h2-old`: the server before the hostile-test fixes (`git show OLD_REV:snapshotter/h2server.py`,
+  written into a temporary module at bench time);
+- `h2-lib`: the rebuild on the `h2` library (branch `h2`: its four modules `git show LIB_REV:...`
+  into a temporary `snapshotter` package placed in front of the real one, so `snapshotter.api`
+  still resolves; needs `h2` installed, the dev extra has it);
+- `grpc.aio`: grpcio's asyncio server;
+- `h2-thread` (asyncio only): `h2` with the pread moved to `asyncio.to_thread` (what a servicer that
+  keeps the loop free pays).
+No copy of the old servers lives in the tree: they come from git each run.
 """
 
 from __future__ import annotations
@@ -39,8 +50,42 @@ def proc_cpu(pid: int) -> float:
 
 # ---------------------------------------------------------------------------------------------- server
 
+OLD_REV = "cecb1e0"  # snapshotter/h2server.py before the hostile-test fixes (one 1.6k-line module)
+LIB_REV = "9bdab7b"  # branch h2: the server rebuilt on the h2 library
+LIB_MODULES = ("h2server", "h2conn", "h2call", "h2wire")
 
-def serve(kind: str, sock: str, blob: str, loop_kind: str) -> None:
+
+def git_show(rev: str, path: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True
+    ).stdout
+
+
+def old_server_module(rev: str, tmp: str) -> str:
+    """Write the old server's source (from git) as module `h2server_old` in a directory; return it."""
+    where = os.path.join(tmp, "oldserver")
+    os.makedirs(where, exist_ok=True)
+    Path(where, "h2server_old.py").write_text(git_show(rev, "snapshotter/h2server.py"))
+    return where
+
+
+def lib_server_package(rev: str, tmp: str) -> str:
+    """Write branch h2's server modules (from git) into a `snapshotter` package whose `__path__` puts
+    them before the real snapshotter/ (for `snapshotter.api`); return the directory to put first
+    on sys.path."""
+    where = os.path.join(tmp, "libserver")
+    pkg = os.path.join(where, "snapshotter")
+    os.makedirs(pkg, exist_ok=True)
+    for name in LIB_MODULES:
+        Path(pkg, f"{name}.py").write_text(git_show(rev, f"snapshotter/{name}.py"))
+    real = str(ROOT / "snapshotter")
+    Path(pkg, "__init__.py").write_text(f"__path__ = [{pkg!r}, {real!r}]\n")
+    return where
+
+
+def serve(kind: str, sock: str, blob: str, loop_kind: str, old_dir: str | None, lib_dir: str | None) -> None:
+    if kind == "h2-lib":  # before anything imports the real snapshotter package
+        sys.path.insert(0, lib_dir)
     import grpc
 
     from snapshotter.api import content_pb2, content_pb2_grpc
@@ -59,9 +104,15 @@ def serve(kind: str, sock: str, blob: str, loop_kind: str) -> None:
 
     async def main() -> None:
         options = [("grpc.max_receive_message_length", 16 << 20)]
-        if kind.startswith("h2"):
+        if kind == "h2-old":
+            sys.path.insert(0, old_dir)
+            import h2server_old
+
+            server = h2server_old.server(options)
+        elif kind.startswith("h2"):
             from snapshotter import h2server
 
+            assert (kind == "h2-lib") == h2server.__file__.startswith(lib_dir or "-"), h2server.__file__
             server = h2server.server(options)
         else:
             server = grpc.aio.server(options=options)
@@ -117,11 +168,12 @@ def client(sock: str, n: int, size: int, warmup: int) -> None:
 # ---------------------------------------------------------------------------------------------- driver
 
 
-def measure(kind: str, loop_kind: str, blob: str, n: int, size: int, tmp: str) -> dict:
+def measure(kind: str, loop_kind: str, blob: str, n: int, size: int, tmp: str, dirs: list[str]) -> dict:
     sock = os.path.join(tmp, f"{kind}-{loop_kind}.sock")
     me = [sys.executable, __file__]
     srv = subprocess.Popen(
-        [*me, "--serve", kind, "--sock", sock, "--blob", blob, "--loop", loop_kind],
+        [*me, "--serve", kind, "--sock", sock, "--blob", blob, "--loop", loop_kind]
+        + ["--old-dir", dirs[0], "--lib-dir", dirs[1]],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
@@ -167,9 +219,13 @@ def main() -> None:
     ap.add_argument("--blob")
     ap.add_argument("--loop", default="asyncio")
     ap.add_argument("--only", help="comma-separated subset of row names")
+    ap.add_argument("--old-rev", default=OLD_REV, help="git revision of the h2-old rows' h2server.py")
+    ap.add_argument("--lib-rev", default=LIB_REV, help="git revision of the h2-lib rows' server modules")
+    ap.add_argument("--old-dir", help=argparse.SUPPRESS)
+    ap.add_argument("--lib-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
-        serve(args.serve, args.sock, args.blob, args.loop)
+        serve(args.serve, args.sock, args.blob, args.loop, args.old_dir, args.lib_dir)
         return
     if args.client:
         client(args.sock, args.n, args.size, args.warmup)
@@ -181,24 +237,32 @@ def main() -> None:
         loops = ["asyncio", "uvloop"]
     except ImportError:
         loops = ["asyncio"]
-    rows = [(k, lp) for k in ("h2", "grpc.aio") for lp in loops] + [("h2-thread", "asyncio")]
+    kinds = ["h2", "h2-old", "h2-lib", "grpc.aio"]
+    try:
+        import h2  # noqa: F401
+    except ImportError:
+        kinds.remove("h2-lib")
+        print("h2 is not installed: no h2-lib rows", file=sys.stderr)
+    rows = [(k, lp) for k in kinds for lp in loops] + [("h2-thread", "asyncio")]
     if args.only:
         wanted = set(args.only.split(","))
         rows = [r for r in rows if f"{r[0]}/{r[1]}" in wanted]
     with tempfile.TemporaryDirectory() as tmp:
+        dirs = [old_server_module(args.old_rev, tmp), lib_server_package(args.lib_rev, tmp)]
         blob = os.path.join(tmp, "blob")
         with open(blob, "wb") as f:
             f.write(os.urandom(48 << 20))
         samples: dict[tuple[str, str], list[dict]] = {r: [] for r in rows}
         for rnd in range(args.rounds):
             for row in rows:
-                samples[row].append(measure(*row, blob, args.n, args.size, tmp))
+                samples[row].append(measure(*row, blob, args.n, args.size, tmp, dirs))
                 print(f"round {rnd + 1}: {row[0]}/{row[1]}: {samples[row][-1]}", file=sys.stderr)
 
     def med(row: tuple[str, str], key: str) -> float:
         return statistics.median(s[key] for s in samples[row])
 
-    print(f"\n{args.n} sequential Read RPCs of {args.size} B per round, median of {args.rounds} rounds")
+    print(f"\nPython {sys.version.split()[0]}; h2-old = {args.old_rev}, h2-lib = {args.lib_rev} (from git)")
+    print(f"{args.n} sequential Read RPCs of {args.size} B per round, median of {args.rounds} rounds")
     heads = ("server CPU µs/RPC", "client CPU µs/RPC", "wall µs/RPC")
     print(f"{'server':<12} {'loop':<8} {heads[0]:>18} {heads[1]:>18} {heads[2]:>12}")
     for row in rows:
@@ -207,9 +271,13 @@ def main() -> None:
             f"{med(row, 'wall_us'):>12.1f}"
         )
     for lp in loops:
-        a, b = ("grpc.aio", lp), ("h2", lp)
-        if a in samples and b in samples:
-            print(f"server CPU ratio grpc.aio/h2 ({lp}): {med(a, 'server_us') / med(b, 'server_us'):.2f}x")
+        ours = ("h2", lp)
+        if ours not in samples:
+            continue
+        for other in ("h2-old", "h2-lib", "grpc.aio"):
+            if (other, lp) in samples:
+                ratio = med(ours, "server_us") / med((other, lp), "server_us")
+                print(f"server CPU ratio h2/{other} ({lp}): {ratio:.2f}x")
 
 
 if __name__ == "__main__":

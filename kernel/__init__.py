@@ -4,7 +4,7 @@
 - `config`: the daemon's configuration schema, defaults and validation;
 - `logging`: structlog setup (console or JSON);
 - `store`: the node's store, where `snapshotter/` and `peer/` meet: blob files cut into verified
-  chunks, partial blobs, ingests, holds and the LMDB metadata under them.
+  chunks, partial blobs, ingests, who keeps each blob (ownership) and the LMDB metadata under them.
 
 Layers (import-linter contracts in pyproject.toml, checked by the test suite):
 `peersync` (daemon assembly) -> `snapshotter` | `peer` (never each other) -> `kernel`.

@@ -43,12 +43,19 @@ format = "console"
 chunk_size = 1048576
 
 [snapshotter]
-# Unpack layers in the daemon when containerd's CRI plugin (kubelet's pulls) names the layer it
-# wants (the remote-snapshot handshake; needs disable_snapshot_annotations = false in the CRI
-# config, which `peersync containerd-config --cri` prints): the layer streams from peers into the
+# Unpack layers in the daemon when containerd names the snapshot it wants by its chain ID (the
+# remote-snapshot handshake: CRI's pulls, containerd's client `Pull(WithPullUnpack)` as nerdctl
+# and Go programs make them, containerd 1.7/2.x's unpacker): the layer streams from peers into the
 # snapshot as it downloads, instead of containerd reading it back through 32 KiB Read RPCs.
-# `ctr images pull` never names layers and is unaffected.
+# Which layer a chain ID is made of comes from the manifests and configs the daemon has seen.
+# `ctr images pull` of containerd 1.6 never names the snapshot and is unaffected.
 unpack_layers = true
+# Layers of the same image unpacked ahead of containerd's Prepares, at once (each as soon as its
+# blob streams in; the one containerd waits for always runs besides). 0 unpacks one at a time.
+unpack_ahead = 2
+# Layer blobs downloaded at once ahead of the daemon's unpack, in image order; a blob being read
+# always downloads. The origin striping between nodes is sensitive to it (bench/RESULTS.md).
+prefetch_layers = 2
 
 [peer]
 # Where the peer exchange listens (other nodes fetch chunks here); "" disables it.
@@ -78,9 +85,10 @@ interfaces = []
 
 [cache]
 # Disk budget for the store: bytes with a unit ("20GiB", "500MB") or a share of the filesystem
-# holding the root ("80%"). Blobs containerd references, blobs that back snapshots and pinned
-# blobs are never evicted; cache-only blobs go by popularity, recency and how many other nodes
-# hold them. "" means no budget.
+# holding the root ("80%"). Blobs containerd references, blobs that back snapshots, pinned blobs
+# and downloads in flight are never evicted; cache-only blobs (fetched for the mirror or for
+# peers, or deleted by containerd) go by popularity, recency and how many other nodes hold them.
+# A download that cannot fit even then is refused, saying so. "" means no budget.
 budget = "80%"
 # Eviction starts above high_watermark x budget and stops below low_watermark x budget.
 high_watermark = 0.95
@@ -125,6 +133,8 @@ class StoreConfig:
 @dataclass(frozen=True)
 class SnapshotterConfig:
     unpack_layers: bool = True
+    unpack_ahead: int = 2
+    prefetch_layers: int = 2
 
 
 @dataclass(frozen=True)
@@ -275,6 +285,11 @@ def _validate(config: Any, where: str) -> None:
     if isinstance(config, StoreConfig):
         if config.chunk_size < 4096 or config.chunk_size & (config.chunk_size - 1):
             raise InvalidArgument(f"{where}: store.chunk_size must be a power of two >= 4096")
+    if isinstance(config, SnapshotterConfig):
+        if not 0 <= config.unpack_ahead <= 16:
+            raise InvalidArgument(f"{where}: snapshotter.unpack_ahead must be between 0 and 16")
+        if not 1 <= config.prefetch_layers <= 64:
+            raise InvalidArgument(f"{where}: snapshotter.prefetch_layers must be between 1 and 64")
     if isinstance(config, PeerConfig | MirrorConfig) and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")
     if isinstance(config, PeerConfig):

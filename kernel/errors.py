@@ -7,6 +7,7 @@
      ├── FailedPrecondition   the request is well-formed but the state forbids it
      ├── OutOfRange           an offset or size lies outside the data
      ├── Unavailable          busy or temporarily unreachable: the caller may retry
+     ├── ResourceExhausted    it does not fit: the disk budget cannot make room for it
      └── Unimplemented        not supported by this implementation
 
 Code raises these with a message that says what and why. The gRPC servicers map them to
@@ -45,6 +46,14 @@ class Unavailable(PeerSyncError):
     pass
 
 
+class ResourceExhausted(PeerSyncError):
+    """Refused for lack of room: a download that does not fit the cache budget even after every
+    evictable blob went (`peer.cache`). gRPC RESOURCE_EXHAUSTED (containerd 1.6 does not map that
+    code and reports it as unknown, with our message: the message says what and why); HTTP 507
+    Insufficient Storage from the registry mirror. Not retried by clients: the operator has to
+    raise `[cache] budget`, unpin or remove images."""
+
+
 class Unimplemented(PeerSyncError):
     pass
 
@@ -57,5 +66,6 @@ __all__ = [
     "FailedPrecondition",
     "OutOfRange",
     "Unavailable",
+    "ResourceExhausted",
     "Unimplemented",
 ]

@@ -5,13 +5,22 @@ manifests) with the registry and repository it came from. The content store's la
 "present, N bytes" for a catalogued digest, and the download engine uses the entry to reach the
 origin when no peer has a chunk. Entries live in LMDB (db `sources`, key = digest, JSON value) so a
 restart mid-pull can still complete a claimed blob.
+
+Sizes come from manifests only (never from a registry's HEAD or headers). A digest names one
+blob, so two manifests that disagree on its size cannot both be right; the catalog keeps the
+smaller claim (a larger one is refused, with a warning): a wrong size fails the download's checks
+either way, and the smaller one bounds what a lying manifest can make this node reserve.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import structlog
+
 from kernel.store.meta import Meta, dumps, loads
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,9 +45,16 @@ class Catalog:
         self._db = meta.db("sources")
 
     def record(self, sources: list[Source]) -> None:
-        """Remember where these blobs come from (newest registry/repository wins)."""
+        """Remember where these blobs come from (newest registry/repository wins; the smaller
+        size wins, see the module docstring)."""
         with self._meta.txn(write=True) as txn:
             for s in sources:
+                raw = txn.get(s.digest.encode(), db=self._db)
+                known = None if raw is None else int(loads(bytes(raw))["size"])
+                if known is not None and s.size > known:
+                    log.warning("manifest declares a larger size than another manifest did; refused",
+                                digest=s.digest, declared=s.size, known=known, repository=s.repository)
+                    s = Source(s.digest, known, s.media_type, s.registry, s.repository)
                 value = {
                     "size": s.size,
                     "media_type": s.media_type,

@@ -24,6 +24,13 @@ Every decision in these steps (peer choice, window, chunk order, stripes and hei
 hedges, gathering) is made by the pure functions of `peer.policy`, which take the state this
 module holds and return choices; this module does the I/O: tasks, HTTP, store writes, counters.
 
+Room: a new download is admitted by the cache manager before it claims its blob (`Cache.admit`:
+evictions to make room, or `ResourceExhausted` when the blob cannot fit the budget), counts as a
+request of the blob toward its popularity, and tells the cache manager when it ends. A download
+may be *peers only* (proactive replication, `peer.replication`): it never asks the origin, and
+gives up (dropping its partial blob) after `peers_only_stall` seconds without a chunk; a reader
+that needs the blob meanwhile turns it into an ordinary download.
+
 Integrity: every chunk is checked before it is stored: against the blob's verified chunk table
 when one is known (fetched from a peer that holds the complete, digest-verified blob, cross-checked
 with a second such peer when there is one), otherwise against the serving peer's own hash of the
@@ -92,6 +99,7 @@ class EngineConfig:
     plan_wait: float = 1.0  # how long an origin plan waits for peers' fresh holdings (late ones still count)
     fanout: int = 8  # peers polled directly when there is no tracker (docs/control-plane.md)
     lease_stuck: float = 12.0  # tracked, no lease and no progress this long: fetch unheld chunks anyway
+    peers_only_stall: float = 30.0  # seconds a peers-only download waits for a chunk before it gives up
 
 
 class Coordination(Protocol):
@@ -126,6 +134,38 @@ class DownloadFailed(Unavailable):
     """A blob could not be fetched from any peer nor from the origin."""
 
 
+class Cache(Protocol):
+    """What the engine asks of the cache manager (`peer.cache.CacheManager` implements it).
+
+    Why a seam: the engine is tested, and a scale simulator may run it, without a budget; the
+    cache manager's own tests need no engine."""
+
+    def admit(self, digest: str, size: int) -> None:
+        """Make room for a new download of `size` bytes; ResourceExhausted if it cannot fit."""
+        ...
+
+    def used(self, digest: str, request: bool = False) -> None:
+        """A use (here: a request) of `digest`, for its last use and popularity."""
+        ...
+
+    def finished(self, digest: str) -> None:
+        """The download of `digest` ended, complete or not."""
+        ...
+
+
+class NoCache:
+    """The `Cache` of an engine without a budget: admits everything, records nothing."""
+
+    def admit(self, digest: str, size: int) -> None:
+        return None
+
+    def used(self, digest: str, request: bool = False) -> None:
+        return None
+
+    def finished(self, digest: str) -> None:
+        return None
+
+
 class Engine:
     """All downloads of one node."""
 
@@ -140,11 +180,13 @@ class Engine:
         config: EngineConfig | None = None,
         rng: random.Random | None = None,
         coordination: Coordination | None = None,
+        cache: Cache | None = None,
     ) -> None:
         """`rng` draws the jitter of peer choice and the order chunk tables are fetched in (a
         seeded one makes a simulated site repeatable); by default a fresh `random.Random`.
         `coordination` is the tracker index's member side (settable later, as the attribute
-        `coordination`: the index section is built over the engine); by default `Untracked`."""
+        `coordination`: the index section is built over the engine); by default `Untracked`.
+        `cache` admits new downloads (default: no budget)."""
         self.store = store
         self.catalog = catalog
         self.origin = origin
@@ -154,6 +196,8 @@ class Engine:
         self.config = config or EngineConfig()
         self.rng = rng if rng is not None else random.Random()
         self.coordination: Coordination = coordination if coordination is not None else Untracked()
+        self.cache: Cache = cache if cache is not None else NoCache()
+        self.busy_until = 0.0  # monotonic time a download last ran (replication waits for idle)
         self.stats: dict[str, PeerStats] = {}
         self.views: dict[str, dict[str, BlobView]] = {}  # digest -> peer -> view
         self.downloads: dict[str, Download] = {}
@@ -201,33 +245,56 @@ class Engine:
         src = self.catalog.lookup(digest)
         return src.size if src else None
 
-    def ensure(self, digest: str) -> Download | None:
+    def ensure(self, digest: str, peers_only: bool = False, source: Source | None = None) -> Download | None:
         """Start (or join) the background download of `digest`; None if it is complete already.
 
-        NotFound if the blob is neither held nor catalogued (nobody told us where it lives)."""
+        NotFound if the blob is neither held nor catalogued (nobody told us where it lives) and
+        no `source` is given; ResourceExhausted if a new download cannot fit the cache budget.
+        `peers_only` (replication) never asks the origin; joining a peers-only download without
+        it lifts that."""
         if self.store.exists(digest):
             return None
         dl = self.downloads.get(digest)
         if dl is not None and not dl.task.done():
+            if not peers_only and dl.peers_only:
+                dl.peers_only = False  # a reader needs it: the origin may serve it now
+                dl.wake.set()
             return dl
         src = self.catalog.lookup(digest)
+        claimed = None
+        with contextlib.suppress(NotFound):
+            claimed = self.store.partials.record(digest)
+        if src is None and claimed is not None and claimed.source:
+            where = claimed.source
+            src = Source(digest, claimed.size, claimed.media_type, where["registry"], where["repository"])
         if src is None:
-            with contextlib.suppress(NotFound):
-                rec = self.store.partials.record(digest)
-                if rec.source:
-                    src = Source(
-                        digest, rec.size, rec.media_type, rec.source["registry"], rec.source["repository"]
-                    )
+            src = source
         if src is None:
             raise NotFound(f"blob {digest}: not held here and no origin known for it")
-        dl = Download(self, src)
+        if claimed is None:
+            self.cache.admit(digest, src.size)  # room is reserved before the claim makes the file
+        self.cache.used(digest, request=True)
+        dl = Download(self, src, peers_only=peers_only)
         self.downloads[digest] = dl
         dl.task = asyncio.create_task(dl.run(), name=f"download {digest[:19]}")
+        dl.task.add_done_callback(functools.partial(self._ended, digest))
+        self.busy_until = time.monotonic()
         self._ensure_poller()
         return dl
 
+    def _ended(self, digest: str, _task: asyncio.Task[None]) -> None:
+        self.busy_until = time.monotonic()
+        self.cache.finished(digest)
+
+    def idle_since(self) -> float:
+        """Monotonic time since which no download has run (now, while one runs)."""
+        if any(not dl.task.done() for dl in self.downloads.values()):
+            return time.monotonic()
+        return self.busy_until
+
     async def read(self, digest: str, offset: int, size: int) -> bytes:
         """Bytes [offset, offset+size) of a blob, waiting (with priority) for missing chunks."""
+        self.cache.used(digest)  # renews its last use (cheap: the cache manager coalesces)
         while True:
             with contextlib.suppress(NotFound):
                 if self.store.exists(digest):
@@ -388,6 +455,7 @@ class Download:
 
     engine: Engine
     source: Source
+    peers_only: bool = False
     task: asyncio.Task[None] = field(init=False)
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     wanted: set[int] = field(default_factory=set)
@@ -437,7 +505,7 @@ class Download:
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
             if self._tracked():
                 self.engine.coordination.sync_soon()  # announce the blob and ask for a lease now
-            elif attempt == 1 and self.engine.peer_source.peers():
+            elif attempt == 1 and self.engine.peer_source.peers() and not self.peers_only:
                 await self._gather()
             try:
                 await self._fill()
@@ -464,7 +532,7 @@ class Download:
                 raise
             except PeerSyncError as exc:
                 self._cancel_flights()
-                if attempt >= self.engine.config.max_attempts:
+                if attempt >= self.engine.config.max_attempts or self.peers_only:
                     self._fail(exc)
                     return
                 log.warning(
@@ -535,8 +603,9 @@ class Download:
             self.wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.wake.wait(), timeout=self.engine.config.poll_interval)
-            if time.monotonic() - self.last_progress > 120:
-                raise Unavailable(f"blob {self.digest}: no progress for 120 s")
+            stall = self.engine.config.peers_only_stall if self.peers_only else 120.0
+            if time.monotonic() - self.last_progress > stall:
+                raise Unavailable(f"blob {self.digest}: no progress for {stall:.0f} s")
 
     # -- leases (with a tracker) -----------------------------------------------------------
 
@@ -668,7 +737,9 @@ class Download:
         """Fetch from the origin the chunks that are ours to fetch (`policy.striping`): nobody
         holds them, nobody else is fetching them, and we own their stripe (or inherit it from a
         stalled owner). Peers' holdings are refreshed first, so a fetch another node started a
-        moment ago is seen."""
+        moment ago is seen. Never for a peers-only download (nor one with no origin known)."""
+        if self.peers_only or not self.source.registry:
+            return
         if not self._origin_plan(time.monotonic())[0]:
             return
         if not self.origin_only:
@@ -817,9 +888,10 @@ class Download:
         batch: list[tuple[int, bytes]] = []
         storing: asyncio.Task[None] | None = None
         try:
-            async with contextlib.aclosing(
-                engine.origin.read_blob(src.registry, src.repository, self.digest, start, end - start)
-            ) as pieces:
+            pieces = engine.origin.read_blob(
+                src.registry, src.repository, self.digest, start, end - start, src.size
+            )
+            async with contextlib.aclosing(pieces):
                 async for piece in pieces:
                     buf += piece
                     while index <= last and len(buf) >= min(cs, src.size - index * cs):

@@ -1,14 +1,17 @@
 """Assembly of the network side: origin client, peer exchange, download engine, registry mirror,
-control plane.
+control plane, cache manager, popularity and replication.
 
 `PeerNode(config, store, meta)` is what `peersync.service` starts next to the gRPC server; the
-content store reaches its engine only through the daemon's adapter (`peersync.blobs`), never
-directly: `peer/` and `snapshotter/` do not import each other.
+content store reaches its engine and cache manager only through the daemon's adapters
+(`peersync.blobs`), never directly: `peer/` and `snapshotter/` do not import each other.
 
 When the peer exchange listens, the node runs a control plane (`peer.control.plane`: discovery,
 membership, tracker election, the sync message) on the same port, and the engine's peers come
 from it (the static `[peer] peers` list included); without a listen address there is nobody to
-meet, and the engine keeps the static list alone.
+meet, and the engine keeps the static list alone. The node's concerns that ride on the sync
+message (`member_sections`, `tracker_sections`: popularity, `peer.control.popularity`) are
+registered on it; without a control plane the node knows nothing of the site (every site count
+and replica count is unknown, and nothing is replicated).
 
 The tracker index rides on the control plane as its `index` section, registered on every node:
 any node may become tracker, and the tracker's own node drives its member side in process like
@@ -28,17 +31,23 @@ import structlog
 from aiohttp import web
 
 from kernel.config import Config, hostport
-from kernel.errors import FailedPrecondition
+from kernel.errors import FailedPrecondition, PeerSyncError
+from kernel.store.chains import ChainIndex
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
+from peer.cache import CacheManager
 from peer.catalog import Catalog
 from peer.control.index_sections import IndexMember, IndexTracker
 from peer.control.plane import ControlPlane
+from peer.control.popularity import PopularityMember, PopularityTracker
+from peer.control.sections import MemberSection, TrackerSection
 from peer.engine import Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import PeerSource, StaticPeers
+from peer.policy.popularity import Window
+from peer.replication import Replicator
 
 log = structlog.get_logger(__name__)
 
@@ -50,12 +59,40 @@ class PeerNode:
         self.config = config
         self.store = store
         self.catalog = Catalog(meta)
+        self.chains = ChainIndex(meta)  # the mirror notes the image manifests it serves
         self._runners: list[web.AppRunner] = []
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self.control: ControlPlane | None = None
         self.index: IndexMember | None = None
         self.self_url = advertised_url(config)
+        self.window = Window()
+        self.popularity = PopularityMember(self.window, self._manifest_size, self._asking)
+        self.popularity_tracker = PopularityTracker()
+        self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
+        self.replicator: Replicator | None = None
+
+    def member_sections(self) -> list[MemberSection]:
+        """This node's parts of the sync message, member side."""
+        return [self.popularity]
+
+    def tracker_sections(self) -> list[TrackerSection]:
+        """This node's parts of the sync message, tracker side (used while it is the tracker)."""
+        return [self.popularity_tracker]
+
+    def _manifest_size(self, digest: str) -> int | None:
+        """A blob's size from a manifest (the catalog) or its verified record: what members tell
+        the tracker with their requests."""
+        src = self.catalog.lookup(digest)
+        if src is not None:
+            return src.size
+        try:
+            return self.store.record(digest).size
+        except PeerSyncError:
+            return None
+
+    def _asking(self) -> list[str]:
+        return self.cache.asking()
 
     async def start(self) -> None:
         cfg = self.config
@@ -69,9 +106,13 @@ class PeerNode:
             self.control = ControlPlane(cfg, self.self_url)
             # one bound on direct polling: the engine's groups, and the status that reports them
             engine_config.fanout = self.control.tunables.fanout
+            sides = zip(self.member_sections(), self.tracker_sections(), strict=True)
+            for member_side, tracker_side in sides:
+                self.control.register(member_side, tracker_side)
             peers = self.control
         self.engine = Engine(
-            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, engine_config
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url,
+            engine_config, cache=self.cache,
         )
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
@@ -87,22 +128,34 @@ class PeerNode:
         if cfg.mirror.listen:
             app = web.Application()
             mirror = Mirror(
-                self.store, self.catalog, origin, self.engine, cfg.mirror.default_registry, cfg.mirror.tag_ttl
+                self.store,
+                self.catalog,
+                origin,
+                self.engine,
+                cfg.mirror.default_registry,
+                cfg.mirror.tag_ttl,
+                chains=self.chains,
             )
             app.add_routes(mirror.routes())
             await self._serve(app, cfg.mirror.listen, "registry mirror", "[mirror] listen")
         if self.control is not None:
             await self.control.start()
         self.engine.resume()
+        self.cache.start()
+        self.replicator = Replicator(self.engine, self.cache, self.popularity)
+        self.replicator.start()
         log.info("peer side up", url=self.self_url, peers=peers.peers())
 
     async def _stats(self, request: web.Request) -> web.Response:
-        """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges)."""
+        """Transfer counters (bytes from peers and from the origin, corrupt chunks, hedges), and
+        the cache (`CacheManager.cache_status`, read-only)."""
         assert self.engine is not None
         active = [d for d, dl in self.engine.downloads.items() if not dl.task.done()]
         now = time.monotonic()
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
-        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped}
+        replicated = self.replicator.started if self.replicator is not None else 0
+        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped,
+                "replications": replicated, "cache": self.cache.cache_status()}
         if self.control is not None:
             body["control"] = self.control.counters.snapshot()
         return web.json_response(body)
@@ -110,6 +163,10 @@ class PeerNode:
     async def stop(self) -> None:
         if self.control is not None:
             await self.control.stop()
+        if self.replicator is not None:
+            await self.replicator.stop()
+            self.replicator = None
+        await self.cache.stop()
         if self.engine is not None:
             await self.engine.close()
         for runner in self._runners:

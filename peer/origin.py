@@ -333,7 +333,13 @@ class OriginClient:
         return size
 
     async def read_blob(
-        self, registry: str, repo: str, digest: str, offset: int = 0, length: int | None = None
+        self,
+        registry: str,
+        repo: str,
+        digest: str,
+        offset: int = 0,
+        length: int | None = None,
+        size: int | None = None,
     ) -> AsyncGenerator[bytes, None]:
         """Stream `length` bytes (None: to the end) of the blob from `offset`, in chunks.
 
@@ -342,6 +348,11 @@ class OriginClient:
         ignore Range (the bytes before `offset` are skipped, not kept). A range that starts at or runs
         past the end raises OutOfRange; a body that ends early raises Unavailable. The bytes are not
         verified here: the caller hashes chunks and blobs. Close early with `contextlib.aclosing`.
+
+        `size` is the blob's size from the manifest that names it: a response that declares
+        another total (Content-Range on a 206, Content-Length on a 200) is refused with
+        FailedPrecondition before any byte, since the registry is not serving the blob the
+        manifest describes (a size is only ever taken from a manifest, never from the origin).
         """
         repo = _check_repo(registry, repo)
         _check_digest(digest)
@@ -358,6 +369,11 @@ class OriginClient:
         complete = False
         try:
             skip, remaining = _plan_body(resp, offset, length, what)
+            declared = _declared_total(resp)
+            if size is not None and declared is not None and declared != size:
+                raise FailedPrecondition(
+                    f"{what}: the registry declares {declared} bytes, the manifest {size}; refused"
+                )
             with _network_errors(what):
                 async for data in resp.content.iter_chunked(READ_CHUNK):
                     if skip:
@@ -739,6 +755,14 @@ async def _raise_for_status(resp: aiohttp.ClientResponse, method: str, what: str
     if status in (405, 501) or "UNSUPPORTED" in codes:
         raise Unimplemented(detail)
     raise FailedPrecondition(detail)
+
+
+def _declared_total(resp: aiohttp.ClientResponse) -> int | None:
+    """The blob's total size as a blob GET's response declares it (None: not declared)."""
+    if resp.status == 206:
+        match = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range", "").strip())
+        return None if match is None or match.group(3) == "*" else int(match.group(3))
+    return _content_length(resp) if resp.status == 200 else None
 
 
 def _plan_body(

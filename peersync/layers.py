@@ -1,138 +1,195 @@
-"""`snapshotter.remote.LayerSource` over the node's content store and download engine.
+"""`snapshotter.remote.LayerSource` over the node's content store, download engine and chain index.
 
 This is where the two halves meet for the remote-snapshot handshake: the snapshotter asks for the
-layer a chain ID is made of; we read the image's manifest and config (from the content store,
-which serves them locally or from peers), check that the chain ID really is that layer on top of
-its parents, and stream the blob through the download engine, so the layer is unpacked while its
-chunks arrive from peers or the origin. A blob fetched for this is *held* (`kernel.store.holds`)
-until the last snapshot made from it is removed.
+layer a chain ID is made of on a parent chain; we answer from the chain index
+(`kernel.store.chains`), which the registry mirror feeds with every image manifest it serves and
+we complete with the image configs (read through the content store, which serves them locally or
+from peers) and with the manifests containerd wrote into the content store itself. The index
+proves that the chain ID is that layer's diff ID on that parent chain; the unpacker proves that the
+blob has that diff ID. The blob streams through the download engine, so the layer is unpacked
+while its chunks arrive from peers or the origin. A blob fetched for this is *held* (the store's
+ownership, `kernel.store.ownership`) until the last snapshot made from it is removed; then it stays
+as a cache-only blob (peers may still want it) until the cache manager needs the room.
+
+Reads go to the engine (local blobs from disk, others as their chunks arrive), never through the
+content store: that store answers containerd, and answering hands a blob to containerd.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 from collections.abc import Mapping, Sequence
-from typing import Any
 
 import structlog
 
-from kernel.errors import NotFound, PeerSyncError
-from kernel.store.holds import Holds
+from kernel.errors import PeerSyncError
+from kernel.store.chains import MAX_DOCUMENT, ChainIndex, ChainLayer
+from kernel.store.ownership import Ownership
 from peer.engine import Engine
+from peersync.prefetch import Prefetcher
 from snapshotter import remote
 from snapshotter.apply import MEDIA_TYPES
 from snapshotter.content import ContentStore
-from snapshotter.remote import Layer
+from snapshotter.remote import Layer, Planned
 
 log = structlog.get_logger(__name__)
 
-MAX_JSON = 4 << 20  # manifests and configs are small; refuse to buffer anything bigger
-PREFETCH_CONCURRENT = 2  # layer downloads at once: the uplink stays busy, the next layer is early
-
-
 class DaemonLayers:
-    """Layers for the snapshotter, from this node's store and the download engine.
+    """Layers for the snapshotter, from this node's store, the download engine and the chain index.
 
-    The snapshotter cannot import the network side, so the daemon assembly hands it this. It
-    goes through the content store rather than the engine alone because the manifest and config
-    it checks may be local or lazy blobs, and the content store serves both."""
+    The snapshotter cannot import the network side, so the daemon assembly hands it this. The
+    manifests and configs it reads may be local or lazy blobs: the engine serves both."""
 
-    def __init__(self, content: ContentStore, engine: Engine, holds: Holds) -> None:
+    def __init__(
+        self,
+        content: ContentStore,
+        engine: Engine,
+        owners: Ownership,
+        chains: ChainIndex,
+        prefetcher: Prefetcher | None = None,
+    ) -> None:
         self.content = content
         self.engine = engine
-        self.holds = holds
-        self._queue: list[str] = []  # layers to download, in image order
-        self._active: set[str] = set()  # layers downloading because we asked
+        self.owners = owners
+        self.chains = chains
+        self.prefetcher = prefetcher or Prefetcher(engine)
+        self._examined: set[str] = set()  # small blobs of the store already read for manifests
+        self._learning = asyncio.Lock()
 
-    async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
-        """The verified layer `target` is made of, or None (logged) for containerd to unpack.
+    async def describe(self, target: str, parent: str, labels: Mapping[str, str]) -> Layer | None:
+        """The layer `target` is made of on chain `parent`, or None (logged) for containerd to
+        unpack.
 
+        With CRI's labels the manifest they name is indexed first (and its layer preferred);
+        otherwise the chain ID alone is looked up, and on a miss the index learns what it can
+        (configs of manifests the mirror served, manifests in the content store) and looks again.
         A blob that is not here yet is held from this moment: containerd will never fetch it, so
         without the hold its GC would delete it under the snapshot made from it. A blob with no
         known source is refused up front: the unpack could not read it."""
-        digest = labels[remote.LAYER_DIGEST_LABEL]
-        manifest_digest = labels.get(remote.MANIFEST_LABEL, "")
-        try:
-            layer = await self._verified_layer(target, digest, manifest_digest)
-        except (PeerSyncError, ValueError, KeyError, TypeError) as exc:
-            log.info("layer not provided; containerd unpacks it", layer=digest, reason=str(exc))
+        hint = labels.get(remote.LAYER_DIGEST_LABEL, "")
+        manifest = labels.get(remote.MANIFEST_LABEL, "")
+        if manifest:
+            await self._index(manifest)
+        candidates = self.chains.lookup(target)
+        if not candidates:
+            await self._learn()
+            candidates = self.chains.lookup(target)
+        if not candidates:
+            log.info("layer not provided: chain ID not in any image seen", target=target, layer=hint or None)
             return None
-        if not self.content.chunks.exists(digest):
-            if self.engine.known_size(digest) is None:
-                log.info("layer not provided: no source known for it", layer=digest)
-                return None
-            self.holds.hold(digest)
-        return layer
+        on_parent = [c for c in candidates if c.parent == parent]
+        if not on_parent:
+            log.warning(
+                "layer not provided: the chain ID belongs on another parent",
+                target=target,
+                parent=parent,
+                expected=sorted({c.parent for c in candidates}),
+            )
+            return None
+        usable = [c for c in on_parent if c.media_type in MEDIA_TYPES]
+        usable.sort(key=lambda c: (c.digest != hint, not self.content.chunks.exists(c.digest)))
+        for entry in usable:
+            if self.content.chunks.exists(entry.digest):
+                return _layer(entry)
+            if self.engine.known_size(entry.digest) == entry.size:
+                self.owners.hold(entry.digest)
+                return _layer(entry)
+        log.info(
+            "layer not provided: no source known for its blob, or its media type is not supported",
+            target=target,
+            layers=[(c.digest, c.media_type) for c in on_parent],
+        )
+        return None
+
+    async def plan(self, target: str, labels: Mapping[str, str]) -> list[Planned]:
+        """The layers above `target` in its image: the one CRI's manifest label names, else the
+        image containing `target` whose manifest the mirror served last (a base layer is in many
+        images; the one being pulled was served a moment ago)."""
+        manifest = labels.get(remote.MANIFEST_LABEL, "")
+        layers = self.chains.image(manifest) if manifest else []
+        if not any(layer.chain == target for layer in layers):
+            manifests = {c.manifest for c in self.chains.lookup(target)}
+            if not manifests:
+                return []
+            layers = self.chains.image(max(manifests, key=self.chains.seen_ns))
+        above = [layer for layer in layers if layer.chain == target]
+        if not above:
+            return []
+        return [Planned(layer.chain, layer.parent) for layer in layers[above[0].index + 1 :]]
 
     def prefetch(self, digests: Sequence[str]) -> None:
-        """Queue the layers in order; `_pump` keeps PREFETCH_CONCURRENT of them downloading, and
-        starts the next one when one completes, not when its turn to be unpacked comes, so a slow
-        unpack never leaves the uplink idle. (A layer being unpacked is always downloading: its
-        reads start it.)"""
-        for digest in digests:
-            if digest not in self._queue and digest not in self._active:
-                self._queue.append(digest)
-        self._pump()
-
-    def _pump(self) -> None:
-        while self._queue and len(self._active) < PREFETCH_CONCURRENT:
-            digest = self._queue.pop(0)
-            try:
-                download = self.engine.ensure(digest)
-            except PeerSyncError:
-                continue  # not catalogued: containerd will fetch it
-            if download is None:
-                continue  # here already
-            self._active.add(digest)
-            download.task.add_done_callback(functools.partial(self._finished, digest))
-
-    def _finished(self, digest: str, _task: asyncio.Task[None]) -> None:
-        self._active.discard(digest)
-        self._pump()
+        """Queue the layers in order on the node's prefetcher (`peersync.prefetch`): a few of them
+        download at once, each next one as soon as one completes, not when its turn to be
+        unpacked comes, so a slow unpack never leaves the uplink idle. (A layer being unpacked
+        is always downloading: its reads start it.)"""
+        self.prefetcher.add(digests)
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
-        """Bytes of the layer through the content store, which reads a complete blob from disk
-        and a partial one through the engine, waiting for its chunks. BlobReader asks for at most
-        one chunk, which the store yields as one piece: the join is rarely needed."""
-        parts = [data async for _, data in self.content.read(digest, offset, size)]
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        """Bytes of the layer from the engine: from disk when complete, else waiting for the
+        chunks the range needs (BlobReader asks for at most one chunk at a time)."""
+        return await self.engine.read(digest, offset, size)
 
     async def release(self, digest: str) -> None:
-        """Delete the blob if it is still held: nothing else would (containerd's GC never knew
-        it). One that containerd adopted since is containerd's to delete, and stays."""
-        if not self.holds.release(digest):
-            return  # containerd adopted it: its GC decides
-        with contextlib.suppress(NotFound):
-            await asyncio.to_thread(self.content.chunks.delete, digest)
-        log.info("released layer blob", layer=digest)
+        """The blob is no longer held: the cache manager may evict it when it needs the room
+        (unless containerd took it meanwhile, or it is pinned)."""
+        if self.owners.release(digest):
+            log.info("released layer blob; kept as cache", layer=digest)
 
-    async def _verified_layer(self, target: str, digest: str, manifest_digest: str) -> Layer:
-        """The manifest's entry for `digest`, with the diff ID from the config, if the chain ID
-        of that layer on its parents is `target`; ValueError otherwise."""
-        if not manifest_digest:
-            raise ValueError("no manifest digest label")
-        manifest = await self._json(manifest_digest)
-        layers = manifest["layers"]
-        index = next((i for i, d in enumerate(layers) if d["digest"] == digest), None)
-        if index is None:
-            raise ValueError(f"manifest {manifest_digest} does not name layer {digest}")
-        config = await self._json(manifest["config"]["digest"])
-        diff_ids = config["rootfs"]["diff_ids"]
-        if len(diff_ids) != len(layers):
-            raise ValueError("config has a different number of diff IDs than the manifest has layers")
-        if remote.chain_ids(diff_ids)[index] != target:
-            raise ValueError(f"chain ID of layer {index} is not {target}")
-        media_type = layers[index]["mediaType"]
-        if media_type not in MEDIA_TYPES:
-            raise ValueError(f"media type {media_type} not supported")
-        return Layer(digest, media_type, int(layers[index]["size"]), diff_ids[index])
+    # --- what the index learns
 
-    async def _json(self, digest: str) -> Any:
-        info = await self.content.info(digest)
-        if info.size > MAX_JSON:
-            raise ValueError(f"{digest} is {info.size} bytes, too big for a manifest or config")
-        data = b"".join([d async for _, d in self.content.read(digest)])
-        return json.loads(data)
+    async def _index(self, manifest: str) -> None:
+        """Index the manifest CRI names (and its config), unless it is indexed already."""
+        if self.chains.image(manifest):
+            return
+        try:
+            body = await self._document(manifest)
+            config = self.chains.note_manifest(manifest, body)
+            if config is not None:
+                self.chains.resolve(manifest, await self._document(config))
+        except (PeerSyncError, ValueError) as exc:
+            log.info("manifest not indexed", manifest=manifest, reason=str(exc))
+
+    async def _learn(self) -> None:
+        """Resolve the configs of manifests seen but not resolved yet (most recent first), and
+        index the manifests containerd wrote into the content store that were never read here.
+        Serialised: concurrent misses (an image's layers) share one pass."""
+        async with self._learning:
+            await self._scan_store()
+            for pending in sorted(self.chains.pending(), key=lambda p: -self.chains.seen_ns(p.manifest)):
+                try:
+                    body = await self._document(pending.config)
+                except (PeerSyncError, ValueError) as exc:
+                    log.debug("config not readable yet", config=pending.config, reason=str(exc))
+                    continue
+                if not self.chains.resolve(pending.manifest, body):
+                    log.info("manifest and config disagree; not indexed", manifest=pending.manifest)
+                    self.chains.forget(pending.manifest)
+
+    async def _scan_store(self) -> None:
+        """Note every small complete blob of the store not examined before that is an image
+        manifest (containerd writes manifests it fetched itself through the content API)."""
+        records = await asyncio.to_thread(
+            lambda: [r.digest for r in self.content.chunks.iter_blobs() if r.size <= MAX_DOCUMENT]
+        )
+        for digest in records:
+            if digest in self._examined:
+                continue
+            self._examined.add(digest)
+            with contextlib.suppress(PeerSyncError, OSError):
+                body = await asyncio.to_thread(self.content.chunks.read, digest, 0, MAX_DOCUMENT)
+                self.chains.note_manifest(digest, body)
+
+    async def _document(self, digest: str) -> bytes:
+        """A manifest or config through the engine (local, or lazily from peers); not through the
+        content store, whose answers hand blobs to containerd."""
+        size = self.engine.known_size(digest)
+        if size is None:
+            raise ValueError(f"{digest}: not here and not catalogued")
+        if size > MAX_DOCUMENT:
+            raise ValueError(f"{digest} is {size} bytes, too big for a manifest or config")
+        return await self.engine.read(digest, 0, size)
+
+
+def _layer(entry: ChainLayer) -> Layer:
+    return Layer(entry.digest, entry.media_type, entry.size, entry.diff_id)

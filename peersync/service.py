@@ -21,12 +21,12 @@ import structlog
 from kernel.config import Config
 from kernel.errors import FailedPrecondition
 from kernel.store.chunkstore import ChunkStore
-from kernel.store.holds import Holds
 from kernel.store.meta import Meta
 from peer.node import PeerNode
 from peersync.activation import inherited_socket
-from peersync.blobs import LazyBlobs
+from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
+from peersync.prefetch import Prefetcher
 from snapshotter.content import ContentStore
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
@@ -44,6 +44,7 @@ class Service:
         self.server: grpc.aio.Server | None = None
         self._bound = False  # only a socket we bound is ours to remove
         self.peer: PeerNode | None = None
+        self.snapshotter: Snapshotter | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -56,15 +57,17 @@ class Service:
         await asyncio.to_thread(chunks.recover)
         self.peer = PeerNode(cfg, chunks, self.meta)
         await self.peer.start()
-        holds = Holds(self.meta)
         engine = self.peer.engine
         assert engine is not None
-        self.content = ContentStore(chunks, source=LazyBlobs(engine), holds=holds)
+        prefetcher = Prefetcher(engine, cfg.snapshotter.prefetch_layers)
+        self.content = ContentStore(chunks, source=LazyBlobs(engine), cache=ContentCache(self.peer.cache))
         layers = None
         if cfg.snapshotter.unpack_layers:
-            layers = DaemonLayers(self.content, engine, holds)
-        self.snapshotter = Snapshotter(cfg.root, self.meta, layers=layers)
-        self.server = build_server(cfg.socket, self.snapshotter, self.content, cfg.grpc, listener)
+            layers = DaemonLayers(self.content, engine, chunks.owners, self.peer.chains, prefetcher)
+        ahead = cfg.snapshotter.unpack_ahead
+        snapshotter = Snapshotter(cfg.root, self.meta, layers=layers, unpack_ahead=ahead)
+        self.snapshotter = snapshotter
+        self.server = build_server(cfg.socket, snapshotter, self.content, cfg.grpc, listener)
         await self.server.start()
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
@@ -82,6 +85,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.snapshotter is not None:
+            await self.snapshotter.close()
+            self.snapshotter = None
         if self.peer is not None:
             await self.peer.stop()
             self.peer = None

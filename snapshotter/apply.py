@@ -21,6 +21,13 @@ port of its semantics, not a generic tar extractor:
 The diff_id is the sha256 of the whole uncompressed stream, trailing data included, as containerd
 computes it. Decompression runs in a helper thread while this one hashes, parses and writes (zlib,
 zstd, sha256 and write all release the GIL); memory stays at a few 1 MiB chunks whatever the layer.
+gzip is inflated by ISA-L (`isal`) when it is installed: 1.6-3x zlib's speed on this hardware
+(bench/inflate.py, bench/RESULTS.md), the same bytes out, the same errors for corrupt input.
+
+The parent layers are read only to copy the attributes of a missing parent directory
+(`WithParents`), which well-formed layers rarely need. So a layer can be unpacked before its
+parents are complete: given `Lowers`, the applier asks for their directories only at the first
+entry that needs them, and waits there (`snapshotter.unpacker` unpacks an image's layers at once).
 """
 
 from __future__ import annotations
@@ -37,13 +44,24 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Protocol
 
 import zstandard
 
 from kernel.errors import FailedPrecondition, InvalidArgument
 
-__all__ = ["Applied", "apply_layer", "MEDIA_TYPES"]
+# The gzip inflater in use. ISA-L's has zlib's API and output and is 1.6-3x faster here
+# (bench/inflate.py); zlib stays the fallback where isal has no wheel. Tests set it to compare.
+INFLATE: ModuleType
+try:
+    from isal import isal_zlib
+
+    INFLATE = isal_zlib
+except ImportError:  # pragma: no cover
+    INFLATE = zlib
+
+__all__ = ["Applied", "INFLATE", "Lowers", "apply_layer", "MEDIA_TYPES"]
 
 CHUNK = 1 << 20  # decompressed bytes per chunk (and per write for big files)
 GZIP_INPUT = 256 << 10  # compressed bytes fed to zlib per call
@@ -80,6 +98,15 @@ class Reader(Protocol):
 
 
 @dataclass(frozen=True)
+class Lowers:
+    """Parent layers that may not be complete yet: `wait()` blocks until they are and returns their
+    directories, nearest first. The applier calls it at most once, from the applying thread, and
+    only if an entry needs a parent directory copied up (an error it raises is the apply's)."""
+
+    wait: Callable[[], Sequence[Path]]
+
+
+@dataclass(frozen=True)
 class Applied:
     diff_id: str  # "sha256:<hex>" of the whole uncompressed tar stream (read to EOF)
     size: int  # uncompressed bytes
@@ -89,14 +116,15 @@ def apply_layer(
     reader: Reader,
     media_type: str,
     upper: Path,
-    parents: Sequence[Path] = (),
+    parents: Sequence[Path] | Lowers = (),
     expected_diff_id: str | None = None,
 ) -> Applied:
     """Unpack a layer blob into the empty directory `upper`, as containerd 1.6 does for overlayfs.
 
     reader yields the layer blob as stored in the registry (compressed per media_type); it is
     read from a helper thread, and an error it raises is raised here unchanged.
-    parents: the lower layers' directories, nearest first (used like containerd's WithParents).
+    parents: the lower layers' directories, nearest first (used like containerd's WithParents),
+    or `Lowers` to be asked for them when first needed (a layer with parents, not yet complete).
     Raises InvalidArgument for an unknown media type, a corrupt blob or tar, or a layer that
     containerd would refuse to apply (e.g. a hardlink to a missing file), and FailedPrecondition
     when the diff_id is not `expected_diff_id`. The caller removes `upper` after any error.
@@ -181,7 +209,8 @@ def _detect(head: bytes) -> str:
 
 def _gunzip(read: Callable[[int], bytes], data: bytes) -> Iterator[bytes]:
     """Every gzip member to the end, as Go's multistream gzip.Reader (trailing junk is an error)."""
-    d = zlib.decompressobj(wbits=31)
+    lib = INFLATE
+    d = lib.decompressobj(wbits=31)
     try:
         while True:
             if not data:
@@ -196,8 +225,8 @@ def _gunzip(read: Callable[[int], bytes], data: bytes) -> Iterator[bytes]:
                 data = d.unused_data or read(GZIP_INPUT)
                 if not data:
                     return
-                d = zlib.decompressobj(wbits=31)
-    except zlib.error as e:
+                d = lib.decompressobj(wbits=31)
+    except lib.error as e:
         raise InvalidArgument(f"corrupt gzip layer: {e}") from None
 
 
@@ -1007,11 +1036,13 @@ _MIN_TIME, _MAX_TIME = 0, _INT64_MAX  # containerd's boundTime, in ns
 class _Applier:
     """Applies tar entries to the upper dir with containerd's semantics."""
 
-    def __init__(self, upper: Path, parents: Sequence[Path]) -> None:
+    def __init__(self, upper: Path, parents: Sequence[Path] | Lowers) -> None:
         self.root = _root_bytes(upper)
         self.fs = _Resolver(self.root)
-        self.overlay = bool(parents)  # containerd: an overlay mount; no parents is a bind mount
-        self.parents = [_Resolver(_root_bytes(p)) for p in parents]
+        # containerd: an overlay mount; no parents is a bind mount
+        self.overlay = isinstance(parents, Lowers) or bool(parents)
+        self._lowers = parents
+        self._parents: list[_Resolver] | None = None
         self.dir_cache: dict[bytes, bytes] = {}  # tar directory part -> resolved existing dir
         self.unpacked: set[bytes] = set()
         self.dirs: list[tuple[bytes, int, int]] = []  # (clean name, atime, mtime), set at the end
@@ -1208,6 +1239,13 @@ class _Applier:
 
     # --- missing parents ---------------------------------------------------------------------------
 
+    def _parent_layers(self) -> list[_Resolver]:
+        """The parents' resolvers, asking `Lowers` (and waiting for them) the first time only."""
+        if self._parents is None:
+            lowers = self._lowers.wait() if isinstance(self._lowers, Lowers) else self._lowers
+            self._parents = [_Resolver(_root_bytes(p)) for p in lowers]
+        return self._parents
+
     def _mkparent(self, path: bytes) -> None:
         """containerd's mkparent: create missing dirs, copying attributes from the parent layers."""
         try:
@@ -1229,7 +1267,7 @@ class _Applier:
                 raise
             return
         relative = path[len(self.root) :]
-        for lower in self.parents:
+        for lower in self._parent_layers():
             source = lower.root_path(relative)
             try:
                 st = os.lstat(source)

@@ -3,7 +3,8 @@
 containerd's client maps errors back by code only (`errdefs.FromGRPC`): ALREADY_EXISTS,
 NOT_FOUND, INVALID_ARGUMENT, FAILED_PRECONDITION, UNIMPLEMENTED, UNAVAILABLE. containerd 1.6 does
 not map OUT_OF_RANGE, but the content Write protocol still answers it for a bad offset, as
-containerd's own local store does. Servicers wrap each handler in `translate(context)`.
+containerd's own local store does; nor RESOURCE_EXHAUSTED (a download that does not fit the cache
+budget), which it reports as unknown with our message. Servicers wrap each handler in `translate(context)`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ CODES: dict[type[errors.PeerSyncError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.OutOfRange: grpc.StatusCode.OUT_OF_RANGE,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unimplemented: grpc.StatusCode.UNIMPLEMENTED,
 }
 

@@ -1,9 +1,15 @@
 """Layers the daemon unpacks itself: containerd's remote-snapshot handshake, snapshotter side.
 
-Kubelet's pulls (containerd's CRI plugin, with `disable_snapshot_annotations = false`) call
-Prepare for each layer with labels naming the snapshot to produce and the layer it is made of:
+Every pull path that unpacks through containerd's snapshotter API names, on each layer's Prepare,
+the committed snapshot it wants (the metadata layer forwards only `containerd.io/snapshot/*` and
+this label):
 
     containerd.io/snapshot.ref                 = <chain ID>   the committed snapshot wanted
+
+That is all that containerd's own client sends for `Pull(WithPullUnpack)` (nerdctl with a
+snapshotter it does not know, Go programs) and the 1.7/2.x unpacker. CRI (kubelet's pulls, with
+`disable_snapshot_annotations = false`) adds labels naming the layer:
+
     containerd.io/snapshot/cri.layer-digest    = sha256:...   the layer blob
     containerd.io/snapshot/cri.manifest-digest = sha256:...   the image manifest naming it
     containerd.io/snapshot/cri.image-layers    = sha256:a,sha256:b,...   this layer and the next ones
@@ -15,17 +21,24 @@ one Read RPC per 32 KiB. Instead the daemon streams the blob into the snapshot w
 from peers (`snapshotter.apply`), checking the uncompressed stream against the image config's
 diff ID, so a snapshot committed under a chain ID always has exactly that content.
 
+Which layer a chain ID is made of, and the chain it must sit on, is the `LayerSource`'s to say
+(the daemon's comes from the manifests and configs it has seen, `kernel.store.chains`); the
+snapshotter checks that the Prepare's parent snapshot is that chain. Once a layer is known, the
+source also names the image's next layers (`plan`), and `snapshotter.unpacker` unpacks those
+ahead of containerd's Prepares, several at once.
+
 The snapshotter sees the network only through `LayerSource`, implemented in `peersync.layers`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import io
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
+
+from kernel.store.chains import chain_ids
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer  # collections.abc.Buffer from Python 3.12 on
@@ -36,6 +49,11 @@ MANIFEST_LABEL = "containerd.io/snapshot/cri.manifest-digest"
 IMAGE_REF_LABEL = "containerd.io/snapshot/cri.image-ref"
 LAYERS_LABEL = "containerd.io/snapshot/cri.image-layers"
 UNPACKED_LABEL = "peersync.io/unpacked-layer"  # on snapshots we unpacked: the layer's digest
+
+__all__ = [
+    "BlobReader", "Layer", "LayerSource", "Planned", "chain_ids", "chain_of", "wants_layer",
+    "REF_LABEL", "LAYER_DIGEST_LABEL", "MANIFEST_LABEL", "IMAGE_REF_LABEL", "LAYERS_LABEL", "UNPACKED_LABEL",
+]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -48,6 +66,14 @@ class Layer:
     diff_id: str
 
 
+@dataclass(frozen=True)
+class Planned:
+    """A layer of the same image further up: the chain ID it makes, on which parent chain."""
+
+    chain: str
+    parent: str
+
+
 class LayerSource(Protocol):
     """Where the snapshotter gets layer blobs from (the daemon's store and download engine).
 
@@ -56,13 +82,23 @@ class LayerSource(Protocol):
     content store and download engine to it; tests plug in a fake.
     """
 
-    async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
-        """The layer snapshot `target` is made of, verified against the image's manifest and
-        config (the chain ID must match); None if it cannot be provided here.
+    async def describe(self, target: str, parent: str, labels: Mapping[str, str]) -> Layer | None:
+        """The layer snapshot `target` is made of when it sits on a snapshot of chain `parent`
+        ("" for none), from what is known of the image's manifest and config; None if it cannot
+        be provided here (unknown chain ID, another parent, no source for the blob).
 
-        The check is what makes answering AlreadyExists safe: containerd then trusts the
-        committed snapshot to be `target` and never looks at the layer. None is always safe:
-        containerd fetches and applies the layer as it would without us."""
+        `labels` are the Prepare's (CRI's name the layer and manifest; others may carry only
+        the chain ID). Knowing that target is layer L on chain `parent` is what makes answering
+        AlreadyExists safe once L's diff ID is checked: containerd then trusts the committed
+        snapshot to be `target` and never looks at the layer. None is always safe: containerd
+        fetches and applies the layer as it would without us."""
+        ...
+
+    async def plan(self, target: str, labels: Mapping[str, str]) -> list[Planned]:
+        """The layers of the image above `target`, bottom first, as far as they are known.
+
+        containerd prepares an image's layers one after another, each only once the one below is
+        committed; knowing the rest lets the snapshotter fetch and unpack them ahead."""
         ...
 
     def prefetch(self, digests: Sequence[str]) -> None:
@@ -89,29 +125,23 @@ class LayerSource(Protocol):
 
 
 def wants_layer(labels: Mapping[str, str] | None) -> bool:
-    """Whether a Prepare asks for a specific layer's snapshot (the handshake's labels are there)."""
-    return labels is not None and REF_LABEL in labels and LAYER_DIGEST_LABEL in labels
+    """Whether a Prepare asks for a committed snapshot by its chain ID (the handshake's label)."""
+    return labels is not None and _is_digest(labels.get(REF_LABEL, ""))
 
 
-def upcoming(labels: Mapping[str, str]) -> list[str]:
-    """The layer being prepared and the ones after it, per the CRI labels (which CRI truncates
-    to fit a label, so the list may end early)."""
-    digests = [d for d in labels.get(LAYERS_LABEL, "").split(",") if d.startswith("sha256:")]
-    first = labels[LAYER_DIGEST_LABEL]
-    if first not in digests:
-        digests.insert(0, first)
-    return digests[digests.index(first) :]
+def _is_digest(value: str) -> bool:
+    return value.startswith("sha256:") and len(value) == 71
 
 
-def chain_ids(diff_ids: Sequence[str]) -> list[str]:
-    """containerd's identity.ChainIDs: chain[0] = diff[0], chain[i] = sha256(chain[i-1] + " " + diff[i])."""
-    chain: list[str] = []
-    for diff_id in diff_ids:
-        if not chain:
-            chain.append(diff_id)
-        else:
-            chain.append("sha256:" + hashlib.sha256(f"{chain[-1]} {diff_id}".encode()).hexdigest())
-    return chain
+def chain_of(name: str, labels: Mapping[str, str]) -> str | None:
+    """The chain ID a committed snapshot holds: its `snapshot.ref` label (set by every unpacker
+    that names chains, and by us), else its name's last part when containerd named it by the
+    chain ID (`<ns>/<seq>/<chain ID>`, `ctr`'s unpack); None if neither says."""
+    ref = labels.get(REF_LABEL, "")
+    if _is_digest(ref):
+        return ref
+    last = name.rsplit("/", 1)[-1]
+    return last if _is_digest(last) else None
 
 
 class BlobReader(io.RawIOBase):

@@ -83,15 +83,20 @@ unreferenced `<id>`); `commit` changes metadata only. `cleanup` holds the write 
 picks garbage and renames it to `rm-*`, so no prepare can be half-way through, and an id it
 found unused can be handed out again at once without losing the new directory.
 
-Remote snapshots (`snapshotter.remote`): given a `LayerSource`, a `prepare` that carries the CRI
-labels naming a layer (`containerd.io/snapshot.ref=<chain ID>` and `.../cri.layer-digest`) builds
-that layer itself: an active snapshot under `key` as usual, the blob streamed into it
-(`snapshotter.apply`, diff ID checked), then committed as `<chain ID>` with the label
+Remote snapshots (`snapshotter.remote`): given a `LayerSource`, a `prepare` that names the
+committed snapshot it wants (`containerd.io/snapshot.ref=<chain ID>`, with or without CRI's labels
+naming the layer) may build that layer itself. The source says which layer the chain ID is made of
+on the parent's chain (the parent snapshot's chain is read from its `snapshot.ref` label, or its
+name when containerd named it by the chain ID; a parent of another chain never gets the layer). The
+blob is streamed into an unpacking directory (`snapshotter.apply`, diff ID checked), which becomes
+an active snapshot under `key` as usual, then committed as `<chain ID>` with the label
 `peersync.io/unpacked-layer=<digest>`, and the answer is AlreadyExists, which tells containerd to
-use the committed snapshot instead of fetching and applying the layer. If the snapshot already
-exists the answer is AlreadyExists at once. If the layer cannot be provided, or unpacking fails,
-the active snapshot is removed and `prepare` proceeds as without labels: containerd then fetches
-and applies the layer itself. Removing the last snapshot unpacked from a blob releases the blob.
+use the committed snapshot instead of fetching and applying the layer. The image's next layers are
+unpacked ahead meanwhile, several at once (`snapshotter.unpacker`), and only become snapshots when
+their Prepares come. If a committed snapshot of that chain on that parent exists (ours, or one
+another namespace's unpack labelled), the answer is AlreadyExists at once. If the layer cannot be
+provided, or unpacking fails, `prepare` proceeds as without labels: containerd then fetches and
+applies the layer itself. Removing the last snapshot unpacked from a blob releases the blob.
 """
 
 from __future__ import annotations
@@ -111,15 +116,16 @@ from kernel.errors import AlreadyExists, NotFound, Unavailable
 from kernel.store.fsutil import fsync_dir
 from kernel.store.meta import Meta
 from snapshotter import remote, storage
-from snapshotter.apply import apply_layer
 from snapshotter.remote import Layer, LayerSource
 from snapshotter.storage import Info, Kind, Snapshot, Usage
+from snapshotter.unpacker import Unpacker
 
 __all__ = ["Snapshotter", "Mount", "Info", "Kind", "Usage", "disk_usage", "supports_index_off"]
 
 log = structlog.get_logger(__name__)
 
 NEW_PREFIX = "new-"  # a snapshot directory being built (never referenced by metadata)
+UNPACKING_DIR = "unpacking"  # under the root: layers unpacked ahead, not snapshots yet (`unpacker`)
 REMOVING_PREFIX = "rm-"  # garbage renamed by cleanup, deleted right after
 BLOCK_UNIT = 512  # st_blocks counts 512-byte units
 _INDEX_PARAMETER = Path("/sys/module/overlay/parameters/index")
@@ -138,10 +144,17 @@ class Snapshotter:
     """containerd's overlay snapshotter over `<root>/snapshots` and the LMDB in `meta`.
 
     `index_off` adds `index=off` to overlay mounts; None detects it as containerd does.
-    `layers`, if given, lets `prepare` unpack layers itself (see "Remote snapshots" above)."""
+    `layers`, if given, lets `prepare` unpack layers itself (see "Remote snapshots" above), with
+    up to `unpack_ahead` of an image's next layers unpacked before containerd asks for them."""
 
     def __init__(
-        self, root: Path, meta: Meta, *, index_off: bool | None = None, layers: LayerSource | None = None
+        self,
+        root: Path,
+        meta: Meta,
+        *,
+        index_off: bool | None = None,
+        layers: LayerSource | None = None,
+        unpack_ahead: int = 2,
     ) -> None:
         self.root = Path(root).absolute()
         self.meta = meta
@@ -149,6 +162,29 @@ class Snapshotter:
         self.snapshots_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.index_off = supports_index_off() if index_off is None else index_off
         self.layers = layers
+        self.unpack_ahead = unpack_ahead
+        self._unpacker: Unpacker | None = None
+        self._target_locks: dict[str, asyncio.Lock] = {}
+
+    @property
+    def unpacker(self) -> Unpacker:
+        """The layer jobs (made on first use: it needs the running event loop)."""
+        if self._unpacker is None:
+            assert self.layers is not None
+            self._unpacker = Unpacker(
+                self.root / UNPACKING_DIR,
+                self.layers,
+                self._lowers_of,
+                self._unpacked_ahead_dropped,
+                concurrency=self.unpack_ahead,
+            )
+        return self._unpacker
+
+    async def close(self) -> None:
+        """Stop unpacking ahead (what is staged is deleted; nothing committed is touched)."""
+        if self._unpacker is not None:
+            await self._unpacker.close()
+            self._unpacker = None
 
     async def prepare(
         self, key: str, parent: str = "", labels: Mapping[str, str] | None = None
@@ -217,50 +253,121 @@ class Snapshotter:
 
     async def _provide(self, key: str, parent: str, labels: Mapping[str, str]) -> bool:
         """Build the layer snapshot the labels ask for; True if it now exists (see module doc)."""
-        assert self.layers is not None
         target = labels[remote.REF_LABEL]
+        lock = self._target_locks.setdefault(target, asyncio.Lock())
+        try:
+            async with lock:
+                return await self._provide_locked(key, parent, labels, target)
+        finally:
+            if not lock.locked() and self._target_locks.get(target) is lock:
+                del self._target_locks[target]
+
+    async def _provide_locked(self, key: str, parent: str, labels: Mapping[str, str], target: str) -> bool:
+        assert self.layers is not None
         if self._committed_on(target, parent):
             return True
-        layer = await self.layers.describe(target, labels)
+        parent_chain = self._chain_of(parent)
+        if parent_chain is None:
+            log.info("layer not provided: the parent's chain is unknown", target=target, parent=parent)
+            return False
+        layer = await self.layers.describe(target, parent_chain, labels)
         if layer is None:
             return False
-        self.layers.prefetch(remote.upcoming(labels))
-        snap = await asyncio.to_thread(self._create_snapshot, Kind.ACTIVE, key, parent, labels)
+        await self._plan_ahead(target, layer, labels)
         try:
-            await self._unpack(snap, layer)
+            staged = await self.unpacker.take(target, parent_chain, layer)
+        except Exception as exc:
+            _unpack_failed(layer, target, exc)
+            return False
+        await asyncio.to_thread(self._create_snapshot, Kind.ACTIVE, key, parent, labels, staged)
+        try:
             await self.commit(target, key, {**labels, remote.UNPACKED_LABEL: layer.digest})
-        except AlreadyExists:  # another prepare for the same target committed first
+        except AlreadyExists:  # committed under that name meanwhile (not through us: we hold the lock)
             await self._discard(key)
             return self._committed_on(target, parent)
         except Exception as exc:
-            log.warning(
-                "unpacking a layer in the daemon failed; containerd will fetch and apply it",
-                layer=layer.digest,
-                target=target,
-                error=f"{type(exc).__name__}: {exc}",
-            )
+            _unpack_failed(layer, target, exc)
             await self._discard(key)
             return False
+        finally:
+            self.unpacker.committed()
         log.info("unpacked layer", layer=layer.digest, target=target, size=layer.size)
         return True
 
-    async def _unpack(self, snap: Snapshot, layer: Layer) -> None:
-        """Stream the blob into the snapshot's upper dir in a worker thread."""
+    async def _plan_ahead(self, target: str, layer: Layer, labels: Mapping[str, str]) -> None:
+        """Queue the image's next layers for unpacking ahead, and their blobs for download."""
         assert self.layers is not None
-        reader = remote.BlobReader(self.layers, layer, asyncio.get_running_loop())
-        parents = [self._upper(parent_id) for parent_id in snap.parent_ids]
-        await asyncio.to_thread(
-            apply_layer, reader, layer.media_type, self._upper(snap.id), parents, layer.diff_id
-        )
+        planned = await self.layers.plan(target, labels)
+        jobs: list[tuple[str, str, Layer]] = []
+        digests = [layer.digest]
+        for step in planned:
+            if self.unpacker.known(step.chain) or self._chain_committed(step.chain):
+                continue
+            ahead = await self.layers.describe(step.chain, step.parent, {})
+            if ahead is None:
+                continue  # containerd will apply that one itself; the ones above may still be ours
+            jobs.append((step.chain, step.parent, ahead))
+            digests.append(ahead.digest)
+        self.layers.prefetch(digests)
+        if self.unpack_ahead > 0:
+            self.unpacker.schedule(jobs)
 
     def _committed_on(self, name: str, parent: str) -> bool:
-        """Whether committed snapshot `name` exists on exactly `parent`."""
+        """Whether a committed snapshot of chain `name` on exactly `parent` exists where containerd's
+        metadata looks for it after AlreadyExists: labelled `snapshot.ref=name` (ours are named
+        `name` too; another namespace's unpack has a name of its own)."""
+        with self.meta.txn() as txn:
+            for info in storage.walk_info(txn, self.meta, ()):
+                if (
+                    info.kind is Kind.COMMITTED
+                    and info.parent == parent
+                    and info.labels.get(remote.REF_LABEL) == name
+                ):
+                    return True
+        return False
+
+    def _chain_committed(self, chain: str) -> bool:
+        """Whether any committed snapshot holds `chain` (nothing to unpack ahead for it)."""
+        return self._committed_of(chain) is not None
+
+    def _committed_of(self, chain: str) -> str | None:
+        """The name of a committed snapshot holding `chain`, if any."""
+        with self.meta.txn() as txn:
+            for info in storage.walk_info(txn, self.meta, ()):
+                if info.kind is Kind.COMMITTED and remote.chain_of(info.name, info.labels) == chain:
+                    return info.name
+        return None
+
+    def _chain_of(self, parent: str) -> str | None:
+        """The chain ID of committed snapshot `parent` ("" for no parent; None if unknown)."""
+        if not parent:
+            return ""
         try:
             with self.meta.txn() as txn:
-                _, info, _ = storage.get_info(txn, self.meta, name)
+                _, info, _ = storage.get_info(txn, self.meta, parent)
         except NotFound:
-            return False
-        return info.kind is Kind.COMMITTED and info.parent == parent
+            return None
+        if info.kind is not Kind.COMMITTED:
+            return None
+        return remote.chain_of(info.name, info.labels)
+
+    def _lowers_of(self, chain: str) -> list[Path] | None:
+        """The upper dirs of a committed snapshot of `chain` and its parents, nearest first."""
+        name = self._committed_of(chain)
+        if name is None:
+            return None
+        lowers = []
+        with self.meta.txn() as txn:
+            while name:
+                snap_id, info, _ = storage.get_info(txn, self.meta, name)
+                lowers.append(self._upper(snap_id))
+                name = info.parent
+        return lowers
+
+    async def _unpacked_ahead_dropped(self, digest: str) -> None:
+        """A layer unpacked ahead expired unclaimed: release its blob unless a snapshot uses it."""
+        if self.layers is not None and not await self._unpacked_from(digest):
+            await self.layers.release(digest)
 
     async def _discard(self, key: str) -> None:
         try:
@@ -278,14 +385,23 @@ class Snapshotter:
     # --- metadata transactions (each runs whole in one worker thread: LMDB write locks are per thread)
 
     def _create_snapshot(
-        self, kind: Kind, key: str, parent: str, labels: Mapping[str, str] | None
+        self,
+        kind: Kind,
+        key: str,
+        parent: str,
+        labels: Mapping[str, str] | None,
+        prepared: Path | None = None,
     ) -> Snapshot:
-        """Record and build a snapshot in one write transaction; see "crash safety" above."""
-        tmp: Path | None = None
+        """Record and build a snapshot in one write transaction; see "crash safety" above.
+
+        `prepared` is a directory already holding `fs` and `work` (a layer unpacked ahead, on the
+        same filesystem) to rename into place instead of a new empty one; it is consumed either way."""
+        tmp: Path | None = prepared
         final: Path | None = None
         try:
             with self.meta.txn(write=True) as txn:
-                tmp = _make_temp_dir(self.snapshots_dir, kind)
+                if tmp is None:
+                    tmp = _make_temp_dir(self.snapshots_dir, kind)
                 snap = storage.create_snapshot(txn, self.meta, kind, key, parent, labels)
                 if snap.parent_ids:
                     _copy_owner(self._upper(snap.parent_ids[0]), tmp / "fs")
@@ -370,6 +486,15 @@ class Snapshotter:
         lowers = ":".join(str(self._upper(parent_id)) for parent_id in snap.parent_ids)
         options.append(f"lowerdir={lowers}")
         return [Mount("overlay", "overlay", tuple(options))]
+
+
+def _unpack_failed(layer: Layer, target: str, exc: BaseException) -> None:
+    log.warning(
+        "unpacking a layer in the daemon failed; containerd will fetch and apply it",
+        layer=layer.digest,
+        target=target,
+        error=f"{type(exc).__name__}: {exc}",
+    )
 
 
 def disk_usage(root: Path) -> Usage:

@@ -46,6 +46,10 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
 ALL_SCENARIOS = ("burst", "staggered", "varying", "node-death")
 DEFAULT_SCENARIO_SYSTEMS = ("peersync-full",)
+# How nodes pull. "go": containerd's Go client as nerdctl pulls (`client.Pull` + WithPullUnpack, no
+# CRI handler: chain IDs only), testbed/go/pull on the `go` branch; wired in systems.py when it
+# merges (until then a run with it fails at setup, saying so).
+CLIENTS = ("cri", "ctr", "chain", "go")
 CACHE = Path("/var/cache/peersync-testbed")
 REPO_NAME = "bench/app"
 QUICK = {"nodes": 3, "image_mb": 16, "layers": 4, "systems": "baseline,peersync-full", "scenarios": "burst"}
@@ -75,14 +79,21 @@ class BenchConfig:
     quick: bool = False
     cache: Path = CACHE
     keep_logs: bool = False
+    daemon_config: str = ""  # TOML appended to every PeerSync daemon's config (A/B of its knobs)
+    compare_python: str = ""  # another installation's interpreter: its daemon runs each PeerSync system too
 
     def plan(self) -> list[tuple[str, str]]:
-        """(system, scenario) pairs in run order: all bursts first."""
+        """(system, scenario) pairs in run order: all bursts first. With `compare_python` every
+        PeerSync system also runs with that installation's daemon ("SYSTEM#base"), right after."""
         runs = []
         for scenario in self.scenarios:
             for system in self.systems:
-                if scenario == "burst" or self.full_matrix or system in self.scenario_systems:
+                base = system.partition("@")[0]
+                if scenario == "burst" or self.full_matrix or base in self.scenario_systems:
                     runs.append((system, scenario))
+                    # (the chain client needs this branch's daemon: an older one would not provide)
+                    if self.compare_python and base.startswith("peersync-") and not system.endswith("@chain"):
+                        runs.append((f"{system}#base", scenario))
         return runs
 
 
@@ -101,7 +112,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="generated (build_sized_image) or debian (debootstrap Python+NumPy runtime)",
     )
     p.add_argument("--uplink-mbit", type=float, default=100.0, help="uplink rate, both ways (100)")
-    p.add_argument("--systems", help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all)")
+    p.add_argument(
+        "--systems",
+        help=f"comma-separated, from {','.join(ALL_SYSTEMS)} (default: all); SYSTEM@CLIENT pulls with "
+        "that client instead of --client, so one run can compare clients side by side "
+        "(e.g. peersync-full@cri,peersync-full@ctr,peersync-mirror@ctr)",
+    )
     p.add_argument("--scenarios", help=f"comma-separated, from {','.join(ALL_SCENARIOS)} (default: all)")
     p.add_argument(
         "--scenario-systems",
@@ -129,10 +145,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--client",
-        choices=("cri", "ctr"),
+        choices=CLIENTS,
         default="cri",
         help="how nodes pull: cri = containerd's CRI plugin, as kubelet does (default); "
-        "ctr = `ctr images pull` (fetch all, then unpack)",
+        "ctr = `ctr images pull` (fetch all, then unpack); chain = the Go client's Prepares (chain IDs "
+        "only) driven over containerd's API, a stand-in; go = containerd's Go client with "
+        "WithPullUnpack, as nerdctl (not wired until the Go client merges)",
     )
     p.add_argument(
         "--no-static-peers",
@@ -140,6 +158,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="PeerSync configs name no other node (the control plane's discovery must find them)",
     )
     p.add_argument("--cache-dir", type=Path, default=CACHE, help=f"image and rootfs cache ({CACHE})")
+    p.add_argument(
+        "--daemon-config",
+        default="",
+        help='TOML appended to every PeerSync daemon\'s config, "\\n" for newlines '
+        '(e.g. "[snapshotter]\\nprefetch_layers = 4")',
+    )
+    p.add_argument(
+        "--compare-python",
+        default="",
+        help="the python of another PeerSync installation (e.g. main's checkout): each PeerSync system "
+        "also runs with its daemon, labelled SYSTEM#base, right after ours (before/after in one run)",
+    )
     p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
     )
@@ -154,7 +184,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
 
     def names(text: str, known: tuple[str, ...], what: str) -> list[str]:
         items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in known]
+        bad = [
+            s for s in items if s.partition("@")[0] not in known or s.partition("@")[2] not in ("", *CLIENTS)
+        ]
         if bad:
             raise SystemExit(
                 f"peersync-testbed site: unknown {what}: {', '.join(bad)} (known: {', '.join(known)})"
@@ -188,6 +220,8 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         quick=args.quick,
         cache=args.cache_dir,
         keep_logs=args.keep_logs,
+        daemon_config=args.daemon_config.replace("\\n", "\n"),
+        compare_python=args.compare_python,
     )
 
 
@@ -340,15 +374,21 @@ def run_one(
     from .systems import make_system
 
     result: dict[str, Any] = {"system": system_name, "scenario": scenario, "ok": False}
-    run_dir = work / f"{system_name}-{scenario}"
+    label, _, variant = system_name.partition("#")
+    base_name, _, client = label.partition("@")
+    daemon_python = cfg.compare_python if variant == "base" else None
+    run_dir = work / f"{system_name.replace('@', '-').replace('#', '-')}-{scenario}"
     site = Site(nodes=cfg.nodes, uplink_mbit=cfg.uplink_mbit, workdir=run_dir / "site")
     started = time.monotonic()
     try:
         site.start()
         ref = origin.start(site)
+        client = client or cfg.client
+        result["client"] = client
         system = make_system(
-            system_name, site, image, ref, run_dir / "system", check_cmd, cfg.client, cfg.static_peers
-        )
+            base_name, site, image, ref, run_dir / "system", check_cmd, client, cfg.daemon_config,
+            daemon_python, cfg.static_peers,
+        )  # fmt: skip
         t = time.monotonic()
         system.setup()
         result["setup_s"] = round(time.monotonic() - t, 2)

@@ -10,7 +10,11 @@ Modes: "full" (content + snapshotter proxy, lazy reads, pulls through the node's
 "mirror" (containerd's builtin stores; only the mirror in hosts.toml is ours).
 
 Clients: "ctr" (`ctr images pull`: fetch everything, then unpack) or "cri" (containerd's CRI
-plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them).
+plugin, as kubelet pulls: layers unpacked as they arrive; in full mode the daemon unpacks them), or
+"chain": the Prepares containerd's Go client `Pull(WithPullUnpack)` makes (chain IDs only), driven
+over containerd's snapshots API by `testbed.chainunpack` after resolving through the mirror, then
+`ctr content fetch` for the image record (every blob present by then): a stand-in for the Go client
+(`--client go`, testbed/go/pull) until it merges. Full mode only.
 
 Peers: by default each node's config lists the others (`[peer] peers`); with `discovery=True`
 every node gets the same config naming no peer, listening on the wildcard address, and the
@@ -28,6 +32,8 @@ from typing import Any
 
 from peersync import hosts
 from peersync.containerd_config import render
+from snapshotter.remote import chain_ids
+from testbed.chainunpack import PRESENT, PROVIDED, diff_ids_through_mirror, unpack_by_chain_ids
 from testbed.containerd import Containerd, merge_config, parse_extra_config
 from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
 from testbed.netns import REGISTRY_IP, Site, SiteNode
@@ -62,10 +68,28 @@ class ClusterNode:
         started = time.monotonic()
         if self.client == "cri":
             cri_pull(self.containerd, ref, timeout=timeout)
+        elif self.client == "chain":
+            self._pull_by_chain_ids(ref, timeout)
         else:
             extra = ["--hosts-dir", str(self.hosts_dir)]
             self.containerd.pull(ref, snapshotter=self.snapshotter, extra_args=extra, timeout=timeout)
         return time.monotonic() - started
+
+    def _pull_by_chain_ids(self, ref: str, timeout: float) -> None:
+        """The chain client's pull: resolve, the Prepares, the image record; the unpacked snapshot
+        referenced from the config as containerd's unpacker does (so GC keeps it)."""
+        ctrd, sn = self.containerd, self.snapshotter
+        config, diff_ids = self.node.call(diff_ids_through_mirror, MIRROR, ref, timeout)
+        lease = ctrd.ctr("leases", "create").split()[0]
+        try:
+            outcome = unpack_by_chain_ids(ctrd.address, ctrd.namespace, sn, diff_ids, lease, timeout)
+            if outcome.count(PROVIDED) + outcome.count(PRESENT) != len(diff_ids):
+                raise RuntimeError(f"the daemon did not provide every layer: {outcome}")
+            ctrd.ctr("content", "fetch", "--hosts-dir", str(self.hosts_dir), ref, timeout=timeout)
+            top = chain_ids(diff_ids)[-1]
+            ctrd.ctr("content", "label", config, f"containerd.io/gc.ref.snapshot.{sn}={top}")
+        finally:
+            ctrd.ctr("leases", "rm", lease)
 
     def run(self, ref: str, cmd: tuple[str, ...] = ()) -> str:
         return self.containerd.run(ref, list(cmd), snapshotter=self.snapshotter)
@@ -98,19 +122,28 @@ class Cluster:
         mode: str = "full",
         extra_config: str = "",
         client: str = "ctr",
+        daemon_python: str | None = None,
         discovery: bool = False,
     ) -> None:
         if mode not in ("full", "mirror"):
             raise ValueError(f"mode must be full or mirror, not {mode!r}")
-        if client not in ("ctr", "cri"):
-            raise ValueError(f"client must be ctr or cri, not {client!r}")
+        if client == "go":
+            # --client go: containerd's Go client pulling as nerdctl does (testbed/go/pull, branch
+            # `go`). WIRE IT HERE when that branch merges: start it in ClusterNode.pull like ctr.
+            raise NotImplementedError("the Go test client (testbed/go/pull) is not merged yet")
+        if client not in ("ctr", "cri", "chain"):
+            raise ValueError(f"client must be ctr, cri or chain, not {client!r}")
+        if client == "chain" and mode != "full":
+            raise ValueError("the chain client needs full mode (it drives the peersync snapshotter)")
         self.site, self.mode, self.client, self.discovery = site, mode, client, discovery
+        self.daemon_python = daemon_python  # another installation's daemon (before/after runs)
         self.nodes: list[ClusterNode] = []
         for node in site.nodes:
             self.nodes.append(self._start(node, extra_config))
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
-        daemon = node.start_peersync(config=node_config(node, self.site, extra_config, self.discovery))
+        daemon_config = node_config(node, self.site, extra_config, self.discovery)
+        daemon = node.start_peersync(config=daemon_config, python=self.daemon_python)
         full = self.mode == "full"
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"

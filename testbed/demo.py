@@ -101,10 +101,8 @@ def _run(work: Path) -> None:
         _step(
             "node B removes the image (containerd GC runs through the plugin)", lambda: b.containerd.rmi(ref)
         )
-        print(
-            f"  node B's store: {before} blobs before, {len(b.daemon.blob_files())} after; "
-            f"{len(b.daemon.snapshot_dirs())} snapshots left"
-        )
+        print(f"  node B's store: {before} blobs before, {_kept(b)} after; "
+              f"{len(b.daemon.snapshot_dirs())} snapshots left")
 
         took = _timed(
             "node C pulls as kubelet does (CRI PullImage; the daemon unpacks)", lambda: c.cri_pull(ref)
@@ -118,11 +116,17 @@ def _run(work: Path) -> None:
         print(f"  node C's unpacked filesystem vs the layers: {verdict}")
         before = len(c.daemon.blob_files())
         _step("node C removes the image through CRI (then containerd GC)", lambda: c.cri_remove(ref))
-        print(
-            f"  node C's store: {before} blobs before, {len(c.daemon.blob_files())} after; "
-            f"{len(c.daemon.snapshot_dirs())} snapshots left"
-        )
+        print(f"  node C's store: {before} blobs before, {_kept(c)} after; "
+              f"{len(c.daemon.snapshot_dirs())} snapshots left")
         print("\ndone: nodes B and C never touched the origin; everything is stopped and removed.")
+
+
+def _kept(node: LoopbackNode) -> str:
+    """What an image's removal leaves in a node's store: its blobs stay as cache-only ones (for
+    peers and later pulls, out of containerd's sight) until the budget needs the room."""
+    blobs = node.stats()["cache"]["blobs"]
+    owned = blobs["containerd"] + blobs["held"] + blobs["pinned"]
+    return f"{blobs['complete']} ({owned} containerd's or held, {blobs['cache_only']} kept as cache)"
 
 
 def _report(node: LoopbackNode, layers: int, seconds: float) -> None:

@@ -372,11 +372,12 @@ class SiteNode:
         return self.stack.enter_context(cm)
 
     def start_peersync(
-        self, *args: str, workdir: Path | None = None, config: str | None = None
+        self, *args: str, workdir: Path | None = None, config: str | None = None, python: str | None = None
     ) -> PeerSyncDaemon:
         """`peersync daemon` inside this node's namespace; stopped with the node or the site."""
         work = workdir or Path(tempfile.mkdtemp(prefix="peersync-", dir=self.workdir))
-        return self.stack.enter_context(start_peersync(work, *args, prefix=self.prefix, config=config))
+        daemon = start_peersync(work, *args, prefix=self.prefix, config=config, python=python)
+        return self.stack.enter_context(daemon)
 
     def stop_services(self) -> None:
         """Stop this node's containerd/peersync (reverse start order)."""

@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import sys
 import tempfile
+import tomllib
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from kernel.config import Config, loads
 from peer.control.discovery import beyond_loopback
@@ -69,6 +73,22 @@ class PeerSyncDaemon:
         """Digests of committed blob files on disk in our store."""
         blobs = self.root / "content" / "blobs" / "sha256"
         return {f"sha256:{p.name}" for p in blobs.iterdir()} if blobs.exists() else set()
+
+    def stats(self) -> dict[str, Any]:
+        """The daemon's counters, its cache's status among them (`GET /peersync/v1/stats` on the
+        peer listener named in its config)."""
+        listen = tomllib.loads((self.root.parent / "peersync.toml").read_text())["peer"]["listen"]
+        with urllib.request.urlopen(f"http://{listen}/peersync/v1/stats", timeout=10) as resp:
+            stats: dict[str, Any] = json.loads(resp.read())
+        return stats
+
+    def only_cache_left(self) -> bool:
+        """True if every blob in the store is cache-only: nothing containerd's, held, pinned or in
+        flight (what a store holds once containerd removed everything: bytes kept for peers and
+        for later pulls until the budget needs the room)."""
+        blobs = self.stats()["cache"]["blobs"]
+        every = blobs["cache_only"] == blobs["complete"] == len(self.blob_files())
+        return bool(every and not blobs["partial"])
 
     def corrupt_blobs(self) -> list[str]:
         """Committed blob files whose content does not hash to their name (must always be empty)."""
@@ -126,7 +146,11 @@ def check_host_config(config: str | Config, where: str = "daemon config") -> Non
 
 @contextlib.contextmanager
 def start_peersync(
-    workdir: Path, *extra_args: str, prefix: Sequence[str] = (), config: str | None = None
+    workdir: Path,
+    *extra_args: str,
+    prefix: Sequence[str] = (),
+    config: str | None = None,
+    python: str | None = None,
 ) -> Iterator[PeerSyncDaemon]:
     """A running daemon with its root under `workdir` and its socket under a short /tmp path.
 
@@ -135,6 +159,7 @@ def start_peersync(
     default the peer exchange and the mirror listen on free loopback ports (`daemon.mirror`).
     Without a network-namespace `prefix` the daemon runs on the host: a config whose multicast
     DNS would speak beyond loopback is refused (`UnsafeDaemonConfig`) before anything is made.
+    `python` runs another installation's daemon (the benchmark's before/after), default this one.
     """
     if config is None:
         config = loopback_config()
@@ -144,7 +169,8 @@ def start_peersync(
     env = dict(os.environ, PYTHONPATH=str(REPO))
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "peersync.toml").write_text(config)
-    args = [*prefix, sys.executable, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
+    interpreter = python or sys.executable
+    args = [*prefix, interpreter, "-m", "peersync.cli", "daemon", "--root", str(workdir / "root")]
     args += [
         "--socket",
         str(sockdir / "peersync.sock"),

@@ -31,13 +31,20 @@ def one_line(run: dict[str, Any], image_bytes: int) -> str:
 def _runs(results: dict[str, Any]) -> list[dict[str, Any]]:
     order = {s: i for i, s in enumerate(SYSTEM_ORDER)}
     scen = {s: i for i, s in enumerate(("burst", "staggered", "varying", "node-death"))}
-    return sorted(results["runs"], key=lambda r: (scen.get(r["scenario"], 9), order.get(r["system"], 9)))
+    return sorted(
+        results["runs"], key=lambda r: (scen.get(r["scenario"], 9), order.get(_base(r["system"]), 9))
+    )
+
+
+def _base(system: str) -> str:
+    """The system of a `system@client` run label."""
+    return system.partition("@")[0]
 
 
 def _find(results: dict[str, Any], system: str, scenario: str) -> dict[str, Any] | None:
     runs: list[dict[str, Any]] = results["runs"]
     for r in runs:
-        if r["system"] == system and r["scenario"] == scenario and r.get("all_runnable_s") is not None:
+        if _base(r["system"]) == system and r["scenario"] == scenario and r.get("all_runnable_s") is not None:
             return r
     return None
 
@@ -231,8 +238,9 @@ def chart(results: dict[str, Any], path: Path) -> Path | None:
     scenarios = [
         s for s in ("burst", "staggered", "varying", "node-death") if any(r["scenario"] == s for r in runs)
     ]
-    systems = [s for s in SYSTEM_ORDER if any(r["system"] == s for r in runs)]
-    colors = dict(zip(SYSTEM_ORDER, ("#888888", "#d08c2c", "#7b4fb0", "#3b8fd0", "#1a9e4a"), strict=True))
+    systems = list(dict.fromkeys(r["system"] for r in runs))  # labels (system or system@client), in order
+    palette = ("#888888", "#d08c2c", "#7b4fb0", "#3b8fd0", "#1a9e4a", "#c0392b", "#16a085", "#2c3e50")
+    colors = {s: palette[i % len(palette)] for i, s in enumerate(systems)}
     fig, axes = plt.subplots(1, 3, figsize=(17, 5.2))
     width = 0.8 / max(1, len(systems))
     for k, system in enumerate(systems):

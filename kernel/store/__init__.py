@@ -3,13 +3,15 @@
 Callers hold one object, `chunkstore.ChunkStore`: the complete blobs on the object itself, the
 partial blobs as `store.partials`, the ingests as `store.ingests`. They import its value types
 from where they are defined (`schema.BlobRecord`, `schema.parse_digest`, the errors of
-`partial`), and `meta.Meta` (shared with the snapshotter) and `holds.Holds` on their own.
+`partial`), and `meta.Meta` (shared with the snapshotter) on its own; who keeps each blob is
+`store.owners` (`ownership.Ownership`).
 
 Modules, top to bottom. Each imports only modules below it (`import-linter` contract
 `store-layers` in pyproject.toml checks it, exhaustively, so a new module must take its place):
 
-    chunkstore | holds   the facade; blobs held for our own snapshots
-    partial | ingest     blobs filled chunk by chunk; containerd's in-progress writes
+    chunkstore                   the facade
+    partial | ingest | ownership blobs filled chunk by chunk; containerd's in-progress writes;
+                                 who keeps each blob (protected or cache-only)
     blobs                complete blobs
     commit               the commit primitives
     schema               the persistent format
@@ -19,8 +21,9 @@ Modules, top to bottom. Each imports only modules below it (`import-linter` cont
   knows all of them; the two operations that span sides (`open_chunk` of a complete-or-partial
   blob, `install` retiring a partial copy) and the order of recovery live here. The name is kept
   from before (a store of blobs served in verified chunks): every caller already holds it.
-- `holds.Holds`: digests of blobs kept out of containerd's GC for our own snapshots; a concern of
-  the snapshot side over `meta`, independent of the content store's files.
+- `ownership.Ownership`: every blob is protected (containerd's, held for our own snapshots,
+  pinned, in flight) or cache-only (evictable); its docstring is the spec of those states and
+  their transitions, and of what containerd sees. On `schema` and `meta`, not on the files.
 - `partial.Partials`: blobs filled chunk by chunk, in any order, read while they fill, promoted
   once complete. On `blobs` (a blob completed meanwhile is answered from there) and `commit`.
 - `ingest.Ingests`: containerd's Writer, one per ref, resumable after a restart. It commits into

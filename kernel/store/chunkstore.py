@@ -6,14 +6,17 @@ dependency order, and is the only place that knows all of them:
     ChunkStore
       ├── the complete blobs   (`kernel.store.blobs`: its methods below are theirs)
       ├── .partials            (`kernel.store.partial.Partials`: blobs filled chunk by chunk)
-      └── .ingests             (`kernel.store.ingest.Ingests`: containerd's in-progress writes)
-      all three on `kernel.store.commit.Committer` and `kernel.store.schema`
+      ├── .ingests             (`kernel.store.ingest.Ingests`: containerd's in-progress writes)
+      └── .owners              (`kernel.store.ownership.Ownership`: who keeps each blob)
+      all on `kernel.store.commit.Committer` and `kernel.store.schema`
 
 The complete-blob interface is on the store itself, because it is what both sides use most
 (containerd's content API and a peer serving chunks); the two other sides are reached by name.
-Two operations span sides, so they live here: `open_chunk` serves a chunk of a complete blob or a
-present chunk of a partial one alike, and `install` (an ingest commit) also retires a partial copy
-of the same blob that was arriving chunk by chunk. `recover` runs every side's recovery in the one
+Three operations span sides, so they live here: `open_chunk` serves a chunk of a complete blob or
+a present chunk of a partial one alike, `install` (an ingest commit) also retires a partial copy
+of the same blob that was arriving chunk by chunk, and `evict` deletes a complete blob only if its
+ownership says it is cache-only (checked and done under the ownership lock). `usage` is what the
+cache manager measures the store by. `recover` runs every side's recovery in the one
 order that is correct (`kernel.store.schema` spells out the crash states).
 
 The layout on disk, the LMDB records and the crash-safety invariants are described once, in
@@ -28,13 +31,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
-from kernel.errors import InvalidArgument, NotFound
+from kernel.errors import FailedPrecondition, InvalidArgument, NotFound
+from kernel.store import schema
 from kernel.store.blobs import FD_CACHE_SIZE, BlobHandle, Blobs, ChunkView
 from kernel.store.commit import Committer
 from kernel.store.ingest import Ingests
 from kernel.store.meta import Meta
+from kernel.store.ownership import Ownership
 from kernel.store.partial import Partials
 from kernel.store.schema import BlobRecord, Layout
 
@@ -45,13 +51,33 @@ from kernel.store.schema import BlobRecord, Layout
 DEFAULT_CHUNK_SIZE = 1 << 20
 
 
+@dataclass(frozen=True)
+class Usage:
+    """The store's bytes by side, as the cache budget counts them: complete blobs, partial blobs
+    at their full size (a download's room is reserved when it is claimed, so a store filling up
+    never overshoots by more than what is already written) and ingests (the larger of what is
+    written and the total containerd announced)."""
+
+    complete_bytes: int = 0
+    complete_blobs: int = 0
+    partial_bytes: int = 0
+    partial_blobs: int = 0
+    ingest_bytes: int = 0
+    ingests: int = 0
+
+    @property
+    def total(self) -> int:
+        """Every byte the budget counts."""
+        return self.complete_bytes + self.partial_bytes + self.ingest_bytes
+
+
 class ChunkStore:
     """The content store under `<root>/content` with its metadata in `meta` (the caller's: it is
     shared with the snapshotter and closed by whoever opened it).
 
     `chunk_size` cuts blobs committed from now on (each record keeps its own); `fd_cache_size`
-    bounds the open read-only blob fds. Lifecycle: construct, `recover()` before serving, then
-    `close()`."""
+    bounds the open read-only blob fds. Lifecycle: construct (which upgrades a store of an older
+    schema version, `schema.upgrade`), `recover()` before serving, then `close()`."""
 
     def __init__(self, root: Path, meta: Meta, chunk_size: int = DEFAULT_CHUNK_SIZE,
                  fd_cache_size: int = FD_CACHE_SIZE) -> None:
@@ -62,6 +88,8 @@ class ChunkStore:
         self.chunk_size = chunk_size
         layout = Layout(self.root)
         layout.create()
+        schema.upgrade(meta)
+        self.owners = Ownership(meta)
         self.blob_dir = layout.blobs
         self.ingest_dir = layout.ingest
         committer = Committer(meta, layout)
@@ -154,6 +182,34 @@ class ChunkStore:
         record without file, which `recover` drops); NotFound if there was none."""
         self._blobs.delete(digest)
 
+    def evict(self, digest: str) -> int:
+        """Delete a cache-only complete blob (`kernel.store.ownership`) and its ownership record;
+        the bytes freed. FailedPrecondition (nothing deleted) if anything protects it; NotFound
+        if it is not complete here. The check and the delete happen under the ownership lock, so
+        a concurrent adopt or pin either comes first (and the blob stays) or finds it gone."""
+        with self.owners.lock:
+            why = self.owners.reasons(digest)
+            if why:
+                raise FailedPrecondition(f"content {digest}: not evictable ({', '.join(why)})")
+            rec = self._blobs.record(digest)
+            self._blobs.delete(digest)
+            self.owners.forget(digest)
+        return rec.size
+
+    def usage(self) -> Usage:
+        """What the store holds, by side (one read transaction over the blob records, then the
+        ingest records)."""
+        complete = [0, 0]
+        partial = [0, 0]
+        with self.meta.txn() as txn:
+            for rec in schema.iter_blobs(txn, self.meta):
+                side = complete if rec.state == "complete" else partial
+                side[0] += rec.size
+                side[1] += 1
+        ingests = self.ingests.list()
+        written = sum(max(st.offset, st.total) for st in ingests)
+        return Usage(complete[0], complete[1], partial[0], partial[1], written, len(ingests))
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def recover(self) -> None:
@@ -167,9 +223,11 @@ class ChunkStore:
         self.ingests.recover()
 
     def close(self) -> None:
-        """Close cached fds and open partial blobs (the Meta belongs to the caller)."""
+        """Close cached fds and open partial blobs, write the last uses not yet written (the Meta
+        belongs to the caller)."""
+        self.owners.flush()
         self.partials.close()
         self._blobs.close()
 
 
-__all__ = ["DEFAULT_CHUNK_SIZE", "ChunkStore"]
+__all__ = ["DEFAULT_CHUNK_SIZE", "ChunkStore", "Usage"]

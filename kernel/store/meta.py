@@ -15,8 +15,18 @@ either state.
 Schema: database `schema` holds key `version`. `SCHEMA_VERSION` names the layout of every other
 database, whoever owns it, so it lives here, below all of them: `snapshots` and
 `snapshot_children` are described in `snapshotter.storage`; `blobs`, `chunks` and `ingests` in
-`kernel.store.schema`; `holds` in `kernel.store.holds`; `sources` in `peer.catalog`; `counters`
-at `next_id`. A store written by a newer layout is refused rather than misread.
+`kernel.store.schema`, and `ownership` (which blobs containerd, our snapshots or a pin keep, and
+when each blob was last used) there too; `chains` in `kernel.store.chains` (the layers each chain ID
+is made of, from the manifests and configs seen; a store without it starts it empty); `sources` in
+`peer.catalog`; `counters` at `next_id`; `holds` is version 1's list of held blobs, emptied by the
+upgrade to version 2. A store written by a newer layout is refused rather than misread; an older
+one is opened as it is (`version` says which) and upgraded by the code that owns the changed
+layout, in one transaction that also writes the new version (`kernel.store.schema.upgrade`), so a
+crash leaves the old or the new layout.
+
+Versions: 1, blobs, chunks, ingests, holds, snapshots, sources (and chains, added within version
+1: older code never opens it). 2, the `ownership` database: a complete blob without an ownership
+flag is cache-only (evictable) instead of containerd's.
 """
 
 from __future__ import annotations
@@ -31,10 +41,10 @@ import lmdb
 
 from kernel.errors import FailedPrecondition
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DATABASES = (
     "schema", "snapshots", "snapshot_children", "blobs", "chunks", "ingests", "counters", "sources",
-    "holds",
+    "holds", "ownership", "chains",
 )
 DEFAULT_MAP_SIZE = 1 << 34  # 16 GiB of address space; LMDB only uses what it writes
 
@@ -48,6 +58,7 @@ class Meta:
         self.path = path
         self.env = lmdb.open(str(path), map_size=map_size, max_dbs=len(DATABASES) + 4, subdir=True)
         self._dbs = {name: self.env.open_db(name.encode()) for name in DATABASES}
+        self.version = SCHEMA_VERSION  # the layout on disk; lower until its upgrade has run
         self._check_schema()
 
     def db(self, name: str) -> Any:
@@ -74,6 +85,11 @@ class Meta:
         txn.put(counter.encode(), str(value).encode(), db=db)
         return value
 
+    def set_version(self, txn: lmdb.Transaction, version: int) -> None:
+        """Write that the layout on disk is `version`, inside the upgrade's transaction (the
+        caller sets `self.version` once that transaction has committed)."""
+        txn.put(b"version", str(version).encode(), db=self._dbs["schema"])
+
     def close(self) -> None:
         """Close the environment: after every store, snapshotter and catalog built on it is done."""
         self.env.close()
@@ -84,6 +100,8 @@ class Meta:
             raw = txn.get(b"version", db=db)
             if raw is None:
                 txn.put(b"version", str(SCHEMA_VERSION).encode(), db=db)
+            elif int(raw) < SCHEMA_VERSION:
+                self.version = int(raw)
             elif int(raw) > SCHEMA_VERSION:
                 raise FailedPrecondition(
                     f"store at {self.path} has schema version {int(raw)}, newer than this peersync "

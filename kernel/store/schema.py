@@ -21,7 +21,7 @@ Layout on disk (`<root>/content/`, `Layout`):
                               size, written with pwrite at chunk offsets (`kernel.store.partial`)
     ingest/<sha256(ref)>/data an ingest (containerd's Writer), see `kernel.store.ingest`
 
-Records in LMDB (`kernel.store.meta`, part of schema version 1), keys are UTF-8 strings:
+Records in LMDB (`kernel.store.meta`, schema version 2), keys are UTF-8 strings:
 
     blobs   "<digest>"          JSON {digest, size, chunk_size, state, created_ns, updated_ns,
                                 labels[, media_type, source]}; state is "complete" (file in
@@ -36,8 +36,22 @@ Records in LMDB (`kernel.store.meta`, part of schema version 1), keys are UTF-8 
                                 written, 32 bytes, i as 8 lowercase hex digits; cross-checked
                                 against the table when it arrives
     ingests "<sha256(ref)>"     JSON {ref, total, expected, started_ns, updated_ns}
+    ownership "<digest>"        (version 2) JSON {[containerd, held, pinned,] last_use_ns}: why the
+                                blob is kept (each flag written only when true) and when it was
+                                last used; what `kernel.store.ownership` keeps and the cache
+                                manager evicts by. A complete blob with no flag set is cache-only.
+                                A record may exist for a digest that is not (yet) here: a flag set
+                                before the blob arrived (containerd took a lazy blob, a layer held
+                                for an unpack) protects it from the moment it completes.
 
 JSON is compact with sorted keys (`meta.dumps`); timestamps are Unix nanoseconds.
+
+Upgrades (`upgrade`, run by `ChunkStore` when it opens an older store, in one transaction that
+also writes the new version). 1 -> 2: every blob record (complete or partial) of version 1 gets
+an ownership record with `containerd` set, except held blobs (db `holds` of version 1), which get
+`held` instead; `holds` is emptied. Version 1 showed every unheld blob to containerd, so none may
+be taken for cache-only until containerd says so (Delete); `last_use_ns` starts at the record's
+`updated_ns`.
 
 Crash safety. Blob files appear only by `rename` of an fsynced, verified, read-only file, and the
 directory is fsynced before the LMDB record is written (`commit.Committer.publish`); deletion
@@ -311,6 +325,89 @@ def drop_orphan_chunk_keys(txn: lmdb.Transaction, meta: Meta) -> None:
         txn.delete(key, db=chunks_db)
 
 
+# -- db ownership ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OwnerRecord:
+    """Why a blob is kept and when it was last used (db `ownership`, schema version 2).
+
+    `containerd`: in containerd's content metadata (it committed, adopted or was handed the blob
+    and has not Deleted it). `held`: a snapshot the daemon unpacked needs it. `pinned`: an operator
+    pinned it. `last_use_ns`: the last read, Info, mirror request or download of it."""
+
+    digest: str
+    containerd: bool = False
+    held: bool = False
+    pinned: bool = False
+    last_use_ns: int = 0
+
+    @property
+    def flagged(self) -> bool:
+        """True if any flag keeps the blob (it is not cache-only)."""
+        return self.containerd or self.held or self.pinned
+
+    def encode(self) -> bytes:
+        """The LMDB value: the flags that are set, and the last use."""
+        fields: dict[str, Any] = {"last_use_ns": self.last_use_ns}
+        for flag in ("containerd", "held", "pinned"):
+            if getattr(self, flag):
+                fields[flag] = True
+        return dumps(fields)
+
+    @classmethod
+    def decode(cls, digest: str, raw: bytes) -> OwnerRecord:
+        """The record from its key and LMDB value."""
+        v = loads(raw)
+        return cls(digest, bool(v.get("containerd")), bool(v.get("held")), bool(v.get("pinned")),
+                   int(v.get("last_use_ns", 0)))
+
+
+def put_owner(txn: lmdb.Transaction, meta: Meta, rec: OwnerRecord) -> None:
+    """Write (or overwrite) the blob's ownership record."""
+    txn.put(rec.digest.encode(), rec.encode(), db=meta.db("ownership"))
+
+
+def delete_owner(txn: lmdb.Transaction, meta: Meta, digest: str) -> None:
+    """Forget the blob's ownership record (the blob was evicted, or never came)."""
+    txn.delete(digest.encode(), db=meta.db("ownership"))
+
+
+def iter_owners(txn: lmdb.Transaction, meta: Meta) -> Iterator[OwnerRecord]:
+    """Every ownership record, in digest order; valid while `txn` is open."""
+    with txn.cursor(db=meta.db("ownership")) as cur:
+        for key, raw in cur:
+            yield OwnerRecord.decode(bytes(key).decode(), bytes(raw))
+
+
+# -- upgrades ----------------------------------------------------------------------------------
+
+
+def upgrade(meta: Meta) -> None:
+    """Bring a store of an older schema version up to `meta.SCHEMA_VERSION` (the module docstring
+    says what each step does). One transaction per step, the new version written in it."""
+    if meta.version < 2:
+        with meta.txn(write=True) as txn:
+            _upgrade_1_to_2(txn, meta)
+            meta.set_version(txn, 2)
+        meta.version = 2
+
+
+def _upgrade_1_to_2(txn: lmdb.Transaction, meta: Meta) -> None:
+    holds_db = meta.db("holds")
+    with txn.cursor(db=holds_db) as cur:
+        held = {bytes(k).decode() for k in cur.iternext(values=False)}
+    owners = {d: OwnerRecord(d, held=True) for d in held}
+    for rec in iter_blobs(txn, meta):
+        if rec.digest not in owners:
+            owners[rec.digest] = OwnerRecord(rec.digest, containerd=True, last_use_ns=rec.updated_ns)
+        else:
+            owners[rec.digest] = OwnerRecord(rec.digest, held=True, last_use_ns=rec.updated_ns)
+    for owner in owners.values():
+        put_owner(txn, meta, owner)
+    txn.drop(holds_db, delete=False)
+
+
 # -- db ingests --------------------------------------------------------------------------------
 
 
@@ -339,6 +436,11 @@ def iter_ingests(txn: lmdb.Transaction, meta: Meta) -> list[dict[str, Any]]:
 __all__ = [
     "BlobRecord",
     "Layout",
+    "OwnerRecord",
+    "delete_owner",
+    "iter_owners",
+    "put_owner",
+    "upgrade",
     "chunk_count",
     "delete_blob",
     "delete_ingest",

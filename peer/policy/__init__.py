@@ -23,4 +23,9 @@ The model, one module per concept:
 - `index`      the tracker's index: holdings per blob and member, bounded candidate sets, origin
                leases (who fetches which run from the uplink), replica counts.
 - `fanout`     which peers a node polls itself when there is no tracker (at most 8, stable).
+- `popularity` sliding-window request counts per blob, per node and site-wide; heat; the order
+               across blobs once readers are served (`by_heat`).
+- `eviction`   the cache's eviction score (popularity, recency, replicas), its order, the last copy
+               of a hot blob, and the plan against the watermarks (`peer.cache` acts on it).
+- `replication` which site-hot, scarce blob an idle node copies from its peers (`peer.replication`).
 """

@@ -404,10 +404,22 @@ def test_blob_head_range_and_unknown(
     with start_node(tmp_path, reg, None) as node:
         url = f"{node.mirror_url}/v2/{REPO}/blobs/{layer.digest}?ns={reg.address}"
 
+        # before any manifest named it: relayed from the origin, never stored
         status, headers, body = http(url, "HEAD")
         assert status == 200 and body == b""
         assert int(headers["Content-Length"]) == layer.size
         assert headers["Docker-Content-Digest"] == layer.digest
+        status, _, body = http(url, "GET", {"Range": "bytes=5-1004"})
+        assert status == 206 and body == data[5:1005]
+        status, _, body = http(url)
+        assert status == 200 and body == data
+        assert layer.digest not in node.daemon.blob_files()
+        assert not any((node.daemon.root / "content" / "partial" / "sha256").iterdir())
+
+        # a manifest names it: its size is the manifest's, and it is fetched into the store
+        assert mirror_manifest(node, reg, REPO, test_image.tag, "GET")[0] == 200
+        status, headers, body = http(url, "HEAD")
+        assert status == 200 and int(headers["Content-Length"]) == layer.size
 
         def ranged(a: int, b: int | None) -> None:
             spec = f"bytes={a}-" + ("" if b is None else str(b))

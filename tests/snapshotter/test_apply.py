@@ -32,7 +32,7 @@ import pytest
 import zstandard
 
 from kernel.errors import FailedPrecondition, InvalidArgument
-from snapshotter.apply import Applied, apply_layer
+from snapshotter.apply import Applied, Lowers, apply_layer
 from testbed.images import (
     add_entries,
     compare_manifests,
@@ -821,3 +821,111 @@ def test_same_upper_dirs_as_containerd(tmp_path: Path) -> None:
             for d in _differences(_describe(t), _describe(o), started)
         ]
     assert diffs == []
+
+
+# --- unpacking before the parents are complete (apply.Lowers) ------------------------------------
+
+
+def test_lowers_are_asked_for_only_when_a_parent_directory_is_missing(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    apply(archive(member("p/", "dir", mode=0o700), member("p/f", data=b"f")), base)
+    asked: list[int] = []
+
+    def wait() -> list[Path]:
+        asked.append(1)
+        return [base]
+
+    complete = tmp_path / "complete"
+    complete.mkdir()
+    raw = archive(member("p/", "dir", mode=0o711), member("p/g", data=b"g"), member(".wh.x"))
+    apply_layer(io.BytesIO(compress(raw, "gzip")), GZIP, complete, Lowers(wait))
+    assert asked == []  # every entry's directory is in the layer itself: no waiting
+    assert stat.S_ISCHR(os.lstat(complete / "x").st_mode)  # still an overlay layer (whiteout device)
+    missing = tmp_path / "missing"
+    missing.mkdir()
+    deep = compress(archive(member("p/q/r", data=b"r")), "gzip")
+    apply_layer(io.BytesIO(deep), GZIP, missing, Lowers(wait))
+    assert asked == [1]  # asked once, at the first missing directory
+    assert stat.S_IMODE(os.lstat(missing / "p").st_mode) == 0o700  # copied from the parent
+
+
+def test_layers_unpacked_at_once_match_layers_unpacked_in_turn(tmp_path: Path) -> None:
+    """Each layer in its own thread from the start, its parents made known as they complete (as
+    `snapshotter.unpacker` does): the same upper dirs as one layer after the other."""
+    src = tmp_path / "sparse-src"
+    src.mkdir()
+    with open(src / "sparse", "wb") as f:
+        f.seek(1 << 20)
+        f.write(b"data")
+    subprocess.run(
+        ["tar", "--format=posix", "-S", "-cf", str(tmp_path / "s.tar"), "-C", str(src), "sparse"], check=True
+    )
+    layers = _differential_layers((tmp_path / "s.tar").read_bytes())
+    started = time.time_ns()
+    in_turn: list[Path] = []
+    for i, raw in enumerate(layers):
+        upper = tmp_path / f"turn{i}"
+        upper.mkdir()
+        apply_layer(io.BytesIO(compress(raw, "gzip")), GZIP, upper, list(reversed(in_turn)), sha(raw))
+        in_turn.append(upper)
+    done = [threading.Event() for _ in layers]
+    at_once = [tmp_path / f"once{i}" for i in range(len(layers))]
+    errors: list[BaseException] = []
+
+    def unpack(i: int) -> None:
+        def wait() -> list[Path]:
+            for event in done[:i]:
+                event.wait()
+            return list(reversed(at_once[:i]))
+
+        try:
+            at_once[i].mkdir()
+            parents: list[Path] | Lowers = Lowers(wait) if i else []
+            apply_layer(io.BytesIO(compress(layers[i], "gzip")), GZIP, at_once[i], parents, sha(layers[i]))
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            done[i].set()
+
+    threads = [threading.Thread(target=unpack, args=(i,)) for i in reversed(range(len(layers)))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    diffs = [
+        f"layer {i}: {d}"
+        for i, (a, b) in enumerate(zip(in_turn, at_once, strict=True))
+        for d in _differences(_describe(a), _describe(b), started)
+    ]
+    assert diffs == []
+
+
+def test_isal_and_zlib_unpack_the_same_bytes_and_refuse_the_same_corruption(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import zlib
+
+    from snapshotter import apply as apply_module
+
+    if apply_module.INFLATE is zlib:
+        pytest.skip("isal is not installed: zlib is the only inflater")
+    raw = entries_tar(conformance_layers()[1])
+    first = compress(raw, "gzip")
+    blob = first + compress(b"second member", "gzip")
+    results = []
+    started = time.time_ns()
+    for lib in (apply_module.INFLATE, zlib):
+        monkeypatch.setattr(apply_module, "INFLATE", lib)
+        upper = tmp_path / lib.__name__
+        upper.mkdir()
+        results.append((apply_layer(io.BytesIO(blob), GZIP, upper), _describe(upper)))
+        crc = len(first) - 8  # the first member's CRC-32: only the inflater can notice
+        corrupt = blob[:crc] + bytes([blob[crc] ^ 0xFF]) + blob[crc + 1 :]
+        bad = tmp_path / f"{lib.__name__}-bad"
+        bad.mkdir()
+        with pytest.raises(InvalidArgument, match="corrupt gzip"):
+            apply_layer(io.BytesIO(corrupt), GZIP, bad)
+    (applied_a, tree_a), (applied_b, tree_b) = results
+    assert applied_a == applied_b
+    assert _differences(tree_a, tree_b, started) == []

@@ -15,8 +15,9 @@ from pathlib import Path
 import grpc
 import hpack
 import pytest
+import structlog
 
-from snapshotter import h2server
+from snapshotter import h2call, h2server, h2wire
 from snapshotter.api import content_pb2, content_pb2_grpc
 
 W = content_pb2.WriteAction
@@ -39,6 +40,13 @@ class MemContent(content_pb2_grpc.ContentServicer):
         return content_pb2.InfoResponse(info=content_pb2.Info(digest=request.digest, size=len(blob)))
 
     async def Read(self, request, context):
+        if request.digest == "late-end":  # one message, then a suspension before the stream ends
+            yield content_pb2.ReadContentResponse(offset=0, data=b"first")
+            await asyncio.sleep(0.01)
+            return
+        if request.digest == "late-empty":  # suspends, then ends without a message
+            await asyncio.sleep(0.01)
+            return
         blob = self.blobs.get(request.digest)
         if blob is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "not found")
@@ -477,7 +485,7 @@ class RawClient:
         self.dec = hpack.Decoder()
         self.buf = b""
         payload = b"".join(struct.pack(">HI", k, v) for k, v in (settings or {}).items())
-        self.s.sendall(h2server.PREFACE + _frame(4, 0, 0, payload))
+        self.s.sendall(h2wire.PREFACE + _frame(4, 0, 0, payload))
 
     def send(self, data: bytes) -> None:
         self.s.sendall(data)
@@ -676,13 +684,13 @@ def test_table_neutral() -> None:
     enc = hpack.Encoder()
     first = enc.encode([(":method", "POST"), (":path", "/a/b"), ("x", "y")])
     again = enc.encode([(":method", "POST"), (":path", "/a/b"), ("x", "y")])
-    assert not h2server._table_neutral(first)  # literal with incremental indexing
-    assert h2server._table_neutral(again)  # all indexed
+    assert not h2wire.table_neutral(first)  # literal with incremental indexing
+    assert h2wire.table_neutral(again)  # all indexed
     lit = enc.encode([("x-never", "v")], huffman=False)
-    assert not h2server._table_neutral(lit)
-    no_index = h2server._literal(b"x-lit", b"v" * 200) + b"\x82"
-    assert h2server._table_neutral(no_index)
-    assert not h2server._table_neutral(b"\x3f\xe1\x1f")  # dynamic table size update
+    assert not h2wire.table_neutral(lit)
+    no_index = h2wire.literal(b"x-lit", b"v" * 200) + b"\x82"
+    assert h2wire.table_neutral(no_index)
+    assert not h2wire.table_neutral(b"\x3f\xe1\x1f")  # dynamic table size update
 
 
 def test_abort_error_is_grpc_aio_abort_error() -> None:
@@ -693,5 +701,174 @@ async def test_handlers_registered_like_grpc(sock: str) -> None:
     server = h2server.server()
     content_pb2_grpc.add_ContentServicer_to_server(MemContent(), server)
     assert "/containerd.services.content.v1.Content/Read" in server._methods
-    assert server._methods["/containerd.services.content.v1.Content/Write"].kind == h2server.K_SS
+    assert server._methods["/containerd.services.content.v1.Content/Write"].kind == h2call.K_SS
     await server.stop(None)
+
+
+class _OnlyGeneric(grpc.GenericRpcHandler):
+    """A hand-written generic handler (no per-method table): reached only through service()."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    def service(self, handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        self.asked.append(handler_call_details.method)
+        md = dict(handler_call_details.invocation_metadata)
+        if handler_call_details.method != "/x.Echo/Say":
+            return None
+
+        async def say(request: bytes, context: h2server.ServicerContext) -> bytes:
+            return md.get("x-prefix", "").encode() + request
+
+        return grpc.unary_unary_rpc_method_handler(say)
+
+
+async def test_generic_handlers_through_public_service(sock: str) -> None:
+    """Handlers registered only as generic handlers are found through their public `service()`,
+    once per call, with the call's method and metadata (no grpcio private attributes)."""
+    generic = _OnlyGeneric()
+    server = h2server.server(handlers=[generic])
+    server.add_insecure_port(f"unix:{sock}")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            say = channel.unary_unary("/x.Echo/Say")
+            assert await say(b"one", metadata=(("x-prefix", "a:"),)) == b"a:one"
+            assert await say(b"two", metadata=(("x-prefix", "b:"),)) == b"b:two"
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await channel.unary_unary("/x.Echo/Other")(b"?")
+            assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert generic.asked == ["/x.Echo/Say", "/x.Echo/Say", "/x.Echo/Other"]
+    finally:
+        await server.stop(None)
+
+
+async def test_handler_errors_are_logged_through_structlog(served, sock: str) -> None:
+    """A handler's unexpected exception is logged once, as a structlog event naming the method
+    (stdlib logging is not used), and the client gets UNKNOWN with the exception in the details."""
+    with structlog.testing.capture_logs() as logs:
+        async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+            stub = content_pb2_grpc.ContentStub(channel)
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Status(content_pb2.StatusRequest(ref="boom"))
+    assert err.value.code() == grpc.StatusCode.UNKNOWN and "kaboom" in err.value.details()
+    failed = [e for e in logs if e["event"] == "h2server.handler_failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"
+    assert failed[0]["method"] == "/containerd.services.content.v1.Content/Status"
+
+
+async def test_inherited_socket_outlives_the_server(tmp_path: Path) -> None:
+    """A listening socket passed in (systemd) keeps its file when the server stops, on every
+    Python (3.13's create_unix_server would unlink it by default), and clients that connect
+    meanwhile wait in its backlog for the next server."""
+    path = str(tmp_path / "inherited.sock")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(path)
+    listener.listen(8)
+    try:
+        for ref in ("first", "second"):
+            server = h2server.server()
+            content_pb2_grpc.add_ContentServicer_to_server(MemContent(), server)
+            server.add_socket(listener.dup())  # as each daemon gets its own fd from systemd
+            await server.start()
+            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+                resp = await content_pb2_grpc.ContentStub(channel).Status(content_pb2.StatusRequest(ref=ref))
+                assert resp.status.ref == ref
+            await server.stop(None)
+            assert Path(path).is_socket()
+    finally:
+        listener.close()
+
+
+def _error_after(frames: bytes, sock: str) -> tuple[list[int], list[int]]:
+    """GOAWAY codes and RST_STREAM codes the server answers `frames` with (until it closes, or
+    until a PING sent after them comes back)."""
+    c = RawClient(sock)
+    c.send(frames + _frame(6, 0, 0, b"probe123"))
+    goaways, resets = [], []
+    try:
+        while True:
+            ftype, flags, _, payload = c.frame()
+            if ftype == 7:
+                goaways.append(struct.unpack(">II", payload[:8])[1])
+            elif ftype == 3:
+                resets.append(struct.unpack(">I", payload)[0])
+            elif ftype == 6 and flags & 1 and payload == b"probe123":
+                break
+    except (ConnectionError, OSError):
+        pass
+    c.close()
+    return goaways, resets
+
+
+@pytest.mark.parametrize(
+    ("frames", "goaway", "reset"),
+    [
+        (_frame(3, 0, 7, b"\0\0\0\x08"), [0x1], []),  # RST_STREAM on an idle stream: PROTOCOL_ERROR
+        (_frame(3, 0, 1, b"\0"), [0x6], []),  # RST_STREAM of the wrong length: FRAME_SIZE_ERROR
+        (_frame(8, 0, 5, b"\0\0\0\x01"), [0x1], []),  # WINDOW_UPDATE on an idle stream
+        (_frame(7, 0, 0, b"\0"), [0x6], []),  # GOAWAY shorter than 8 bytes
+        (_frame(1, 0x8 | 0x4, 1, b""), [0x6], []),  # PADDED HEADERS without a pad length
+        (_frame(0, 0, 1, b"x"), [0x1], []),  # DATA on an idle stream
+        (_frame(0x42, 0, 0, b"z" * 100), [], []),  # unknown frame type: ignored
+    ],
+    ids=["rst-idle", "rst-length", "window-idle", "goaway-short", "headers-no-pad", "data-idle", "unknown"],
+)
+async def test_malformed_frames_get_the_rfc_error_code(served, sock: str, frames, goaway, reset) -> None:
+    """RFC 9113's error for each malformed frame; the connection ends only on a connection error."""
+    assert await asyncio.to_thread(_error_after, frames, sock) == (goaway, reset)
+
+
+async def test_unknown_frame_larger_than_the_control_limit_is_skipped_unread(served, sock: str) -> None:
+    """An extension frame of 1 MiB is dropped as it streams in (never gathered), and the
+    connection goes on serving."""
+    _, svc = served
+    svc.blobs["u"] = blob_of(100)
+
+    def run() -> bytes:
+        c = RawClient(sock)
+        c.send(struct.pack(">IBI", (1 << 20) << 8 | 0x42, 0, 0))
+        for _ in range(16):
+            c.send(b"\0" * (1 << 16))
+        c.send(_frame(1, 0x4, 1, c.headers_block("/containerd.services.content.v1.Content/Read")))
+        c.send(_frame(0, 0x1, 1, _grpc_msg(content_pb2.ReadContentRequest(digest="u"))))
+        data, trailers = c.collect(1)
+        assert trailers["grpc-status"] == "0"
+        c.close()
+        return _parse_msgs(data, content_pb2.ReadContentResponse)[0].data
+
+    assert await asyncio.to_thread(run) == svc.blobs["u"]
+
+
+async def test_stream_that_suspends_before_it_ends(served, sock: str) -> None:
+    """A response stream whose handler suspends after its last message (or before any) and then
+    returns ends with OK: the end of the generator after a suspension is not an error."""
+    async with grpc.aio.insecure_channel(f"unix:{sock}") as channel:
+        stub = content_pb2_grpc.ContentStub(channel)
+        got = [m.data async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-end"))]
+        assert got == [b"first"]
+        assert [m async for m in stub.Read(content_pb2.ReadContentRequest(digest="late-empty"))] == []
+
+
+async def test_raw_messages_split_into_the_peers_frames(served, sock: str) -> None:
+    """A peer that keeps the default 16 KiB max frame size (grpc-go does) with wide windows gets
+    each message in frames no larger than that, in order, whole."""
+    _, svc = served
+    blob = blob_of(300_000, seed=6)
+    svc.blobs["g"] = blob
+    svc.chunk = 40_000  # a message spans three frames
+
+    def run() -> None:
+        c = RawClient(sock, settings={0x4: 1 << 24})
+        c.send(_frame(8, 0, 0, struct.pack(">I", 1 << 24)))
+        block = c.headers_block("/containerd.services.content.v1.Content/Read")
+        msg = _grpc_msg(content_pb2.ReadContentRequest(digest="g"))
+        c.send(_frame(1, 0x4, 1, block) + _frame(0, 0x1, 1, msg))
+        sizes: list[int] = []
+        data, trailers = c.collect(1, sizes.append)
+        assert trailers["grpc-status"] == "0"
+        assert max(sizes) == 16384 and len(sizes) > 300_000 // 16384
+        assert b"".join(m.data for m in _parse_msgs(data, content_pb2.ReadContentResponse)) == blob
+        c.close()
+
+    await asyncio.to_thread(run)

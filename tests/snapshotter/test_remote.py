@@ -19,12 +19,9 @@ from pathlib import Path
 import pytest
 
 from kernel.errors import AlreadyExists, NotFound
-from kernel.store.chunkstore import ChunkStore
-from kernel.store.holds import Holds
 from kernel.store.meta import Meta
 from snapshotter import remote
-from snapshotter.content import ContentStore
-from snapshotter.remote import Layer
+from snapshotter.remote import Layer, Planned
 from snapshotter.snapshots import Kind, Snapshotter
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -61,9 +58,16 @@ class MemoryLayers:
         self.prefetched: list[str] = []
         self.released: list[str] = []
 
-    async def describe(self, target: str, labels: Mapping[str, str]) -> Layer | None:
+    async def describe(self, target: str, parent: str, labels: Mapping[str, str]) -> Layer | None:
         self.described.append(target)
-        return self.layers.get(target)
+        if target not in self.layers:
+            return None
+        index = self.chain.index(target)
+        return self.layers[target] if parent == (self.chain[index - 1] if index else "") else None
+
+    async def plan(self, target: str, labels: Mapping[str, str]) -> list[Planned]:
+        index = self.chain.index(target)
+        return [Planned(c, self.chain[i - 1]) for i, c in enumerate(self.chain) if i > index]
 
     def prefetch(self, digests: Sequence[str]) -> None:
         self.prefetched.extend(digests)
@@ -177,50 +181,9 @@ async def test_removing_the_last_snapshot_of_a_layer_releases_the_blob(tmp_path:
         await sn.stat(source.chain[0])
 
 
-def test_upcoming_and_chain_ids() -> None:
-    labels = {remote.LAYER_DIGEST_LABEL: "sha256:b", remote.LAYERS_LABEL: "sha256:b,sha256:c,sha256:d"}
-    assert remote.upcoming(labels) == ["sha256:b", "sha256:c", "sha256:d"]
-    labels[remote.LAYER_DIGEST_LABEL] = "sha256:c"
-    assert remote.upcoming(labels) == ["sha256:c", "sha256:d"]
-    assert remote.upcoming({remote.LAYER_DIGEST_LABEL: "sha256:x"}) == ["sha256:x"]
+def test_chain_ids_and_the_chain_of_a_snapshot() -> None:
     a, b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    assert remote.chain_of("k8s.io/7/" + a, {}) == a  # containerd named it by the chain ID
+    assert remote.chain_of(b, {remote.REF_LABEL: a}) == a  # the label wins
+    assert remote.chain_of("default/3/extract-1 layer", {}) is None
     assert remote.chain_ids([a, b]) == [a, sha(f"{a} {b}".encode())]
-
-
-# --- holds: what containerd's GC may see --------------------------------------------------------
-
-
-@pytest.fixture
-def content(tmp_path: Path, meta: Meta) -> ContentStore:
-    chunks = ChunkStore(tmp_path, meta, 1 << 20)
-    chunks.recover()
-    yield ContentStore(chunks, holds=Holds(meta))
-    chunks.close()
-
-
-async def put(content: ContentStore, data: bytes) -> str:
-    writer = await content.writer(f"ref-{sha(data)}", len(data))
-    await writer.write_at(0, data)
-    return await writer.commit(len(data), sha(data))
-
-
-async def test_held_blobs_are_hidden_from_walk_until_containerd_adopts_them(
-    content: ContentStore, meta: Meta
-) -> None:
-    held, other = await put(content, b"layer"), await put(content, b"config")
-    assert content.holds is not None
-    content.holds.hold(held)
-    assert [i.digest async for i in content.walk()] == [other]
-    assert Holds(meta).__contains__(held)  # persisted
-    with pytest.raises(AlreadyExists):
-        await content.writer("pull-ref", 5, expected=held)  # a ctr pull of the same layer
-    assert held not in content.holds
-    assert sorted([i.digest async for i in content.walk()]) == sorted([held, other])
-
-
-async def test_info_adopts_a_held_blob(content: ContentStore) -> None:
-    digest = await put(content, b"layer")
-    assert content.holds is not None
-    content.holds.hold(digest)
-    assert (await content.info(digest)).size == 5
-    assert digest not in content.holds

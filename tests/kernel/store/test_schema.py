@@ -1,6 +1,7 @@
-"""The persistent format (`kernel.store.schema`, schema version 1) is a promise to stores already
-on disk: a root written by an earlier peersync opens and works, and what this code writes is still
-version 1.
+"""The persistent format (`kernel.store.schema`) is a promise to stores already on disk: a root
+written by an earlier peersync (version 1) opens, is upgraded to version 2 and works, and what this
+code writes for blobs, chunks and ingests is still what version 1 wrote, byte for byte; version 2
+only adds the `ownership` records, whose format is pinned here too.
 
 The store here is built by hand with `lmdb` and plain files, byte for byte as version 1 lays it
 out (keys, compact sorted JSON, bitmaps, seen hashes, file modes), without any of the store's own
@@ -66,6 +67,7 @@ class V1Root:
         self.env = lmdb.open(str(root / "meta"), map_size=1 << 30, max_dbs=16, subdir=True)
         self.dbs = {name: self.env.open_db(name.encode())
                     for name in ("schema", "blobs", "chunks", "ingests", "holds")}
+        self.held: list[str] = []
         self.put("schema", b"version", b"1")
 
     def put(self, db: str, key: bytes, value: bytes) -> None:
@@ -100,6 +102,10 @@ class V1Root:
                 sha256 = hashlib.sha256(pieces(data)[i]).digest()
                 self.put("chunks", f"{digest}/seen/{i:08x}".encode(), sha256)
         return digest
+
+    def hold(self, digest: str) -> None:
+        """Version 1's holds: db `holds`, key = digest, value b"1"."""
+        self.put("holds", digest.encode(), b"1")
 
     def ingest(self, ref: str, written: bytes, total: int, expected: str) -> None:
         key = hashlib.sha256(ref.encode()).hexdigest()
@@ -146,11 +152,24 @@ def test_version_1_store_opens_and_works(v1: V1Root) -> None:
     b = v1.complete(promoted, {}, media_type=MEDIA, source=SOURCE)
     c = v1.partial(seen_only, [0, 2], with_table=False, media_type=MEDIA, source=SOURCE)
     d = v1.partial(tabled, [1], with_table=True)
+    v1.hold(b)  # a layer the daemon unpacked itself
     v1.ingest("ref-resume", ingested[:1000], len(ingested), "")
     v1.close()
 
     store = open_store(v1.root)
     try:
+        # the upgrade to version 2: every blob of version 1 is containerd's, but the held one
+        assert store.meta.version == 2 and raw(store, "schema") == {b"version": b"2"}
+        assert raw(store, "ownership") == {
+            a.encode(): v1_json({"containerd": True, "last_use_ns": T0}),
+            b.encode(): v1_json({"held": True, "last_use_ns": T0}),
+            c.encode(): v1_json({"containerd": True, "last_use_ns": T0}),
+            d.encode(): v1_json({"containerd": True, "last_use_ns": T0}),
+        }
+        assert raw(store, "holds") == {}
+        assert store.owners.containerds(a) and not store.owners.containerds(b)
+        assert store.owners.reasons(b) == ["held"]
+
         # complete blobs: records decoded field for field, bytes, tables, chunk views
         assert store.record(a) == BlobRecord(a, len(ingested), CHUNK, T0, T0, {"containerd.io/gc.root": "x"})
         assert store.record(b) == BlobRecord(b, len(promoted), CHUNK, T0, T0, {}, "complete", MEDIA, SOURCE)
@@ -189,7 +208,7 @@ def test_version_1_store_opens_and_works(v1: V1Root) -> None:
         with pytest.raises(AlreadyExists):
             writer.commit(len(ingested), a)
 
-        # and what this code wrote is still version 1, byte for byte
+        # and what this code wrote for blobs, chunks and ingests is still version 1, byte for byte
         rec = store.update_labels(a, {"team": "edge"}, replace_all=False)
         labels = {"containerd.io/gc.root": "x", "team": "edge"}
         blobs = raw(store, "blobs")
@@ -239,8 +258,56 @@ def test_what_this_code_writes_for_partial_progress_is_version_1(tmp_path: Path)
         store.meta.close()
 
 
-def test_newer_schema_is_refused(v1: V1Root) -> None:
-    v1.put("schema", b"version", b"2")
+def test_what_this_code_writes_for_ownership_is_version_2(tmp_path: Path) -> None:
+    store = open_store(tmp_path)
+    try:
+        digest = sha(b"owned")
+        store.owners.adopt(digest)
+        store.owners.hold(digest)
+        store.owners.pin(digest)
+        store.owners.touch(digest, T0 + 5)
+        assert store.owners.flush() == 1
+        assert raw(store, "ownership") == {
+            digest.encode(): v1_json(
+                {"containerd": True, "held": True, "pinned": True, "last_use_ns": T0 + 5}
+            )
+        }
+        for undo in (store.owners.disown, store.owners.release, store.owners.unpin):
+            undo(digest)
+        assert raw(store, "ownership") == {digest.encode(): v1_json({"last_use_ns": T0 + 5})}
+        assert raw(store, "schema") == {b"version": b"2"}
+    finally:
+        store.close()
+        store.meta.close()
+
+
+def test_an_upgrade_cut_short_leaves_version_1(v1: V1Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upgrade is one transaction with the new version: a crash inside it leaves version 1
+    whole, and the next open upgrades it."""
+    a = v1.complete(data_of(CHUNK, "a"), {})
     v1.close()
-    with pytest.raises(FailedPrecondition, match="schema version 2"):
+    from kernel.store import schema
+
+    def crash(txn: Any, meta: Meta) -> None:
+        schema.put_owner(txn, meta, schema.OwnerRecord(a, containerd=True))
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(schema, "_upgrade_1_to_2", crash)
+    meta = Meta(v1.root)
+    with pytest.raises(RuntimeError):
+        ChunkStore(v1.root, meta, CHUNK)
+    meta.close()
+    monkeypatch.undo()
+    store = open_store(v1.root)
+    try:
+        assert store.meta.version == 2 and store.owners.containerds(a)
+    finally:
+        store.close()
+        store.meta.close()
+
+
+def test_newer_schema_is_refused(v1: V1Root) -> None:
+    v1.put("schema", b"version", b"3")
+    v1.close()
+    with pytest.raises(FailedPrecondition, match="schema version 3"):
         Meta(v1.root)

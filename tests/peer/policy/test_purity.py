@@ -27,6 +27,9 @@ def test_the_policy_modules_are_all_here() -> None:
         "membership",
         "election",
         "index",
+        "popularity",
+        "eviction",
+        "replication",
     } <= names
 
 
