@@ -408,6 +408,7 @@ class Engine:
         """Ask every usable peer what it holds of `digests`; wait at most `wait` seconds (None:
         for all answers). Answers that come later still update the views when they arrive: a
         peer slowed down by a busy CPU must not hold up planning."""
+        self._forget_departed()
         tasks = [asyncio.create_task(self._ask(peer, digests)) for peer in self.usable_peers()]
         if not tasks:
             return
@@ -415,6 +416,16 @@ class Engine:
         for t in tasks:
             t.add_done_callback(self._asking.discard)
         await asyncio.wait(tasks, timeout=wait)
+
+    def _forget_departed(self) -> None:
+        """Drop the views of nodes the peer source no longer names (they left the site: a tracker
+        that died, a member its tracker dropped). Nobody polls them any more, so nothing would
+        ever correct what they last said, and a view announcing an origin fetch would keep those
+        chunks from every other node's origin plan (a fetch elsewhere is not fetched twice)."""
+        members = set(self.peer_source.peers())
+        for views in self.views.values():
+            for peer in [p for p in views if p not in members]:
+                del views[peer]
 
     async def _ask(self, peer: str, digests: list[str]) -> None:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
