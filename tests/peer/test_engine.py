@@ -175,6 +175,12 @@ def _delay(seconds: float):  # type: ignore[no-untyped-def]
     return middleware
 
 
+@pytest.fixture
+def pushed_layer(test_image: BuiltImage, test_image_ref: str) -> tuple[str, int, bytes]:
+    """The test image's biggest layer (digest, size, bytes), the image pushed to the registry."""
+    return biggest_layer(test_image)
+
+
 @contextlib.asynccontextmanager
 async def stuck_origin() -> AsyncIterator[str]:
     """A second loopback server standing in for an origin that accepts every request and never
@@ -224,11 +230,7 @@ async def _sees_fetching(node: Node, peer: str, digest: str) -> None:
 
 
 async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_chunks(
-    tmp_path: Path,
-    session: aiohttp.ClientSession,
-    registry: Registry,
-    test_image: BuiltImage,
-    test_image_ref: str,
+    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
 ) -> None:
     """B announces an origin fetch of the blob and A leaves those chunks to it; then B dies and
     leaves the membership (as a SIGKILLed tracker leaves every member's view). A forgets what B
@@ -236,7 +238,7 @@ async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_ch
     and its announced fetch kept those chunks out of A's origin plan until A's download failed
     ("no progress for 120 s"). Owners stall only after 10 minutes here: B's leaving alone frees
     its chunks."""
-    digest, size, data = biggest_layer(test_image)
+    digest, size, data = pushed_layer
     async with stuck_origin() as origin:
         async with fetching_peer(tmp_path / "b", session, registry, origin, digest, size) as (b, server):
             b_url = str(server.make_url("")).rstrip("/")
@@ -258,16 +260,12 @@ async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_ch
 
 
 async def test_a_live_peer_that_announced_an_origin_fetch_and_stalled_loses_its_chunks(
-    tmp_path: Path,
-    session: aiohttp.ClientSession,
-    registry: Registry,
-    test_image: BuiltImage,
-    test_image_ref: str,
+    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
 ) -> None:
     """B stays a member and keeps answering, but its origin fetch never delivers: once B has
     stalled (5 graces while it announces a fetch), A, its heir, fetches B's stripes, the chunks
     B announced included. Before: the heir inherited the stripes but not those chunks."""
-    digest, size, data = biggest_layer(test_image)
+    digest, size, data = pushed_layer
     async with stuck_origin() as origin:
         async with fetching_peer(tmp_path / "b", session, registry, origin, digest, size) as (_b, server):
             b_url = str(server.make_url("")).rstrip("/")
