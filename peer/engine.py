@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import random
@@ -418,14 +419,17 @@ class Engine:
         await asyncio.wait(tasks, timeout=wait)
 
     def _forget_departed(self) -> None:
-        """Drop the views of nodes the peer source no longer names (they left the site: a tracker
-        that died, a member its tracker dropped). Nobody polls them any more, so nothing would
-        ever correct what they last said, and a view announcing an origin fetch would keep those
-        chunks from every other node's origin plan (a fetch elsewhere is not fetched twice)."""
+        """Forget the origin fetches announced by nodes the peer source no longer names (they left
+        the site: a tracker that died, a member its tracker dropped). Nobody polls them any more,
+        so nothing would ever correct what they last said, and an announced fetch keeps its
+        chunks out of every other node's origin plan. Their holdings stay: holdings only grow, so
+        they are still safe to plan with (a request to a dead node fails and drops it), and the
+        stripes they owned pass to an heir once they stall, as a dead member's always did."""
         members = set(self.peer_source.peers())
         for views in self.views.values():
-            for peer in [p for p in views if p not in members]:
-                del views[peer]
+            for peer, view in list(views.items()):
+                if view.fetching and peer not in members:
+                    views[peer] = dataclasses.replace(view, fetching=frozenset())
 
     async def _ask(self, peer: str, digests: list[str]) -> None:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two

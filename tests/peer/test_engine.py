@@ -233,17 +233,17 @@ async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_ch
     tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
 ) -> None:
     """B announces an origin fetch of the blob and A leaves those chunks to it; then B dies and
-    leaves the membership (as a SIGKILLed tracker leaves every member's view). A forgets what B
-    last said and fetches the blob itself. Before: nobody polled B any more, its last view stayed,
-    and its announced fetch kept those chunks out of A's origin plan until A's download failed
-    ("no progress for 120 s"). Owners stall only after 10 minutes here: B's leaving alone frees
-    its chunks."""
+    leaves the membership (as a SIGKILLed tracker leaves every member's view). A forgets the fetch
+    B announced, so B stalls after one grace (not the five a node announcing a fetch gets) and A,
+    its heir, fetches the blob. Before: nobody polled B any more, its last view stayed, and its
+    announced fetch kept those chunks out of A's origin plan for good; A's download failed with
+    "no progress for 120 s". Graces are 10 s here: five would outlast the test's 40 s."""
     digest, size, data = pushed_layer
     async with stuck_origin() as origin:
         async with fetching_peer(tmp_path / "b", session, registry, origin, digest, size) as (b, server):
             b_url = str(server.make_url("")).rstrip("/")
             a = Node(
-                tmp_path / "a", session, registry, [b_url], EngineConfig(gather_delay=0.0, owner_grace=600.0)
+                tmp_path / "a", session, registry, [b_url], EngineConfig(gather_delay=0.0, owner_grace=10.0)
             )
             try:
                 a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
@@ -252,7 +252,7 @@ async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_ch
                 await server.close()  # B dies ...
                 await b.engine.close()
                 a.membership.urls.remove(b_url)  # ... and leaves the site
-                await asyncio.wait_for(a.engine.wait_complete(digest), timeout=60)
+                await asyncio.wait_for(a.engine.wait_complete(digest), timeout=40)
                 assert a.store.read(digest, 0, size) == data
                 assert a.engine.counters["origin_bytes"] == size
             finally:
