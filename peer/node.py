@@ -17,7 +17,10 @@ The tracker index rides on the control plane as its `index` section, registered 
 any node may become tracker, and the tracker's own node drives its member side in process like
 any member's, so it too announces its holdings and fetches origin chunks only under leases. The
 member side (`IndexMember`) is the engine's `Coordination` (candidate sets instead of `/have`
-polling while a tracker answers), and its early-sync requests wake the control plane's loop.
+polling while a tracker answers), and its early-sync requests wake the control plane's loop. The
+index's tracker side counts the replicas the popularity section answers with (by default they
+would be unknown: no eviction score would know how many other members hold a blob, and no hot
+blob would be replicated).
 """
 
 from __future__ import annotations
@@ -68,7 +71,8 @@ class PeerNode:
         self.self_url = advertised_url(config)
         self.window = Window()
         self.popularity = PopularityMember(self.window, self._manifest_size, self._asking)
-        self.popularity_tracker = PopularityTracker()
+        self.index_tracker = IndexTracker()  # the tracker side of the index section
+        self.popularity_tracker = PopularityTracker(replicas=self.index_tracker)
         self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
         self.replicator: Replicator | None = None
 
@@ -111,13 +115,19 @@ class PeerNode:
                 self.control.register(member_side, tracker_side)
             peers = self.control
         self.engine = Engine(
-            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url,
-            engine_config, cache=self.cache,
+            self.store,
+            self.catalog,
+            origin,
+            peers,
+            PeerClient(self.session),
+            self.self_url,
+            engine_config,
+            cache=self.cache,
         )
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
             self.index = IndexMember(self.engine, _Wake(self.control))  # the engine's coordination
-            self.control.register(self.index, IndexTracker())
+            self.control.register(self.index, self.index_tracker)
         if cfg.peer.listen:
             app = web.Application()
             app.add_routes(routes(self.store, self.engine.fetching))
@@ -154,8 +164,13 @@ class PeerNode:
         now = time.monotonic()
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
         replicated = self.replicator.started if self.replicator is not None else 0
-        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped,
-                "replications": replicated, "cache": self.cache.cache_status()}
+        body = {
+            **self.engine.counters,
+            "active_downloads": active,
+            "dropped_peers": dropped,
+            "replications": replicated,
+            "cache": self.cache.cache_status(),
+        }
         if self.control is not None:
             body["control"] = self.control.counters.snapshot()
         return web.json_response(body)

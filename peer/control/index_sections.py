@@ -7,7 +7,9 @@ origin leases become the runs the downloads fetch from the origin (`Download.gra
 the engine's `Coordination`: `tracking()` is true while syncs carrying this section get answers.
 
 `IndexTracker` (the tracker) wraps the pure index (`peer.policy.index.Index`): it applies each
-member's announcements, grants leases, and answers with candidate sets and replica counts.
+member's announcements, grants leases, and answers with candidate sets and replica counts; it is
+also the popularity section's `ReplicaCounts` (how many other members hold a blob whole, for the
+cache manager's eviction score and the replication of hot blobs).
 
 Payloads (JSON, under the section name "index"; docs/control-plane.md, "Sync"):
 
@@ -348,6 +350,13 @@ class IndexTracker:
     def forget(self, member: str) -> None:
         """`member` left the site: its holdings and leases vanish."""
         self.index.drop_member(member)
+
+    def complete_holders(self, digest: str, excluding: str) -> int | None:
+        """The popularity section's `ReplicaCounts` (`peer.control.popularity`): members other
+        than `excluding` holding `digest` whole, from their announcements. A tracker that has
+        just claimed counts what the members re-announced so far (low at first: the cache
+        manager then keeps a blob it could have evicted, never the other way round)."""
+        return self.index.complete_holders(digest, excluding)
 
     def handle(self, member: str, payload: Any, now: float) -> dict[str, Any] | None:
         """Apply `member`'s announcements and releases, grant its leases, answer its queries."""

@@ -27,7 +27,8 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   again (re-granted). A member holds at most `leases_per_member` (2: the batch in flight and the
   next one) live leases per blob.
 - `release(digest, member, first, last)`: the member finished (or gave up) a run.
-- `replicas(digest)`: members holding a complete copy (for the cache manager).
+- `replicas(digest)`: members holding a complete copy; `complete_holders(digest, excluding)`: the
+  same less one member (the popularity section's replica counts, for the cache manager).
 
 Invariants (tested by hypothesis in tests/peer/policy/test_index.py): at most one live lease covers
 any chunk; a lease never covers a chunk that is held (at grant time) or leased; a burst of members
@@ -310,6 +311,12 @@ class Index:
         """How many members hold a complete copy of `digest`."""
         blob = self._blobs.get(digest)
         return len(blob.complete) if blob else 0
+
+    def complete_holders(self, digest: str, excluding: str) -> int:
+        """How many members other than `excluding` hold a complete copy of `digest` (0 for a blob
+        nobody announced: the index hears every member's holdings)."""
+        blob = self._blobs.get(digest)
+        return len(blob.complete - {excluding}) if blob else 0
 
     def filling(self, digest: str) -> set[str]:
         """The members filling `digest` (announced it, not complete)."""
