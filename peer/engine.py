@@ -631,10 +631,14 @@ class Download:
 
     def lease_request(self) -> tuple[list[int], int] | None:
         """What to ask the tracker for in the next sync: (wanted chunks first, most chunks per
-        run), or None when no lease is needed: not tracked, two leases held already (the run in
-        flight and the next: the uplink never idles between them), or every missing chunk is held
-        by a usable candidate, in flight, or under a lease we hold."""
+        run), or None when no lease is needed: not tracked, a download that never asks the origin
+        (peers only, or no origin known: a lease it held would keep those chunks from everyone),
+        two leases held already (the run in flight and the next: the uplink never idles between
+        them), or every missing chunk is held by a usable candidate, in flight, or under a lease
+        we hold."""
         if not self._tracked() or self.task.done() or len(self.leases) >= 2:
+            return None
+        if self.peers_only or not self.source.registry:
             return None
         try:
             missing = self.engine.store.partials.missing(self.digest)
@@ -651,8 +655,12 @@ class Download:
         return want, self.engine.config.solo_batch_chunks
 
     def grant_lease(self, first: int, last: int) -> None:
-        """The tracker leased us chunks `first`..`last` of this blob: ours to fetch from the origin."""
+        """The tracker leased us chunks `first`..`last` of this blob: ours to fetch from the origin
+        (a download that never asks the origin gives it back at once)."""
         if not 0 <= first <= last < self.nchunks or (first, last) in self.leases:
+            return
+        if self.peers_only or not self.source.registry:
+            self.leases_done.append((first, last))
             return
         self.leases.append((first, last))
         self.engine.counters["leases"] += 1

@@ -175,33 +175,6 @@ def _delay(seconds: float):  # type: ignore[no-untyped-def]
     return middleware
 
 
-@pytest.fixture
-def pushed_layer(test_image: BuiltImage, test_image_ref: str) -> tuple[str, int, bytes]:
-    """The test image's biggest layer (digest, size, bytes), the image pushed to the registry."""
-    return biggest_layer(test_image)
-
-
-@contextlib.asynccontextmanager
-async def stuck_origin() -> AsyncIterator[str]:
-    """A second loopback server standing in for an origin that accepts every request and never
-    answers (a registry behind a dead link): `host:port`."""
-    release = asyncio.Event()
-
-    async def hang(request: web.Request) -> web.Response:
-        await release.wait()
-        return web.Response(status=503)
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hang)
-    server = TestServer(app)
-    await server.start_server()
-    try:
-        yield f"{server.host}:{server.port}"
-    finally:
-        release.set()
-        await server.close()
-
-
 @contextlib.asynccontextmanager
 async def fetching_peer(
     root: Path, session: aiohttp.ClientSession, registry: Registry, origin: str, digest: str, size: int
@@ -230,7 +203,11 @@ async def _sees_fetching(node: Node, peer: str, digest: str) -> None:
 
 
 async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_chunks(
-    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    hanging_origin: str,
+    pushed_layer: tuple[str, int, bytes],
 ) -> None:
     """B announces an origin fetch of the blob and A leaves those chunks to it; then B dies and
     leaves the membership (as a SIGKILLed tracker leaves every member's view). A forgets the fetch
@@ -239,43 +216,43 @@ async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_ch
     announced fetch kept those chunks out of A's origin plan for good; A's download failed with
     "no progress for 120 s". Graces are 10 s here: five would outlast the test's 40 s."""
     digest, size, data = pushed_layer
-    async with stuck_origin() as origin:
-        async with fetching_peer(tmp_path / "b", session, registry, origin, digest, size) as (b, server):
-            b_url = str(server.make_url("")).rstrip("/")
-            a = Node(
-                tmp_path / "a", session, registry, [b_url], EngineConfig(gather_delay=0.0, owner_grace=10.0)
-            )
-            try:
-                a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
-                a.engine.ensure(digest)
-                await asyncio.wait_for(_sees_fetching(a, b_url, digest), timeout=30)
-                await server.close()  # B dies ...
-                await b.engine.close()
-                a.membership.urls.remove(b_url)  # ... and leaves the site
-                await asyncio.wait_for(a.engine.wait_complete(digest), timeout=40)
-                assert a.store.read(digest, 0, size) == data
-                assert a.engine.counters["origin_bytes"] == size
-            finally:
-                await a.close()
+    async with fetching_peer(tmp_path / "b", session, registry, hanging_origin, digest, size) as (b, server):
+        b_url = str(server.make_url("")).rstrip("/")
+        a = Node(tmp_path / "a", session, registry, [b_url], EngineConfig(gather_delay=0.0, owner_grace=10.0))
+        try:
+            a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            a.engine.ensure(digest)
+            await asyncio.wait_for(_sees_fetching(a, b_url, digest), timeout=30)
+            await server.close()  # B dies ...
+            await b.engine.close()
+            a.membership.urls.remove(b_url)  # ... and leaves the site
+            await asyncio.wait_for(a.engine.wait_complete(digest), timeout=40)
+            assert a.store.read(digest, 0, size) == data
+            assert a.engine.counters["origin_bytes"] == size
+        finally:
+            await a.close()
 
 
 async def test_a_live_peer_that_announced_an_origin_fetch_and_stalled_loses_its_chunks(
-    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    hanging_origin: str,
+    pushed_layer: tuple[str, int, bytes],
 ) -> None:
     """B stays a member and keeps answering, but its origin fetch never delivers: once B has
     stalled (5 graces while it announces a fetch), A, its heir, fetches B's stripes, the chunks
     B announced included. Before: the heir inherited the stripes but not those chunks."""
     digest, size, data = pushed_layer
-    async with stuck_origin() as origin:
-        async with fetching_peer(tmp_path / "b", session, registry, origin, digest, size) as (_b, server):
-            b_url = str(server.make_url("")).rstrip("/")
-            config = EngineConfig(gather_delay=0.0, owner_grace=0.4)
-            a = Node(tmp_path / "a", session, registry, [b_url], config)
-            try:
-                a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
-                await asyncio.wait_for(a.engine.wait_complete(digest), timeout=60)
-                assert a.store.read(digest, 0, size) == data
-                assert a.engine.counters["origin_bytes"] == size
-                assert a.engine.counters["origin_heir_chunks"] > 0
-            finally:
-                await a.close()
+    async with fetching_peer(tmp_path / "b", session, registry, hanging_origin, digest, size) as (_b, server):
+        b_url = str(server.make_url("")).rstrip("/")
+        config = EngineConfig(gather_delay=0.0, owner_grace=0.4)
+        a = Node(tmp_path / "a", session, registry, [b_url], config)
+        try:
+            a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            await asyncio.wait_for(a.engine.wait_complete(digest), timeout=60)
+            assert a.store.read(digest, 0, size) == data
+            assert a.engine.counters["origin_bytes"] == size
+            assert a.engine.counters["origin_heir_chunks"] > 0
+        finally:
+            await a.close()

@@ -148,22 +148,6 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.fixture
-async def hanging_origin() -> AsyncIterator[str]:
-    """A registry address that accepts requests and never answers (a dead uplink)."""
-
-    async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(3600)
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hang)
-    server = TestServer(app)
-    await server.start_server()
-    yield f"{server.host}:{server.port}"
-    await server.close()
-
-
 async def nodes(tmp_path: Path, session: aiohttp.ClientSession, n: int, origins: list[str]) -> list[Node]:
     return [Node(tmp_path / f"n{i}", session, origins, []) for i in range(n)]
 
@@ -405,3 +389,33 @@ async def test_a_download_stuck_without_a_lease_fetches_from_the_origin_anyway(
         await b.close()
         with contextlib.suppress(Exception):
             await x.close()
+
+
+async def test_a_peers_only_download_asks_for_no_lease(
+    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
+) -> None:
+    """A replication (peers only) while a tracker answers: nobody holds the blob, and the download
+    never asks the tracker for a lease (one granted would have it fetch from the origin, or, if
+    it kept its word, hold those chunks back from every other member); it gives up, leaving
+    nothing. Before: it asked, was granted the whole blob, and fetched it from the origin."""
+    digest, size, _data = pushed_layer
+    tracker = IndexTracker(IndexConfig())
+    driver = Driver(tracker)
+    (node,) = await nodes(tmp_path, session, 1, [registry.address])
+    try:
+        await node.start(Link(driver), config=EngineConfig(gather_delay=0.0, peers_only_stall=1.0))
+        assert node.member is not None and node.engine is not None
+        driver.add("m0", node.member)
+        node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+        with driver:
+            await asyncio.sleep(0.3)
+            assert node.engine.coordination.tracking()
+            dl = node.engine.ensure(digest, peers_only=True)
+            assert dl is not None
+            await asyncio.wait_for(asyncio.shield(dl.task), 30)
+        assert dl.error is not None and not node.store.exists(digest)
+        assert node.engine.counters["leases"] == 0
+        assert node.engine.counters["origin_bytes"] == 0
+        assert tracker.index.leases(digest, time.monotonic()) == []
+    finally:
+        await node.close()
