@@ -183,3 +183,48 @@ def test_the_tracker_dies_mid_pull_on_a_site_that_names_no_peers(site: Site, ima
         assert cnode.stats()["corrupt_chunks"] == 0
         assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
         check_node(cnode, ref, image)
+
+
+def test_a_partition_and_its_healing_mid_pull_on_a_site_that_names_no_peers(
+    site: Site, image: BuiltImage
+) -> None:
+    """Cut the LAN in two while all four pull (the side without the router loses the uplink too),
+    hold it while each side elects its own tracker, heal: one tracker again, every pull succeeds
+    with a correct image, and nothing is corrupt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    ref = site.push_image(image, "edge/app")
+    cluster = Cluster(site, mode="full", discovery=True)
+    elected(cluster)
+    before = site.uplink_bytes()
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(n.pull, ref) for n in cluster.nodes]
+        deadline = time.monotonic() + 60
+        while site.uplink_bytes() - before < 0.3 * image.compressed_size:
+            assert time.monotonic() < deadline, "the pull never got going"
+            time.sleep(0.02)
+        site.partition([2, 3])
+        cut = time.monotonic()
+        deadline = cut + 20
+        while True:  # each side has a tracker of its own
+            views = [n.control() for n in cluster.nodes]
+            sides = (views[:2], views[2:])
+            if all(sum(v["role"] == "tracker" for v in side) == 1 for side in sides):
+                break
+            assert time.monotonic() < deadline, [v["role"] for v in views]
+            time.sleep(0.2)
+        print(f"\none tracker per side {time.monotonic() - cut:.1f} s after the cut")
+        site.heal()
+        healed = time.monotonic()
+        for f in futures:
+            f.result(timeout=240)
+    views = elected(cluster, timeout=20)
+    print(
+        f"pulls done and one tracker again {time.monotonic() - healed:.1f} s after healing; "
+        f"uplink {(site.uplink_bytes() - before) / image.compressed_size:.3f}x the image"
+    )
+    assert len({v["tracker"]["id"] for v in views}) == 1
+    for cnode in cluster.nodes:
+        assert cnode.stats()["corrupt_chunks"] == 0
+        assert cnode.run(ref, ("sh", "-c", "ls /payload | wc -l")).strip() == "4"
+        check_node(cnode, ref, image)
