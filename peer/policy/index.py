@@ -24,8 +24,9 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
   spread and re-planned often, `solo_lease_chunks` (32) when the member is alone. A lease whose
   holder announced no progress on its run for `lease_grace` (6 s) is expired and its run is free
-  again (re-granted). A member holds at most `leases_per_member` (2: the batch in flight and the
-  next one) live leases per blob.
+  again (re-granted); progress on any of a member's leases of a blob counts for all of them (the
+  next run waits behind the one in flight). A member holds at most `leases_per_member` (2: the
+  batch in flight and the next one) live leases per blob.
 - `release(digest, member, first, last)`: the member finished (or gave up) a run.
 - `replicas(digest)`: members holding a complete copy; `complete_holders(digest, excluding)`: the
   same less one member (the popularity section's replica counts, for the cache manager).
@@ -266,15 +267,15 @@ class Index:
         return True
 
     def _progress(self, blob: _Blob, member: str, new: int, now: float) -> None:
-        """Chunks `new` arrived at `member`: its leases over them progressed; leases whose whole
-        run is held now are done."""
-        keep = []
-        for lease in blob.leases:
-            if lease.member == member and lease.mask & new:
+        """Chunks `new` arrived at `member`: if they progressed one of its leases, all its leases
+        of the blob progressed (the next run waits behind the one in flight: a long run on a slow
+        uplink must not let the next one expire, be re-granted and be fetched twice); leases whose
+        whole run is held now are done."""
+        mine = [le for le in blob.leases if le.member == member]
+        if any(le.mask & new for le in mine):
+            for lease in mine:
                 lease.progress = now
-            if lease.mask & ~blob.held:
-                keep.append(lease)
-        blob.leases = keep
+        blob.leases = [le for le in blob.leases if le.mask & ~blob.held]
 
     def _adopt(
         self, digest: str, blob: _Blob, member: str, runs: Iterable[tuple[int, int]], now: float
