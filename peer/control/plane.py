@@ -94,7 +94,7 @@ class ControlPlane:
 
     def routes(self) -> web.RouteTableDef:
         """`/peersync/v1/control/{sync,whois,tracker,status}` (see `peer.control.tracker`)."""
-        return routes(self.agent)
+        return routes(self.agent, self.status)
 
     async def start(self) -> None:
         await self.discovery.start()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -198,9 +198,12 @@ class ControlNode(Protocol):
     def status(self) -> dict[str, Any]: ...
 
 
-def routes(node: ControlNode) -> web.RouteTableDef:
-    """The control routes over `node` (mounted on the peer exchange's app by `peer.node`)."""
+def routes(node: ControlNode, status: Callable[[], dict[str, Any]] | None = None) -> web.RouteTableDef:
+    """The control routes over `node` (mounted on the peer exchange's app by `peer.node`);
+    `status` is what `GET status` serves (by default `node.status`: `ControlPlane.status()`
+    passes itself, which adds what only it knows, such as `direct_peers`)."""
     r = web.RouteTableDef()
+    status_of = status or node.status
 
     def answer(body: dict[str, Any], status: int = 200) -> web.Response:
         return web.json_response({"v": PROTOCOL, "site": node.site, **body}, status=status)
@@ -248,7 +251,7 @@ def routes(node: ControlNode) -> web.RouteTableDef:
         return answer(node.announced(ref))
 
     @r.get(PREFIX + "/status")
-    async def status(request: web.Request) -> web.Response:
-        return web.json_response(node.status())
+    async def status_route(request: web.Request) -> web.Response:
+        return web.json_response(status_of())
 
     return r

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from sections_cases import Board, Broken, Notes
@@ -288,5 +289,12 @@ async def test_status_has_the_documented_keys(site: Site) -> None:
     }
     assert st["role"] == "member" and st["tracker"]["id"] == nodes[0].id
     assert [m["rank"] for m in st["members"]] == [0, 1]
+    # the route serves the same document (it lacked `direct_peers`, which only the plane adds)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(f"{nodes[1].plane.me.url}/peersync/v1/control/status") as r,
+    ):
+        served = await r.json()
+    assert set(served) == set(st) and served["direct_peers"] == st["direct_peers"]
     assert set(st["members"][0]) == {"id", "url", "rank", "priority", "started", "last_heard", "self"}
     assert st["messages"]["sync_sent"] >= 1 and nodes[0].plane.status()["messages"]["sync_received"] >= 1
