@@ -49,7 +49,7 @@ def run_once(data: bytes, chunk_size: int) -> dict[str, float]:
             writer = store.ingests.open("bench", len(data))
             view = memoryview(data)
             for off in range(0, len(data), MESSAGE):
-                writer.write_at(off, view[off:off + MESSAGE])
+                writer.write_at(off, view[off : off + MESSAGE])
             t1 = time.perf_counter()
             digest = writer.commit(len(data), "")
             t2 = time.perf_counter()
@@ -64,8 +64,14 @@ def run_once(data: bytes, chunk_size: int) -> dict[str, float]:
         lookup_us = (time.perf_counter() - t3) / lookups * 1e6
         store.close()
         meta.close()
-    return {"write_s": t1 - t0, "commit_s": t2 - t1, "txn_ms": txn_time[0] * 1e3, "table": table,
-            "chunks": count, "lookup_us": lookup_us}
+    return {
+        "write_s": t1 - t0,
+        "commit_s": t2 - t1,
+        "txn_ms": txn_time[0] * 1e3,
+        "table": table,
+        "chunks": count,
+        "lookup_us": lookup_us,
+    }
 
 
 def main() -> None:
@@ -78,8 +84,10 @@ def main() -> None:
     hashlib.sha256(data).digest()
     floor = args.size_mb / (time.perf_counter() - t)
     print(f"blob {args.size_mb} MiB, {args.repeat} runs each (median); sha256 alone: {floor:.0f} MiB/s")
-    print(f"{'chunk':>8} {'chunks':>7} {'write MiB/s':>12} {'commit s':>9} {'ingest+commit MiB/s':>20} "
-          f"{'LMDB txn ms':>12} {'table KiB':>10} {'hash lookup us':>15}")
+    print(
+        f"{'chunk':>8} {'chunks':>7} {'write MiB/s':>12} {'commit s':>9} {'ingest+commit MiB/s':>20} "
+        f"{'LMDB txn ms':>12} {'table KiB':>10} {'hash lookup us':>15}"
+    )
     for chunk_size in SIZES:
         runs = [run_once(data, chunk_size) for _ in range(args.repeat)]
 
@@ -87,9 +95,11 @@ def main() -> None:
             return statistics.median(r[key] for r in runs)
 
         total = med("write_s") + med("commit_s")
-        print(f"{chunk_size // KIB:>6}Ki {int(med('chunks')):>7} {args.size_mb / med('write_s'):>12.0f} "
-              f"{med('commit_s'):>9.2f} {args.size_mb / total:>20.0f} {med('txn_ms'):>12.2f} "
-              f"{med('table') / KIB:>10.1f} {med('lookup_us'):>15.1f}")
+        print(
+            f"{chunk_size // KIB:>6}Ki {int(med('chunks')):>7} {args.size_mb / med('write_s'):>12.0f} "
+            f"{med('commit_s'):>9.2f} {args.size_mb / total:>20.0f} {med('txn_ms'):>12.2f} "
+            f"{med('table') / KIB:>10.1f} {med('lookup_us'):>15.1f}"
+        )
 
 
 if __name__ == "__main__":

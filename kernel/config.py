@@ -8,6 +8,7 @@ what `peersync config-defaults` prints (see `DEFAULT_TOML`).
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 _D = TypeVar("_D", bound="DataclassInstance")
 
 MIB = 1 << 20
+PEER_CHOICES = ("bound", "ewma", "random")  # [peer] choice (peer.policy.choice.Rule)
 
 DEFAULT_TOML = """\
 # PeerSync daemon configuration (all keys optional; these are the defaults).
@@ -68,6 +70,12 @@ peers = []
 # Addresses ("host:port") of a few nodes of a routed site (where multicast does not reach): a new
 # node asks them who the site's members and tracker are, then learns the rest from the tracker.
 bootstrap = []
+# This node's own subnets (CIDR, e.g. ["10.20.0.0/16"]): peers inside them are preferred when
+# choosing whom to ask for a chunk. Empty: the /24 (IPv4) or /64 (IPv6) around this node's address.
+subnets = []
+# How peers are chosen per chunk: "bound" (the smallest predicted upper bound on response time,
+# learned online). "ewma" (the rule before it) and "random" are baselines for benchmarks only.
+choice = "bound"
 
 [site]
 # Nodes of other sites on the same LAN are ignored. The same file on every node is enough.
@@ -150,6 +158,8 @@ class PeerConfig:
     advertise: str = ""
     peers: list[str] = field(default_factory=list)
     bootstrap: list[str] = field(default_factory=list)
+    subnets: list[str] = field(default_factory=list)
+    choice: str = "bound"
 
 
 @dataclass(frozen=True)
@@ -296,6 +306,15 @@ def _validate(config: Any, where: str) -> None:
         for address in config.bootstrap:
             if not _hostport(address.split("://", 1)[-1]):
                 raise InvalidArgument(f"{where}: peer.bootstrap entries must be host:port, got {address!r}")
+        for subnet in config.subnets:
+            try:
+                ipaddress.ip_network(subnet, strict=False)
+            except ValueError:
+                raise InvalidArgument(
+                    f"{where}: peer.subnets entries must be CIDR networks, got {subnet!r}"
+                ) from None
+        if config.choice not in PEER_CHOICES:
+            raise InvalidArgument(f"{where}: peer.choice must be one of {', '.join(PEER_CHOICES)}")
     if isinstance(config, SiteConfig) and not _SITE_NAME.fullmatch(config.name):
         raise InvalidArgument(
             f"{where}: site.name must be 1-63 lowercase letters, digits or '-', got {config.name!r}"

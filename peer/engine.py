@@ -9,9 +9,11 @@ blob is always finished, whoever asked for it). Each round of its loop it:
    peers' `POST /have` while downloads run (`policy.fanout`); either way a chunk a peer got a
    moment ago is fetched from it, not from the uplink: announce-while-downloading;
 2. fetches chunks that peers hold, keeping a window of requests in flight; per chunk it picks the
-   peer with the best predicted completion time (measured throughput and latency, queue depth,
-   failures), chunks a reader is waiting for first, then rarest first; stragglers are hedged to a
-   second peer;
+   peer with the smallest predicted upper bound on its response time given its queue (learned
+   online from every chunk request's outcome, with exploration and a same-subnet preference:
+   `peer.policy.peerstats`, `peer.policy.choice`), chunks a reader is waiting for first, then
+   rarest first; a request still running past its peer's p99 bound is hedged to a second peer,
+   within the same window and cap;
 3. fetches from the origin the chunks no peer holds, but only its share of them. With a tracker,
    only the runs it leased us (the tracker grants each chunk to one member at a time and
    re-grants the run of a holder that makes no progress), so the uplink carries each chunk once
@@ -50,8 +52,9 @@ import functools
 import hashlib
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict, dataclass, field
 from typing import Protocol
 
 import structlog
@@ -63,19 +66,21 @@ from peer.catalog import Catalog, Source
 from peer.exchange import PeerClient, PeerError
 from peer.origin import OriginClient
 from peer.peers import PeerSource
-from peer.policy.choice import best_peer
+from peer.policy.choice import Picker, Rule
 from peer.policy.fanout import fanout
 from peer.policy.gathering import gather
-from peer.policy.hedging import hedges
+from peer.policy.hedging import RESERVE, InFlight, hedges, late_at_bound, late_by_ewma
 from peer.policy.holdings import BlobView, holders, usable_views
-from peer.policy.peerstats import PeerStats
+from peer.policy.peerstats import PeerFigures, PeerStats
 from peer.policy.schedule import Slots, schedule, wanted_chunks
 from peer.policy.striping import Sighting, Stripes, origin_candidates, origin_run, stalled, track_progress
+from peer.policy.subnet import Locality
 from peer.policy.window import window
 
 log = structlog.get_logger(__name__)
 
 MAX_STORE_BATCH = 4  # origin chunks held in memory while the previous batch is being stored
+RECENT_TRANSFERS = 4096  # chunk requests kept for `Engine.transfers()`
 
 
 @dataclass
@@ -91,7 +96,10 @@ class EngineConfig:
     owner_grace: float = 6.0  # an owner whose holdings have not grown for this long is stalled
     gather_delay: float = 0.5  # after claiming, how long to look for other nodes filling the blob
     gather_max: float = 2.0  # ... and how long at most to wait for the rest of the site to join
-    hedge_after: float = 2.0  # seconds; a peer request older than this (and 4x typical) is hedged
+    hedge_after: float = 2.0  # ewma/random rules: hedge a request older than this and 4x typical
+    hedge_floor: float = 0.05  # bound rule: hedge past the p99 bound, never sooner than this
+    choice: Rule = Rule.BOUND  # how peers are chosen; "ewma", "random": baselines for benchmarks
+    subnets: tuple[str, ...] = ()  # our subnets (CIDR) for the subnet preference; (): the /24 or /64
     drop_for: float = 300.0  # seconds a misbehaving peer (bad chunks) is ignored
     unreachable_for: float = 20.0  # seconds an unresponsive peer is left alone before it is retried
     max_inflight: int = 24  # chunk requests to peers in flight over all blobs: bounds buffer memory
@@ -227,6 +235,8 @@ class Engine:
         # told True when downloads start running and False when the last one ends (the control
         # plane syncs more often while this node downloads)
         self.on_busy: Callable[[bool], None] | None = None
+        self.locality = Locality.of(self_url, self.config.subnets)
+        self.recent: deque[TransferRecord] = deque(maxlen=RECENT_TRANSFERS)
 
     # -- public API --------------------------------------------------------------------------
 
@@ -362,14 +372,46 @@ class Engine:
     def stat(self, peer: str) -> PeerStats:
         return self.stats.setdefault(peer, PeerStats())
 
-    def drop(self, peer: str, why: str, seconds: float | None = None) -> None:
-        """Ignore `peer` for a while: not polled, not asked for chunks, not counted as interested."""
+    def peers(self) -> dict[str, PeerFigures]:
+        """Every peer we know of (listed by the peer source or measured), with what we measured of
+        it: throughput, RTT, p95/p99 response time, score, in flight, failures, state. The keys
+        are `peer.policy.peerstats.PeerFigures`'s (documented there); what `peersync peers` and
+        `GET /peersync/v1/peers` show."""
+        now = time.monotonic()
+        names = dict.fromkeys([*self.peer_source.peers(), *self.stats])
+        out: dict[str, PeerFigures] = {}
+        picker = Picker(
+            self.stats, self.store.chunk_size, now, self.rng, locality=self.locality, oldest=self.oldest()
+        )
+        for peer in names:
+            st = self.stats.get(peer) or PeerStats()
+            out[peer] = st.figures(now, picker.score(peer), self.locality.same(peer))
+        return out
+
+    def oldest(self) -> dict[str, tuple[float, int]]:
+        """Per peer, its oldest request in flight over all blobs: (launched at, the queue it was
+        launched into). What a peer has not answered yet is evidence too (`PeerStats.bound`)."""
+        out: dict[str, tuple[float, int]] = {}
+        for dl in self.downloads.values():
+            for flights in dl.flights.values():
+                for f in flights:
+                    if f.peer not in out or f.started < out[f.peer][0]:
+                        out[f.peer] = (f.started, f.queue)
+        return out
+
+    def transfers(self) -> list[dict[str, object]]:
+        """The last `RECENT_TRANSFERS` chunk requests to peers, oldest first (`TransferRecord`)."""
+        return [asdict(r) for r in self.recent]
+
+    def drop(self, peer: str, why: str, seconds: float | None = None, kind: str = "dropped") -> None:
+        """Ignore `peer` for a while: not polled, not asked for chunks, not counted as interested.
+        `kind` is "dropped" (it misbehaved) or "suspended" (it stopped answering)."""
         st = self.stat(peer)
         seconds = self.config.drop_for if seconds is None else seconds
-        st.drop(time.monotonic(), seconds)
+        st.drop(time.monotonic(), seconds, kind)
         for views in self.views.values():
             views.pop(peer, None)
-        log.warning("peer dropped", peer=peer, why=why, seconds=seconds)
+        log.warning("peer dropped", peer=peer, why=why, seconds=seconds, kind=kind)
 
     def usable_peers(self) -> list[str]:
         """The peers polled directly (no tracker): at most `fanout` of the site's members
@@ -433,7 +475,8 @@ class Engine:
 
     async def _ask(self, peer: str, digests: list[str]) -> None:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
-        failures in a row suspend the peer (dead or partitioned), which drops its views."""
+        unanswered polls in a row suspend the peer (dead or partitioned), which drops its views.
+        Poll failures are counted apart from failed chunk requests (`PeerStats`)."""
         st = self.stat(peer)
         self.counters["control_requests"] += 1
         try:
@@ -442,7 +485,7 @@ class Engine:
             if st.poll_failed():
                 for d in digests:
                     self.views.setdefault(d, {}).pop(peer, None)
-                self.drop(peer, f"not answering: {exc}", self.config.unreachable_for)
+                self.drop(peer, f"not answering: {exc}", self.config.unreachable_for, "suspended")
             return
         st.poll_answered()
         for d in digests:
@@ -457,11 +500,39 @@ class Engine:
 
 @dataclass
 class _Flight:
+    """One chunk request to a peer (a `peer.policy.hedging.InFlight`)."""
+
     index: int
-    peer: str  # "" for the origin
+    peer: str
+    started: float  # launched (time.monotonic()); its response time is measured from here
+    task: asyncio.Task[None] = field(init=False)
+    queue: int = 0  # our other requests in flight to `peer` when it was launched
+    hedge: bool = False  # it is the second request for a straggler
+    hedged: bool = False  # it is a straggler with a second request, or a hedge (never hedged)
+    received: bool = False  # its bytes are in: cancelling it now would save nothing and lose its bookkeeping
+
+
+@dataclass(frozen=True)
+class TransferRecord:
+    """One chunk request to a peer as it ended (`Engine.transfers()`): for operators and benchmarks.
+
+    `started`, `ended` and `seconds` are time.monotonic() based: `seconds` runs from the launch to
+    the last byte or the failure, `ended` is when the request was done with (its chunk stored or
+    not); `queue` is our other requests in flight to the peer at its launch; `outcome` is "ok",
+    "failed", "corrupt", "outrun" (hedged and cancelled: its twin answered first) or "cancelled";
+    `chunk_seconds`, for the request whose bytes were stored, is the time from the chunk's first
+    request to then (what a reader waiting for the chunk saw), else None."""
+
     started: float
-    task: asyncio.Task[None]
-    hedged: bool = False
+    ended: float
+    digest: str
+    index: int
+    peer: str
+    seconds: float
+    queue: int
+    hedge: bool
+    outcome: str
+    chunk_seconds: float | None = None
 
 
 @dataclass
@@ -496,6 +567,7 @@ class Download:
         self.leases_done: list[tuple[int, int]] = []
         self._asked_early = False  # sync_soon was called and no lease has been granted since
         self._rescue = False  # stuck without a lease: fetching unheld chunks from the origin anyway
+        self.asked: dict[int, float] = {}  # chunk -> when its first peer request was launched
 
     # -- API for readers ---------------------------------------------------------------------
 
@@ -578,6 +650,7 @@ class Download:
 
     def _reset(self) -> None:
         self._cancel_flights()
+        self.asked.clear()
         self.provenance.clear()
         self.table_verified = False
         self.table_from = []
@@ -732,11 +805,18 @@ class Download:
         views = self.engine.views.get(self.digest, {})
         return usable_views(views, self.engine.stats, time.monotonic(), self.source.size)
 
-    def _choose(self, candidates: Sequence[str]) -> str | None:
-        return best_peer(candidates, self.engine.stats, self.chunk_size, self.engine.rng)
+    def _picker(self, now: float) -> Picker:
+        """This round's peer choices (`policy.choice`): it counts what it assigns, so one round
+        spreads chunks over peers as their queues grow."""
+        engine = self.engine
+        cfg = engine.config
+        return Picker(
+            engine.stats, self.chunk_size, now, engine.rng, cfg.choice, engine.locality, engine.oldest()
+        )
 
     def _schedule(self, missing: list[int]) -> None:
-        """Start this round's peer requests (`policy.schedule`) and hedges (`policy.hedging`)."""
+        """Start this round's peer requests (`policy.schedule`) and hedges (`policy.hedging`),
+        both within the blob's window and the engine-wide cap."""
         engine, cfg = self.engine, self.engine.config
         views = self._views()
         now = time.monotonic()
@@ -747,10 +827,21 @@ class Download:
             flights=sum(len(fl) for fl in self.flights.values()),
             inflight=engine.inflight,
             max_inflight=cfg.max_inflight,
+            reserve=RESERVE,
         )
-        for fetch in schedule(missing, held, self.wanted, in_flight, slots, self._choose):
+        picker = self._picker(now)
+        fetches = schedule(missing, held, self.wanted, in_flight, slots, picker)
+        for fetch in fetches:
             self._launch(fetch.index, fetch.peer)
-        for h in hedges(self.flights, held, engine.stats, now, cfg.hedge_after, self.chunk_size, engine.rng):
+        stats, nbytes = engine.stats, self.chunk_size
+
+        def late(f: InFlight) -> bool:
+            if cfg.choice is Rule.BOUND:
+                return late_at_bound(f, stats, now, nbytes, cfg.hedge_floor)
+            return late_by_ewma(f, stats, now, cfg.hedge_after, nbytes)
+
+        room = slots.hedge_room(len(fetches))
+        for h in hedges(self.flights, held, late, picker, room, self.wanted):
             self.flights[h.index][0].hedged = True
             engine.counters["hedges"] += 1
             self._launch(h.index, h.peer, hedge=True)
@@ -802,14 +893,21 @@ class Download:
     # -- fetching ----------------------------------------------------------------------------
 
     def _launch(self, index: int, peer: str, hedge: bool = False) -> None:
+        """Start a request for chunk `index` from `peer`. It counts in the peer's queue from now
+        (not from when its task first runs), so the next round's choices see it."""
+        st = self.engine.stat(peer)
+        now = time.monotonic()
+        flight = _Flight(index, peer, now, queue=st.inflight, hedge=hedge, hedged=hedge)
         self.engine.inflight += 1
-        flight = _Flight(index, peer, time.monotonic(), asyncio.create_task(self._from_peer(index, peer)))
-        flight.hedged = hedge
+        st.inflight += 1
+        self.asked.setdefault(index, now)
+        flight.task = asyncio.create_task(self._from_peer(flight))
         self.flights.setdefault(index, []).append(flight)
         flight.task.add_done_callback(functools.partial(self._landed, flight))
 
     def _landed(self, flight: _Flight, _task: asyncio.Task[None] | None = None) -> None:
         self.engine.inflight -= 1
+        self.engine.stat(flight.peer).inflight -= 1
         for dl in self.engine.downloads.values():  # a slot is free: any blob may use it
             dl.wake.set()
         flights = self.flights.get(flight.index, [])
@@ -821,7 +919,8 @@ class Download:
             return
         if self.engine.store.partials.missing(self.digest) == [] or flight.index not in self._missing_set():
             for other in list(self.flights.get(flight.index, [])):  # a hedge's twin is not needed now
-                other.task.cancel()
+                if not other.received:
+                    other.task.cancel()
         self.wake.set()
 
     def _missing_set(self) -> set[int]:
@@ -830,48 +929,107 @@ class Download:
         except PeerSyncError:
             return set()
 
-    async def _from_peer(self, index: int, peer: str) -> None:
-        engine, st = self.engine, self.engine.stat(peer)
+    def _record(self, f: _Flight, seconds: float, outcome: str, chunk_seconds: float | None = None) -> None:
+        self.engine.recent.append(
+            TransferRecord(
+                f.started,
+                time.monotonic(),
+                self.digest,
+                f.index,
+                f.peer,
+                seconds,
+                f.queue,
+                f.hedge,
+                outcome,
+                chunk_seconds,
+            )
+        )
+
+    async def _from_peer(self, f: _Flight) -> None:
+        """Fetch one chunk and feed its outcome to the peer's model (`PeerStats`): bytes, seconds
+        from launch, first-byte time, the queue it shared the peer with (the mean of our other
+        requests in flight to it at its launch and at its end); success, failure (bad bytes count
+        as failures) or, for a hedged straggler cancelled because its twin won, a censored sample
+        of the time it had taken so far."""
+        engine, st, index, peer = self.engine, self.engine.stat(f.peer), f.index, f.peer
+
+        def shared() -> float:  # st.inflight still counts this request: it drops in _landed
+            return (f.queue + max(st.inflight - 1, 0)) / 2
+
         offset = index * self.chunk_size
         length = min(self.chunk_size, self.source.size - offset)
-        st.inflight += 1
-        t0 = time.monotonic()
         try:
-            data, claim = await engine.client.chunk(peer, self.digest, offset, length)
+            reply = await engine.client.chunk(peer, self.digest, offset, length)
         except (PeerError, PeerSyncError) as exc:
-            if st.chunk_failed():
-                engine.drop(peer, f"{st.failures} failures in a row: {exc}")
+            seconds = time.monotonic() - f.started
+            self._record(f, seconds, "failed")
+            if st.chunk_failed(nbytes=length, seconds=seconds, queue=shared(), now=time.monotonic()):
+                engine.drop(peer, f"{st.chunk_failures} failed chunk requests in a row: {exc}")
             return
-        finally:
-            st.inflight -= 1
-        st.observe(length, time.monotonic() - t0)
+        except asyncio.CancelledError:
+            seconds = time.monotonic() - f.started
+            outrun = f.hedged and not f.hedge
+            if outrun:
+                st.outrun(length, seconds, queue=shared(), now=time.monotonic())
+            self._record(f, seconds, "outrun" if outrun else "cancelled")
+            raise
+        f.received = True  # from here on it is not cancelled for its twin's sake (`_landed`)
+        data, claim = reply.data, reply.claim
+        now = time.monotonic()
+        seconds = now - f.started
+        queue = shared()
         # With a verified table the store checks the chunk against it; otherwise the serving peer's
         # own hash of the chunk is what we hold it to.
         if not self.table_verified and (claim is None or claim != await asyncio.to_thread(_sha256, data)):
-            engine.counters["corrupt_chunks"] += 1
-            engine.drop(peer, f"chunk {index} of {self.digest} does not match the hash it announced")
+            self._corrupt(
+                f,
+                length,
+                seconds,
+                queue,
+                f"chunk {index} of {self.digest} does not match the hash it announced",
+            )
             return
+        st.observe(length, seconds, latency=reply.headers_at - f.started, queue=queue, now=now)
         if index not in self._missing_set():
+            self._record(f, seconds, "ok")
             return
         try:
             await engine.store.partials.aput_chunks(self.digest, [(index, data)])
         except ChunkCorrupt:
-            engine.counters["corrupt_chunks"] += 1
-            engine.drop(peer, f"chunk {index} of {self.digest} does not match the verified table")
+            self._corrupt(
+                f, length, seconds, queue, f"chunk {index} of {self.digest} does not match the verified table"
+            )
             return
         except (NotFound, AlreadyExists):
+            self._record(f, seconds, "ok")
             return
         except PeerSyncError as exc:
+            self._record(f, seconds, "ok")
             log.info("chunk not stored", digest=self.digest, index=index, error=str(exc))
             return
-        engine.counters["peer_bytes"] += length
+        # A hedge and its twin may both get here with the same chunk (both saw it missing before
+        # either store finished, and a request whose bytes are in is not cancelled): the first to
+        # come back pops `asked`, and only its bytes count, once.
+        asked = self.asked.pop(index, None)  # None: its twin's bytes were stored a moment ago
+        if asked is not None:
+            engine.counters["peer_bytes"] += length
         if not self.table_verified:
             self.provenance[index] = peer
+        self._record(f, seconds, "ok", None if asked is None else time.monotonic() - asked)
         self._progress(index)
+
+    def _corrupt(self, f: _Flight, nbytes: int, seconds: float, queue: float, why: str) -> None:
+        """Bad bytes from `f.peer`: a failure in its model, and the peer is dropped."""
+        engine = self.engine
+        engine.counters["corrupt_chunks"] += 1
+        engine.stat(f.peer).chunk_failed(nbytes=nbytes, seconds=seconds, queue=queue, now=time.monotonic())
+        self._record(f, seconds, "corrupt")
+        engine.drop(f.peer, why)
 
     def _progress(self, index: int) -> None:
         self.last_progress = time.monotonic()
         self.wanted.discard(index)
+        self.asked.pop(index, None)
 
     def _launch_origin(self, candidates: list[int], stripes: Stripes, views: dict[str, BlobView]) -> None:
         """One Range request for the run of consecutive candidates `policy.striping.origin_run`
@@ -964,7 +1122,8 @@ class Download:
             self.provenance.pop(index, None)
             self._progress(index)
             for f in self.flights.pop(index, []):
-                f.task.cancel()
+                if not f.received:
+                    f.task.cancel()
 
     async def _maybe_fetch_table(self) -> None:
         """Adopt the verified chunk table of peers holding the complete blob (two must agree when

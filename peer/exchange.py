@@ -29,8 +29,9 @@ import base64
 import json
 import os
 import re
+import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import aiohttp
 import structlog
@@ -206,6 +207,16 @@ class PeerError(Unavailable):
     """A peer could not answer (connection, timeout, HTTP error)."""
 
 
+class ChunkReply(NamedTuple):
+    """One chunk as a peer sent it: the bytes, the peer's claimed SHA-256 of them (None if it sent
+    none), and when its response headers arrived (`time.monotonic()`): the engine's first-byte
+    time, the round trip plus the peer's and its link's queueing."""
+
+    data: bytes
+    claim: bytes | None
+    headers_at: float
+
+
 class PeerClient:
     """Asks other nodes for views, tables and chunk bytes."""
 
@@ -225,12 +236,13 @@ class PeerClient:
             raise PeerError(f"{peer}: table of {digest} has {len(raw)} bytes, expected {chunks * HASH_LEN}")
         return [raw[i : i + HASH_LEN] for i in range(0, len(raw), HASH_LEN)]
 
-    async def chunk(self, peer: str, digest: str, offset: int, length: int) -> tuple[bytes, bytes | None]:
-        """(bytes, the peer's claimed SHA-256 of them) for one chunk."""
+    async def chunk(self, peer: str, digest: str, offset: int, length: int) -> ChunkReply:
+        """One chunk: its bytes, the peer's claimed SHA-256 of them, when the headers came."""
         headers = {"Range": f"bytes={offset}-{offset + length - 1}"}
         url = f"{peer}{PREFIX}/blobs/{digest}/data"
         try:
             async with self._session.get(url, headers=headers, timeout=self._timeout) as resp:
+                headers_at = time.monotonic()
                 if resp.status not in (200, 206):
                     why = (await resp.text())[:200]
                     raise PeerError(f"{peer}: {resp.status} for chunk at {offset} of {digest}: {why}")
@@ -240,7 +252,7 @@ class PeerClient:
             raise PeerError(f"{peer}: {type(exc).__name__}: {exc}") from exc
         if len(data) != length:
             raise PeerError(f"{peer}: {len(data)} bytes for a {length}-byte chunk of {digest}")
-        return data, bytes.fromhex(claim) if claim else None
+        return ChunkReply(data, bytes.fromhex(claim) if claim else None, headers_at)
 
     async def _request(self, method: str, url: str, timeout: float | None = None, body: Any = None) -> bytes:
         """The response body of a 200 (`body`, if any, is sent as JSON)."""

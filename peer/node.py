@@ -49,6 +49,7 @@ from peer.exchange import PeerClient, routes
 from peer.mirror import Mirror
 from peer.origin import CredentialStore, HostSettings, OriginClient
 from peer.peers import PeerSource, StaticPeers
+from peer.policy.choice import Rule
 from peer.policy.popularity import Window
 from peer.replication import Replicator
 
@@ -105,7 +106,7 @@ class PeerNode:
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         peers: PeerSource = StaticPeers(cfg.peer.peers, self.self_url)
-        engine_config = EngineConfig()
+        engine_config = EngineConfig(choice=Rule(cfg.peer.choice), subnets=tuple(cfg.peer.subnets))
         if cfg.peer.listen:
             self.control = ControlPlane(cfg, self.self_url)
             # one bound on direct polling: the engine's groups, and the status that reports them
@@ -115,15 +116,9 @@ class PeerNode:
                 self.control.register(member_side, tracker_side)
             peers = self.control
         self.engine = Engine(
-            self.store,
-            self.catalog,
-            origin,
-            peers,
-            PeerClient(self.session),
-            self.self_url,
-            engine_config,
+            self.store, self.catalog, origin, peers, PeerClient(self.session), self.self_url, engine_config,
             cache=self.cache,
-        )
+        )  # fmt: skip
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
             self.index = IndexMember(self.engine, _Wake(self.control))  # the engine's coordination
@@ -134,6 +129,8 @@ class PeerNode:
             if self.control is not None:
                 app.add_routes(self.control.routes())
             app.router.add_get("/peersync/v1/stats", self._stats)
+            app.router.add_get("/peersync/v1/peers", self._peers)
+            app.router.add_get("/peersync/v1/transfers", self._transfers)
             await self._serve(app, cfg.peer.listen, "peer exchange", "[peer] listen")
         if cfg.mirror.listen:
             app = web.Application()
@@ -174,6 +171,16 @@ class PeerNode:
         if self.control is not None:
             body["control"] = self.control.counters.snapshot()
         return web.json_response(body)
+
+    async def _peers(self, request: web.Request) -> web.Response:
+        """Per-peer figures (`Engine.peers()`; keys documented by `peer.policy.peerstats.PeerFigures`)."""
+        assert self.engine is not None
+        return web.json_response(self.engine.peers())
+
+    async def _transfers(self, request: web.Request) -> web.Response:
+        """The last few thousand chunk requests to peers (`Engine.transfers()`), oldest first."""
+        assert self.engine is not None
+        return web.json_response({"transfers": self.engine.transfers()})
 
     async def stop(self) -> None:
         if self.control is not None:

@@ -49,7 +49,7 @@ def _handler(upstream: Registry, state: LyingOrigin) -> type[BaseHTTPRequestHand
     class Relay(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the base's name)
+        def log_message(self, format: str, *args: object) -> None:
             return
 
         def do_HEAD(self) -> None:

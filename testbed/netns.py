@@ -16,7 +16,8 @@ LAN in two with every link still up; `heal()` moves them back.
 The uplink is the veth pair `<p>-rtr:wan0` <-> `<p>-wan:rtr`; each end has a `tbf` root qdisc
 (egress of wan:rtr shapes WAN->LAN, egress of rtr:wan0 shapes LAN->WAN), so both directions are
 limited to `uplink_mbit`; `set_uplink()` changes both mid-run. With `lan_mbit`, node links are
-shaped the same way (node eth0 egress and the bridge port's egress). IPv6 is disabled in every
+shaped the same way (node eth0 egress and the bridge port's egress); `set_node_rate()` shapes one
+node's link (both ways), mid-run too. IPv6 is disabled in every
 namespace so router solicitations and neighbour discovery do not add noise to the counters.
 
 Counters come from `/proc/thread-self/net/dev` opened once per namespace by a thread that joined it
@@ -610,6 +611,14 @@ class Site:
         self._split.clear()
         with contextlib.suppress(Exception):
             self._ip(self.lan_ns, "link", "del", "br1")
+
+    def set_node_rate(self, index: int, mbit: float | None) -> None:
+        """Shape node `index`'s LAN link to `mbit` Mbit/s both ways (its eth0 egress: what it sends;
+        the bridge port's egress: what it receives), mid-run if need be; None or 0: unshaped. Peers
+        of different speeds on one LAN, or one that slows down while others download from it."""
+        node = self.nodes[index]
+        self._shape(node.netns, "eth0", mbit)
+        self._shape(self.lan_ns, node.name, mbit)
 
     def set_uplink(self, mbit: float | None) -> None:
         """Shape both directions of the uplink to `mbit` Mbit/s (None or 0: unshaped), mid-run."""

@@ -2,26 +2,43 @@
 
 A peer can be slow for reasons its measurements have not caught up with yet (a busy CPU unpacking
 layers, a congested link, a half-dead process); the chunk it holds up may be the one a reader is
-blocked on. A request is a straggler when it has run longer than `hedge_after` seconds and longer
-than 4x the time its peer is predicted to need for a chunk (a peer known to be slow is not hedged
-for being its usual self). A straggler is hedged once: a second request for the same chunk goes to
-the best *other* peer holding it, and whichever answers first wins (the engine cancels the twin).
+blocked on. A straggler is hedged once: a second request for the same chunk goes to the best *other*
+peer holding it, and whichever answers first wins (the engine cancels the twin).
 
-Hedges are bounded: only a chunk with exactly one request in flight is hedged, so a chunk never
-has more than two; a chunk nobody else holds is not hedged (there is no one to ask).
+**When a request is late** (`late_at_bound`, the bound rule): once it has run past `SLACK` times
+its peer's predicted upper bound at `HEDGE_QUANTILE` (p99, `PeerStats.bound`) for the queue it
+shares the peer with (the larger of the queue it was launched into and the peer's queue now:
+requests launched after it slow it down too), and past a small floor (`floor`,
+`EngineConfig.hedge_floor`: a LAN round trip is not worth a second request). That is hedging at the
+bound: a request past the p99 of its peer's recent answers is, by the model's own account, not
+behaving like them, so asking another peer is worth the bytes. The slack (25%) is there because
+the bound is blended with an optimistic prior and drawn from about 19 effective samples: without it
+a well-measured peer answering exactly as usual would be hedged whenever it is a hair slower than
+its best recent answers, and every hedge costs a chunk's bytes. A peer known to be slow is not
+hedged for being its usual self (its bound is high), and a probe of a peer we have little evidence
+about (optimistic prior, see `peerstats`) is hedged soon if it disappoints, which is what makes
+exploration cheap. The EWMA and random baselines keep the rule the engine had before
+(`late_by_ewma`): over `hedge_after` seconds and over `STRAGGLER_FACTOR` x the EWMA prediction.
+
+**Bounds.** Only a chunk with exactly one request in flight is hedged, so a chunk never has more
+than two; a chunk nobody else holds is not hedged; the hedge never goes to the straggler. Hedges
+count against the blob's window and the engine-wide cap like any request (`schedule.Slots`;
+new requests leave `RESERVE` of room for them): at most `room` hedges start in a round, wanted
+chunks' stragglers first, then the oldest.
 """
 
 from __future__ import annotations
 
-import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass
 from typing import Protocol
 
-from peer.policy.choice import best_peer
-from peer.policy.peerstats import PeerStats, stat_of
+from peer.policy.peerstats import HEDGE_QUANTILE, PeerStats, stat_of
+from peer.policy.schedule import Choose
 
-STRAGGLER_FACTOR = 4  # a request this many times its peer's predicted time is late
+STRAGGLER_FACTOR = 4  # EWMA rule: a request this many times its peer's predicted time is late
+RESERVE = 1  # room under the window and the cap that new requests leave for hedges
+SLACK = 1.25  # bound rule: a request is late past this many times its p99 bound
 
 
 class InFlight(Protocol):
@@ -36,6 +53,9 @@ class InFlight(Protocol):
     @property
     def hedged(self) -> bool: ...
 
+    @property
+    def queue(self) -> int: ...
+
 
 @dataclass(frozen=True)
 class FlightView:
@@ -44,6 +64,7 @@ class FlightView:
     peer: str
     started: float
     hedged: bool = False
+    queue: int = 0  # our other requests in flight to `peer` when it was launched
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,11 +76,25 @@ class Hedge:
     peer: str
 
 
-def late(
+Late = Callable[[InFlight], bool]
+
+
+def late_at_bound(
+    flight: InFlight, stats: Mapping[str, PeerStats], now: float, nbytes: int, floor: float
+) -> bool:
+    """Whether `flight` (a request for `nbytes`) has run past its peer's p99 bound for the queue
+    it shares the peer with (launched into, or now if larger) times `SLACK`, and past `floor`
+    seconds."""
+    st = stat_of(stats, flight.peer)
+    bound = st.bound(nbytes, max(flight.queue, st.inflight - 1), HEDGE_QUANTILE, now)
+    return now - flight.started > max(floor, SLACK * bound)
+
+
+def late_by_ewma(
     flight: InFlight, stats: Mapping[str, PeerStats], now: float, hedge_after: float, nbytes: int
 ) -> bool:
-    """Whether `flight` (a request for `nbytes`) has run too long: over `hedge_after` seconds and
-    over `STRAGGLER_FACTOR` x its peer's predicted time."""
+    """The EWMA rule: whether `flight` has run over `hedge_after` seconds and over
+    `STRAGGLER_FACTOR` x its peer's EWMA-predicted time."""
     typical = stat_of(stats, flight.peer).predicted(nbytes)
     return now - flight.started > max(hedge_after, STRAGGLER_FACTOR * typical)
 
@@ -67,23 +102,26 @@ def late(
 def hedges(
     flights: Mapping[int, Sequence[InFlight]],
     holders: Mapping[int, Sequence[str]],
-    stats: Mapping[str, PeerStats],
-    now: float,
-    hedge_after: float,
-    nbytes: int,
-    rng: random.Random,
+    late: Late,
+    choose: Choose,
+    room: int,
+    wanted: Set[int] = frozenset(),
 ) -> list[Hedge]:
-    """The hedges to launch now, in `flights` order: for each chunk with a single, unhedged, late
-    request, the best peer among the chunk's other `holders` (`choice.best_peer`, one draw of
-    `rng` per candidate). The caller marks the straggler hedged."""
+    """The hedges to launch now: for chunks with a single, unhedged, `late` request, the peer
+    `choose` picks among the chunk's other `holders`; at most `room` of them, stragglers of
+    `wanted` chunks first, then the oldest, then by chunk. `choose` is called once per hedge
+    considered, in that order (a `choice.Picker` counts what it assigns). The caller marks the
+    straggler hedged."""
+    stragglers = [
+        (index, fl[0]) for index, fl in flights.items() if len(fl) == 1 and not fl[0].hedged and late(fl[0])
+    ]
+    stragglers.sort(key=lambda s: (s[0] not in wanted, s[1].started, s[0]))
     out: list[Hedge] = []
-    for index, inflight in flights.items():
-        if len(inflight) != 1 or inflight[0].hedged:
-            continue
-        f = inflight[0]
-        if late(f, stats, now, hedge_after, nbytes):
-            others = [p for p in holders.get(index, []) if p != f.peer]
-            peer = best_peer(others, stats, nbytes, rng)
-            if peer:
-                out.append(Hedge(index, f.peer, peer))
+    for index, f in stragglers:
+        if len(out) >= room:
+            break
+        others = [p for p in holders.get(index, []) if p != f.peer]
+        peer = choose(others) if others else None
+        if peer:
+            out.append(Hedge(index, f.peer, peer))
     return out

@@ -8,10 +8,13 @@ index, so the order is total and a blob fills roughly front to back.
 
 Limits: the blob's window (`window.window`, about the bandwidth-delay product) and the engine-wide
 cap on requests in flight over all blobs (bounded buffer memory on a small node). Both count
-requests already in flight, hedges included. A chunk already in flight (to a peer or in an origin
-run) is not scheduled again here; a second request for a straggler is `hedging`'s decision.
+requests already in flight, hedges included, and hedges obey them too (`Slots.hedge_room`). So that
+a window full of new requests never leaves a straggler unhedged, new requests stop `reserve`
+requests short of either limit (`hedging.RESERVE`, one by default; never below one request): that
+room is for hedges. A chunk already in flight (to a peer or in an origin run) is not scheduled again
+here; a second request for a straggler is `hedging`'s decision.
 
-Which peer each chunk goes to is the caller's `choose` (normally `choice.best_peer`), so chunk
+Which peer each chunk goes to is the caller's `choose` (normally a `choice.Picker`), so chunk
 order and peer choice can change independently.
 """
 
@@ -33,6 +36,19 @@ class Slots:
     flights: int  # this blob's peer requests in flight (a hedged chunk counts twice)
     inflight: int  # peer requests in flight over all blobs
     max_inflight: int  # ... and the cap on those
+    reserve: int = 0  # room under both limits that new requests leave for hedges
+
+    def fetch_room(self) -> int:
+        """How many new (unhedged) requests may start: up to `reserve` short of both limits, but
+        never kept below one request by the reserve."""
+        window = max(min(self.window, 1), self.window - self.reserve)
+        cap = max(min(self.max_inflight, 1), self.max_inflight - self.reserve)
+        return max(0, min(window - self.flights, cap - self.inflight))
+
+    def hedge_room(self, started: int = 0) -> int:
+        """How many hedges may start after `started` new requests did: whatever both limits
+        still allow, reserve included."""
+        return max(0, min(self.window - self.flights, self.max_inflight - self.inflight) - started)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,15 +88,13 @@ def schedule(
     """This round's peer requests, in the order they should start: `peer_order` cut off where the
     blob's window or the engine-wide cap is full. `busy` is the chunks already in flight (peer or
     origin). `choose` is called once per chunk that gets a request, in order; a chunk for which it
-    returns None is skipped and takes no slot."""
+    returns None is skipped and takes no slot. At most `slots.fetch_room()` requests."""
     fetches: list[Fetch] = []
-    flights, inflight = slots.flights, slots.inflight
+    room = slots.fetch_room()
     for i in peer_order(missing, holders, wanted, busy):
-        if flights >= slots.window or inflight >= slots.max_inflight:
+        if len(fetches) >= room:
             break
         peer = choose(holders[i])
         if peer:
             fetches.append(Fetch(i, peer))
-            flights += 1
-            inflight += 1
     return fetches

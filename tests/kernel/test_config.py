@@ -97,6 +97,8 @@ def test_budget_share_follows_the_filesystem() -> None:
         ('[cache]\nlow_watermark = 0.9\nhigh_watermark = 0.8\n', "watermarks"),
         ('[site]\nname = "Not OK"\n', r"site\.name"),
         ('[peer]\nbootstrap = ["nohost"]\n', r"peer\.bootstrap"),
+        ('[peer]\nsubnets = ["10.0.0.0/33"]\n', r"peer\.subnets"),
+        ('[peer]\nchoice = "fastest"\n', r"peer\.choice"),
         ("[discovery]\nmdns = 1\n", "true or false"),
     ],
 )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -152,7 +153,9 @@ async def test_slow_peer_is_hedged(
         node = Node(tmp_path / "fetcher", session, registry, peers, config)
         try:
             node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
-            node.engine.stat(peers[1]).bps = 1e9  # make the slow peer look best, so it gets requests
+            slow = node.engine.stat(peers[1])  # make the slow peer look best, so it gets requests
+            for _ in range(8):
+                slow.observe(CHUNK, 0.0005, latency=0.0001, now=time.monotonic())
             await asyncio.wait_for(node.engine.wait_complete(digest), timeout=30)
             assert node.store.read(digest, 0, size) == data
             assert node.engine.counters["origin_bytes"] == 0
@@ -256,3 +259,157 @@ async def test_a_live_peer_that_announced_an_origin_fetch_and_stalled_loses_its_
             assert a.engine.counters["origin_heir_chunks"] > 0
         finally:
             await a.close()
+
+
+def _fail_data() -> web.middleware:  # type: ignore[valid-type]
+    @web.middleware
+    async def middleware(request: web.Request, handler):  # type: ignore[no-untyped-def]
+        if request.path.endswith("/data"):
+            raise web.HTTPInternalServerError(text="broken disk")
+        return await handler(request)
+
+    return middleware
+
+
+async def _holders(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    digest: str,
+    size: int,
+    middlewares: list[list[object]],
+) -> tuple[list[tuple[Node, TestServer]], list[str]]:
+    """Nodes that hold the blob (fetched from the registry), each serving it behind its middlewares."""
+    servers = []
+    for n, mws in enumerate(middlewares):
+        holder = Node(tmp_path / f"holder{n}", session, registry, [])
+        holder.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+        await holder.engine.wait_complete(digest)
+        app = web.Application(middlewares=mws)  # type: ignore[arg-type]
+        app.add_routes(routes(holder.store))
+        server = TestServer(app)
+        await server.start_server()
+        servers.append((holder, server))
+    return servers, [str(server.make_url("")).rstrip("/") for _, server in servers]
+
+
+async def _close(servers: list[tuple[Node, TestServer]]) -> None:
+    for holder, server in servers:
+        await server.close()
+        await holder.close()
+
+
+async def test_every_chunk_outcome_feeds_the_model_and_peers_shows_it(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    test_image: BuiltImage,
+    test_image_ref: str,
+) -> None:
+    """Two good peers: each chunk's outcome lands in its peer's window (bytes, time, first byte,
+    queue); `peers()` shows the figures; `transfers()` every request; the queues drain to zero."""
+    digest, size, data = biggest_layer(test_image)
+    servers, peers = await _holders(tmp_path, session, registry, digest, size, [[], []])
+    try:
+        node = Node(tmp_path / "fetcher", session, registry, peers)
+        try:
+            node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            await asyncio.wait_for(node.engine.wait_complete(digest), timeout=60)
+            assert node.store.read(digest, 0, size) == data
+            nchunks = -(-size // CHUNK)
+            figures = node.engine.peers()
+            assert set(figures) == set(peers)
+            assert sum(f["chunks"] for f in figures.values()) >= nchunks
+            for peer, f in figures.items():
+                st_ = node.engine.stats[peer]
+                assert f["inflight"] == st_.inflight == 0
+                assert f["state"] == "ok" and f["samples"] == min(len(st_.history), 32) > 0
+                assert f["p95"] is not None and f["p99"] is not None and f["p99"] >= f["p95"] > 0
+                assert f["rtt"] > 0 and f["throughput"] > 0 and f["score"] > 0  # rtt: vs a 2 ms prior
+                assert f["chunk_failures"] == f["poll_failures"] == 0
+                assert f["same_subnet"] is None  # "http://self" has no address of its own
+                for t in st_.history.items:
+                    assert t.ok and 0 <= t.latency <= t.seconds and t.queue >= 0
+            stored = [r for r in node.engine.transfers() if r["chunk_seconds"] is not None]
+            assert len(stored) == nchunks and {r["outcome"] for r in stored} == {"ok"}
+            assert node.engine.inflight == 0
+        finally:
+            await node.close()
+    finally:
+        await _close(servers)
+
+
+async def test_chunk_failures_are_their_own_streak_and_drop_the_peer(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    test_image: BuiltImage,
+    test_image_ref: str,
+) -> None:
+    """A peer that answers polls but fails every chunk request: its chunk failures are counted (not
+    its polls), it is dropped after three in a row, and the blob comes from the good peer."""
+    digest, size, data = biggest_layer(test_image)
+    servers, peers = await _holders(tmp_path, session, registry, digest, size, [[_fail_data()], []])
+    try:
+        node = Node(tmp_path / "fetcher", session, registry, peers)
+        try:
+            node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            await asyncio.wait_for(node.engine.wait_complete(digest), timeout=60)
+            assert node.store.read(digest, 0, size) == data
+            bad = node.engine.peers()[peers[0]]
+            assert bad["state"] == "dropped" and bad["chunks"] == 0
+            assert bad["chunk_failures"] >= 3 and bad["poll_failures"] == 0
+            assert bad["failure_share"] > 0.5
+            assert node.engine.counters["origin_bytes"] == 0
+            failed = [r for r in node.engine.transfers() if r["peer"] == peers[0]]
+            # Each request to it failed, or was cancelled when its twin (a hedge, or the drop) ended first.
+            outcomes = {r["outcome"] for r in failed}
+            assert "failed" in outcomes and outcomes <= {"failed", "cancelled"}
+        finally:
+            await node.close()
+    finally:
+        await _close(servers)
+
+
+async def test_hedges_stay_within_the_window_and_the_cap(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    test_image: BuiltImage,
+    test_image_ref: str,
+) -> None:
+    """A peer that stalls each chunk for a second, looking best at first: its requests are hedged,
+    yet the requests in flight never exceed the blob's window nor the engine-wide cap (hedges used to
+    bypass both), and the stragglers that lost are recorded as slow evidence."""
+    digest, size, data = biggest_layer(test_image)
+    servers, peers = await _holders(tmp_path, session, registry, digest, size, [[_delay(1.0)], []])
+    try:
+        config = EngineConfig(gather_delay=0.0, peer_window=4, max_peer_window=4, max_inflight=3)
+        node = Node(tmp_path / "fetcher", session, registry, peers, config)
+        most = {"engine": 0, "blob": 0}
+
+        async def watch() -> None:
+            while True:
+                most["engine"] = max(most["engine"], node.engine.inflight)
+                for dl in node.engine.downloads.values():
+                    most["blob"] = max(most["blob"], sum(len(f) for f in dl.flights.values()))
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        try:
+            slow = node.engine.stat(peers[0])
+            for _ in range(8):
+                slow.observe(CHUNK, 0.0005, latency=0.0001, now=time.monotonic())
+            node.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            await asyncio.wait_for(node.engine.wait_complete(digest), timeout=60)
+            assert node.store.read(digest, 0, size) == data
+            assert node.engine.counters["hedges"] >= 1
+            assert most["engine"] <= 3 and most["blob"] <= 4
+            outcomes = {r["outcome"] for r in node.engine.transfers() if r["peer"] == peers[0]}
+            assert "outrun" in outcomes
+            assert any(t.censored for t in node.engine.stats[peers[0]].history.items)
+        finally:
+            watcher.cancel()
+            await node.close()
+    finally:
+        await _close(servers)

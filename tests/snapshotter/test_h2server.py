@@ -771,7 +771,11 @@ async def test_inherited_socket_outlives_the_server(tmp_path: Path) -> None:
             content_pb2_grpc.add_ContentServicer_to_server(MemContent(), server)
             server.add_socket(listener.dup())  # as each daemon gets its own fd from systemd
             await server.start()
-            async with grpc.aio.insecure_channel(f"unix:{path}") as channel:
+            # A channel of its own subchannel pool: by default grpc shares one connection per target
+            # across channels, and the second channel could be handed the first server's, closed by
+            # its stop ("sendmsg: Broken pipe"), before grpc notices and reconnects.
+            local = [("grpc.use_local_subchannel_pool", 1)]
+            async with grpc.aio.insecure_channel(f"unix:{path}", options=local) as channel:
                 resp = await content_pb2_grpc.ContentStub(channel).Status(content_pb2.StatusRequest(ref=ref))
                 assert resp.status.ref == ref
             await server.stop(None)

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 
 from hypothesis import strategies as st
 
+from peer.policy.history import Transfer
 from peer.policy.holdings import BlobView
 from peer.policy.peerstats import PeerStats
 
@@ -69,15 +70,54 @@ def views_of(draw: st.DrawFn, nchunks: int, peers: list[str] | None = None) -> d
 
 @st.composite
 def peer_stats(draw: st.DrawFn, now: float = 1000.0) -> PeerStats:
-    """A measured peer: throughput from 100 kB/s to 1 GB/s, latency up to 2 s, a queue, a failure
-    streak, and sometimes a drop that lasts past `now`."""
-    return PeerStats(
+    """A measured peer: EWMA throughput from 100 kB/s to 1 GB/s, latency up to 2 s, a queue, a
+    chunk failure streak, sometimes a drop that lasts past `now`, and a window of recent transfers
+    (`transfers`)."""
+    stats = PeerStats(
         bps=draw(st.floats(1e5, 1e9)),
         latency=draw(st.floats(0.0, 2.0)),
         inflight=draw(st.integers(0, 20)),
-        failures=draw(st.integers(0, 4)),
+        chunk_failures=draw(st.integers(0, 4)),
         dropped_until=draw(st.sampled_from([0.0, now - 1.0, now + 30.0])),
     )
+    for t in draw(st.lists(transfers(now), max_size=12)):
+        stats.history.add(t)
+    return stats
+
+
+@st.composite
+def transfers(draw: st.DrawFn, now: float = 1000.0) -> Transfer:
+    """One chunk request's outcome, up to a minute before `now`: 1 MiB or less, up to 20 s, some
+    failed, some censored (hedged and cancelled)."""
+    seconds = draw(st.floats(0.0, 20.0))
+    kind = draw(st.sampled_from(["ok", "ok", "ok", "failed", "censored"]))
+    return Transfer(
+        at=now - draw(st.floats(0.0, 60.0)),
+        nbytes=draw(st.integers(1, CHUNK)),
+        seconds=seconds,
+        latency=draw(st.floats(0.0, 1.0)) * seconds,
+        queue=draw(st.floats(0.0, 12.0)),
+        ok=kind != "failed",
+        censored=kind == "censored",
+    )
+
+
+def measured(
+    seconds: float,
+    count: int = 20,
+    *,
+    now: float = 1000.0,
+    nbytes: int = CHUNK,
+    latency: float = 0.001,
+    queue: float = 0.0,
+    every: float = 0.1,
+) -> PeerStats:
+    """A peer that answered `count` requests of `nbytes`, each in `seconds` (first byte after
+    `latency`) with `queue` others in flight, one every `every` seconds up to `now`."""
+    stats = PeerStats()
+    for k in range(count):
+        stats.observe(nbytes, seconds, latency=latency, queue=queue, now=now - (count - 1 - k) * every)
+    return stats
 
 
 def stats_for(peers: Iterable[str]) -> st.SearchStrategy[dict[str, PeerStats]]:

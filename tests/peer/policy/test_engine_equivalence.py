@@ -10,7 +10,18 @@ same state, including the corners (dropped peers, views of another size or chunk
 peers, announced origin fetches, stalled owners, hedged flights, a self URL among the peers).
 
 This file pins "no behaviour change" for the extraction. When a rule changes on purpose, change the
-reference with it in the same commit (or delete this file once the policy has moved on)."""
+reference with it in the same commit (or delete this file once the policy has moved on).
+
+Changed on purpose since (issue 9, peer choice), and changed here with it:
+
+- the default peer choice is now the bound rule (`choice.Picker`, tested by `test_choice.py` and
+  `test_swarm.py`); the reference's `_best_peer` is the EWMA rule, which the engine still runs
+  with `[peer] choice = "ewma"`, so the composition below uses `Picker(rule=Rule.EWMA)`;
+- hedges count against the blob's window and the engine-wide cap: new requests stop
+  `hedging.RESERVE` short of either limit (never below one request), hedges take what is left,
+  stragglers of wanted chunks first, then the oldest (they used to bypass both limits, in flight
+  order);
+- chunk failures and poll failures are separate streaks (one of each used to suspend a peer)."""
 
 from __future__ import annotations
 
@@ -22,9 +33,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from policy_cases import CHUNK, ME, PEERS, bitmap, digests
 
-from peer.policy.choice import best_peer
+from peer.policy.choice import Picker, Rule
 from peer.policy.gathering import gather
-from peer.policy.hedging import hedges
+from peer.policy.hedging import RESERVE, hedges, late_by_ewma
 from peer.policy.holdings import BlobView, holders, usable_views
 from peer.policy.peerstats import PeerStats
 from peer.policy.schedule import Slots, schedule, wanted_chunks
@@ -52,6 +63,7 @@ class Flight:
     peer: str
     started: float
     hedged: bool = False
+    queue: int = 0
 
 
 @dataclass
@@ -111,14 +123,18 @@ class Before:
         peer_todo.sort(key=lambda i: (i not in self.s.wanted, len(holders[i]), i))
         window = self._window(now)
         busy = sum(len(fl) for fl in self.s.flights.values())
+        # changed on purpose: new requests leave RESERVE of room under both limits for hedges
+        fetch_window = max(min(window, 1), window - RESERVE)
+        fetch_cap = max(min(self.s.cfg.max_inflight, 1), self.s.cfg.max_inflight - RESERVE)
         for i in peer_todo:
-            if busy >= window or self.s.inflight >= self.s.cfg.max_inflight:
+            if busy >= fetch_window or self.s.inflight >= fetch_cap:
                 break
             peer = self._best_peer(holders[i])
             if peer:
                 self._launch(i, peer, now)
                 busy += 1
-        self._hedge(holders, now)
+        room = max(0, min(window - busy, self.s.cfg.max_inflight - self.s.inflight))
+        self._hedge(holders, now, room)
         self._track_progress(views, now)
 
     def _window(self, now: float) -> int:
@@ -174,20 +190,29 @@ class Before:
         heir = next((p for p in ring if p == self.s.me or not self._stalled(p, now)), None)
         return heir == self.s.me
 
-    def _hedge(self, holders: dict[int, list[str]], now: float) -> None:
+    def _hedge(self, holders: dict[int, list[str]], now: float, room: int) -> None:
         cfg = self.s.cfg
+        late = []
         for index, flights in list(self.s.flights.items()):
             if len(flights) != 1 or flights[0].hedged:
                 continue
             f = flights[0]
             typical = self.stat(f.peer).predicted(self.s.chunk_size)
             if now - f.started > max(cfg.hedge_after, 4 * typical):
-                others = [p for p in holders.get(index, []) if p != f.peer]
-                peer = self._best_peer(others)
-                if peer:
-                    f.hedged = True
-                    self.s.hedges += 1
-                    self._launch(index, peer, now, hedge=True)
+                late.append((index, f))
+        # changed on purpose: at most `room` hedges, wanted chunks' stragglers first, then the oldest
+        late.sort(key=lambda x: (x[0] not in self.s.wanted, x[1].started, x[0]))
+        launched = 0
+        for index, f in late:
+            if launched >= room:
+                break
+            others = [p for p in holders.get(index, []) if p != f.peer]
+            peer = self._best_peer(others)
+            if peer:
+                f.hedged = True
+                self.s.hedges += 1
+                launched += 1
+                self._launch(index, peer, now, hedge=True)
 
     def _origin_candidates(self, now: float) -> list[int]:
         views = self._views(now)
@@ -272,11 +297,14 @@ class After:
             flights=sum(len(fl) for fl in s.flights.values()),
             inflight=s.inflight,
             max_inflight=cfg.max_inflight,
+            reserve=RESERVE,
         )
-        choose = lambda c: best_peer(c, s.stats, s.chunk_size, self.rng)  # noqa: E731
-        for fetch in schedule(missing, held, s.wanted, in_flight, slots, choose):
+        choose = Picker(s.stats, s.chunk_size, now, self.rng, Rule.EWMA)
+        fetches = schedule(missing, held, s.wanted, in_flight, slots, choose)
+        for fetch in fetches:
             self._launch(fetch.index, fetch.peer, now)
-        for h in hedges(s.flights, held, s.stats, now, cfg.hedge_after, s.chunk_size, self.rng):
+        late = lambda f: late_by_ewma(f, s.stats, now, cfg.hedge_after, s.chunk_size)  # noqa: E731
+        for h in hedges(s.flights, held, late, choose, slots.hedge_room(len(fetches)), s.wanted):
             s.flights[h.index][0].hedged = True
             s.hedges += 1
             self._launch(h.index, h.peer, now, hedge=True)
@@ -347,7 +375,7 @@ def states(draw: st.DrawFn) -> State:
             bps=draw(st.sampled_from([1e5, 5e6, 50e6, 1e9])),
             latency=draw(st.sampled_from([0.0, 0.005, 0.2, 1.5])),
             inflight=draw(st.integers(0, 6)),
-            failures=draw(st.integers(0, 3)),
+            chunk_failures=draw(st.integers(0, 3)),
             dropped_until=draw(st.sampled_from([0.0, NOW, NOW + 5])),
         )
     grace = draw(st.sampled_from([1.0, 6.0]))
@@ -390,7 +418,7 @@ def states(draw: st.DrawFn) -> State:
 def outcome(s: State) -> tuple:
     flights = {i: [(f.peer, f.started, f.hedged) for f in fl] for i, fl in s.flights.items()}
     progress = {p: tuple(v) for p, v in s.progress.items()}
-    stats = {p: vars(st) for p, st in s.stats.items()}
+    stats = {p: {k: v for k, v in vars(st).items() if not k.startswith("_")} for p, st in s.stats.items()}
     return (
         s.launches,
         flights,
@@ -468,24 +496,27 @@ def test_gathering_stops_when_the_engine_stopped(
 
 @given(st.lists(st.sampled_from(["chunk", "poll", "answered", "observed"]), max_size=20))
 def test_failure_streaks_drop_and_suspend_as_the_engine_did(events: list[str]) -> None:
-    old, new = PeerStats(), PeerStats()
+    """The engine's streaks of `_from_peer`/`_ask`, changed on purpose: each kind counts alone (the
+    reference kept one counter for both, so one of each suspended a peer)."""
+    chunk = poll = 0
+    new = PeerStats()
     for e in events:
         if e == "chunk":  # _from_peer
-            old.failures += 1
-            assert new.chunk_failed() is (old.failures >= 3)
+            chunk += 1
+            assert new.chunk_failed() is (chunk >= 3)
         elif e == "poll":  # _ask
-            old.failures += 1
-            suspend = old.failures >= 2
+            poll += 1
+            suspend = poll >= 2
             if suspend:
-                old.failures = 0
+                poll = 0
             assert new.poll_failed() is suspend
         elif e == "answered":
-            old.failures = 0
+            poll = 0
             new.poll_answered()
         else:
-            old.observe(CHUNK, 0.01)
+            chunk = 0
             new.observe(CHUNK, 0.01)
-        assert new == old
+        assert (new.chunk_failures, new.poll_failures) == (chunk, poll)
 
 
 def test_the_reference_is_not_vacuous() -> None:
@@ -560,11 +591,12 @@ def test_peer_measurements_and_predictions_are_the_engines(
     now: float,
 ) -> None:
     old = PeerStatsBefore(inflight=inflight, failures=failures, dropped_until=dropped_until)
-    new = PeerStats(inflight=inflight, failures=failures, dropped_until=dropped_until)
+    new = PeerStats(inflight=inflight, chunk_failures=failures, dropped_until=dropped_until)
     assert new.predicted(nbytes) == old.predicted(nbytes)
     for n, seconds in samples:
         old.observe(n, seconds)
         new.observe(n, seconds)
-        assert vars(new) == vars(old)
+        legacy = (new.bps, new.latency, new.inflight, new.chunk_failures, new.dropped_until)
+        assert legacy == (old.bps, old.latency, old.inflight, old.failures, old.dropped_until)
         assert new.predicted(nbytes) == old.predicted(nbytes)
         assert new.usable(now) is old.usable(now)

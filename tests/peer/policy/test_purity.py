@@ -17,7 +17,9 @@ def test_the_policy_modules_are_all_here() -> None:
     names = {m.stem for m in MODULES}
     assert {
         "holdings",
+        "history",
         "peerstats",
+        "subnet",
         "choice",
         "window",
         "schedule",

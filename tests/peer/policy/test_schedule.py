@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from policy_cases import CHUNK, PEERS, peer_stats, views_of
 
-from peer.policy.choice import best_peer
+from peer.policy.choice import Picker
 from peer.policy.holdings import BlobView, holders, usable_views
 from peer.policy.peerstats import PeerStats
 from peer.policy.schedule import READ_AHEAD, Fetch, Slots, peer_order, schedule, wanted_chunks
@@ -121,6 +121,20 @@ def test_nothing_starts_when_a_limit_is_reached(slots: Slots) -> None:
     assert schedule([0, 1], {0: [A], 1: [A]}, set(), set(), slots, first) == []
 
 
+def test_new_requests_leave_the_reserve_for_hedges() -> None:
+    held = {i: [A] for i in range(10)}
+    got = schedule(range(10), held, set(), set(), Slots(8, 2, 2, 24, reserve=1), first)
+    assert len(got) == 5  # 8 - 1 - 2
+    got = schedule(range(10), held, set(), set(), Slots(8, 0, 20, 24, reserve=1), first)
+    assert len(got) == 3  # 24 - 1 - 20
+
+
+@pytest.mark.parametrize(("window", "cap"), [(1, 24), (8, 1)])
+def test_the_reserve_never_keeps_a_limit_below_one_request(window: int, cap: int) -> None:
+    got = schedule([0, 1], {0: [A], 1: [A]}, set(), set(), Slots(window, 0, 0, cap, reserve=1), first)
+    assert got == [Fetch(0, A)]
+
+
 def test_a_chunk_the_choice_refuses_takes_no_slot() -> None:
     held = {0: [A], 1: [B], 2: [A]}
     got = schedule([0, 1, 2], held, set(), set(), Slots(2, 0, 0, 24), lambda c: None if c == [B] else c[0])
@@ -209,8 +223,20 @@ def test_a_dropped_peer_is_never_chosen(
     usable = usable_views(views, stats, now, nchunks * CHUNK)
     held = holders(usable, range(nchunks), CHUNK)
     rng = random.Random(seed)
-    got = schedule(range(nchunks), held, set(), set(), OPEN, lambda c: best_peer(c, stats, CHUNK, rng))
+    got = schedule(range(nchunks), held, set(), set(), OPEN, Picker(stats, CHUNK, now, rng))
     for f in got:
         assert stats[f.peer].usable(now)
         assert views[f.peer].has(f.index)
     assert {f.index for f in got} == {i for i in range(nchunks) if held[i]}
+
+
+@given(rounds(), st.integers(0, 3))
+def test_fetches_and_hedges_together_never_exceed_the_window_or_the_cap(
+    case: tuple[list[int], dict[int, list[str]], set[int], set[int], Slots], reserve: int
+) -> None:
+    missing, held, wanted, busy, s = case
+    slots = Slots(s.window, s.flights, s.inflight, s.max_inflight, reserve)
+    got = schedule(missing, held, wanted, busy, slots, first)
+    total = len(got) + slots.hedge_room(len(got))
+    assert slots.flights + total <= max(slots.window, slots.flights)
+    assert slots.inflight + total <= max(slots.max_inflight, slots.inflight)
