@@ -121,7 +121,8 @@ class PeerNode:
         )  # fmt: skip
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
-            self.index = IndexMember(self.engine, _Wake(self.control))  # the engine's coordination
+            # the engine's coordination; static peers outside the membership are still polled
+            self.index = IndexMember(self.engine, _Wake(self.control), untracked=self.control.untracked)
             self.control.register(self.index, self.index_tracker)
         if cfg.peer.listen:
             app = web.Application()

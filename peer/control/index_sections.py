@@ -129,15 +129,18 @@ class IndexMember:
         stale_after: float = 3.0,
         rescan_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        untracked: Callable[[], list[str]] = list,
     ) -> None:
         """`stale_after`: seconds after the last answer when the tracker counts as gone; so does
-        a second failed sync in a row (as in docs/control-plane.md, one failure is a blip). The
-        section makes itself the engine's `coordination`."""
+        a second failed sync in a row (as in docs/control-plane.md, one failure is a blip).
+        `untracked()`: the peers no candidate set covers (`ControlPlane.untracked`: static peers
+        that are no member). The section makes itself the engine's `coordination`."""
         self.engine = engine
         self.link: ControlLink = link or NoLink()
         self.stale_after = stale_after
         self.rescan_interval = rescan_interval
         self.clock = clock
+        self._untracked = untracked
         self._told: dict[str, _Told] = {}
         self._round: _Round | None = None
         self._dirty: set[str] = set()
@@ -159,6 +162,10 @@ class IndexMember:
     def sync_soon(self) -> None:
         """Pass the engine's request for an early sync on to the control plane."""
         self.link.sync_soon()
+
+    def untracked(self) -> list[str]:
+        """The peers the engine polls directly beside the candidate sets (see `__init__`)."""
+        return self._untracked()
 
     def changed(self, digest: str) -> None:
         """`digest` arrived or went by other means than a download: announce it next sync."""

@@ -10,6 +10,8 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
   converged: without a tracker the engine polls only the other members of its group
   (`peer.policy.fanout`, at most `fanout`), and the groups agree only if every node deals them
   from the same list (docs/control-plane.md, "No tracker");
+- `untracked()`: the static entries that are no member; their holdings are in no candidate set,
+  so the engine polls them directly even while a tracker answers;
 - `role` ("tracker", "member" or "electing"), `tracker` (a `TrackerRef`: `.id`, `.url`,
   `.epoch`, `.record`; None while electing), `node_id`, `me` (this node's record);
 - `register(member_section, tracker_section)`: a concern that rides on the sync message
@@ -31,7 +33,8 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
                     "self" (bool)}], best rank first, this node included
       direct_peers  the member URLs the engine polls directly when it has no tracker: the
                     other members of this node's group (`peer.policy.fanout` over the
-                    members, at most `fanout`); while a tracker answers it polls nobody
+                    members, at most `fanout`); while a tracker answers it polls only
+                    `untracked()` (static peers that are no member)
       messages      control messages by kind since start: sync_sent, sync_failed,
                     sync_received, whois_sent, whois_failed, whois_received, tracker_sent,
                     tracker_failed, tracker_received (a member sends one sync per interval
@@ -137,6 +140,13 @@ class ControlPlane:
         it polls; see the module docstring)."""
         urls = [*self.discovery.static, *self.agent.member_urls()]
         return [u for u in dict.fromkeys(urls) if u != self.me.url]
+
+    def untracked(self) -> list[str]:
+        """The static `[peer] peers` entries that are no member (a node without the control
+        plane, or one not met yet): the tracker's candidate sets say nothing of what they hold,
+        so the engine polls them directly even while a tracker answers."""
+        members = set(self.agent.member_urls())
+        return [u for u in self.discovery.static if u not in members and u != self.me.url]
 
     def register(self, member_section: MemberSection, tracker_section: TrackerSection) -> None:
         """Ride on the sync message (`peer.control.sections`); one name per concern."""

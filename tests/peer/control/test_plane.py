@@ -68,13 +68,20 @@ class Site:
         self.nodes: list[Node] = []
 
     async def add(
-        self, priority: int = 0, site: str = "default", tunables: ControlConfig = FAST, sections: bool = True
+        self,
+        priority: int = 0,
+        site: str = "default",
+        tunables: ControlConfig = FAST,
+        sections: bool = True,
+        peers: Sequence[str] = (),
     ) -> Node:
         port = free_port()
         self.ports.append(port)
         boot = [f"127.0.0.1:{p}" for p in self.ports[:2]]
         text = (
-            f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\n'.replace("'", '"')
+            f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\npeers = {list(peers)!r}\n'.replace(
+                "'", '"'
+            )
             + f'[site]\nname = "{site}"\ntracker_priority = {priority}\n[discovery]\nmdns = false\n'
         )
         cfg = loads(text).with_overrides(root=self.tmp / f"n{len(self.ports)}")
@@ -130,6 +137,19 @@ async def test_nodes_meet_through_bootstrap_and_elect_the_best_ranked(site: Site
     await until(lambda: agreed(nodes))
     assert tracker(nodes) is nodes[0], "earliest started, all else equal: rank 0"
     assert all(sorted(n.plane.peers()) == sorted(m.plane.me.url for m in nodes if m is not n) for n in nodes)
+
+
+async def test_static_peers_that_are_no_member_are_untracked(site: Site) -> None:
+    """A static `[peer] peers` entry that never joins (nothing speaks the control plane there:
+    a free loopback port) is `untracked()`, polled by the engine beside the tracker's candidate
+    sets; a static entry that is a member is not (the candidate sets cover it)."""
+    first = await site.add()
+    outside = f"http://127.0.0.1:{free_port()}"
+    second = await site.add(peers=[first.plane.me.url, outside])
+    await until(lambda: agreed([first, second]))
+    assert second.plane.untracked() == [outside]
+    assert outside in second.plane.peers()
+    assert first.plane.untracked() == []
 
 
 async def test_sections_ride_on_the_sync_in_full_then_incrementally(site: Site) -> None:
