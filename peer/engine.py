@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import random
@@ -119,11 +120,18 @@ class Coordination(Protocol):
     chunks are fetched only under the tracker's leases (`Download.lease_request`,
     `Download.grant_lease`). `sync_soon()` asks for the next sync to be sent now rather than at
     the next interval: a download calls it when it needs a lease and has nothing of its own to
-    fetch from the origin (at most once per lease granted)."""
+    fetch from the origin (at most once per lease granted).
+
+    `untracked()` names the peers whose holdings the candidate sets do not cover: static
+    `[peer] peers` entries that are no member of the control plane (the tracker knows nothing of
+    them). The engine still polls those directly beside the candidate sets, as it would without a
+    tracker: an operator's static peers are used whether or not discovery found a tracker."""
 
     def tracking(self) -> bool: ...
 
     def sync_soon(self) -> None: ...
+
+    def untracked(self) -> list[str]: ...
 
 
 class Untracked:
@@ -136,6 +144,10 @@ class Untracked:
 
     def sync_soon(self) -> None:
         """Nothing to sync with."""
+
+    def untracked(self) -> list[str]:
+        """No candidate sets: every peer is polled directly (`Engine.usable_peers`)."""
+        return []
 
 
 class DownloadFailed(Unavailable):
@@ -420,10 +432,21 @@ class Engine:
         chosen = fanout(self.peer_source.peers(), self.self_url, self.config.fanout)
         return [p for p in chosen if self.stat(p).usable(now)]
 
+    def polled_peers(self) -> list[str]:
+        """The peers whose `/have` we poll: with a tracker, only those its candidate sets do not
+        cover (`Coordination.untracked`), less those dropped or suspended; else `usable_peers`."""
+        if not self.coordination.tracking():
+            return self.usable_peers()
+        now = time.monotonic()
+        return [p for p in self.coordination.untracked() if p != self.self_url and self.stat(p).usable(now)]
+
     def set_views(self, digest: str, views: dict[str, BlobView]) -> None:
         """The holders of `digest` as the tracker answered (its candidate set replaces what we
-        knew); wakes the blob's download."""
-        self.views[digest] = {p: v for p, v in views.items() if p != self.self_url}
+        knew of the members; what the untracked peers we poll said is kept); wakes the blob's
+        download."""
+        outside = set(self.coordination.untracked())
+        kept = {p: v for p, v in self.views.get(digest, {}).items() if p in outside}
+        self.views[digest] = kept | {p: v for p, v in views.items() if p != self.self_url}
         dl = self.downloads.get(digest)
         if dl is not None:
             dl.wake.set()
@@ -442,21 +465,34 @@ class Engine:
                 if self.on_busy is not None:
                     self.on_busy(False)
                 return
-            if not self.coordination.tracking():  # with a tracker, its candidate sets are the views
-                await self.refresh(active)
+            await self.refresh(active)  # with a tracker, only the peers its candidate sets miss
             await asyncio.sleep(self.config.poll_interval)
 
     async def refresh(self, digests: list[str], wait: float | None = None) -> None:
-        """Ask every usable peer what it holds of `digests`; wait at most `wait` seconds (None:
-        for all answers). Answers that come later still update the views when they arrive: a
+        """Ask every polled peer (`polled_peers`) what it holds of `digests`; wait at most `wait`
+        seconds (None: for all answers). Answers that come later still update the views when they arrive: a
         peer slowed down by a busy CPU must not hold up planning."""
-        tasks = [asyncio.create_task(self._ask(peer, digests)) for peer in self.usable_peers()]
+        self._forget_departed()
+        tasks = [asyncio.create_task(self._ask(peer, digests)) for peer in self.polled_peers()]
         if not tasks:
             return
         self._asking.update(tasks)
         for t in tasks:
             t.add_done_callback(self._asking.discard)
         await asyncio.wait(tasks, timeout=wait)
+
+    def _forget_departed(self) -> None:
+        """Forget the origin fetches announced by nodes the peer source no longer names (they left
+        the site: a tracker that died, a member its tracker dropped). Nobody polls them any more,
+        so nothing would ever correct what they last said, and an announced fetch keeps its
+        chunks out of every other node's origin plan. Their holdings stay: holdings only grow, so
+        they are still safe to plan with (a request to a dead node fails and drops it), and the
+        stripes they owned pass to an heir once they stall, as a dead member's always did."""
+        members = set(self.peer_source.peers())
+        for views in self.views.values():
+            for peer, view in list(views.items()):
+                if view.fetching and peer not in members:
+                    views[peer] = dataclasses.replace(view, fetching=frozenset())
 
     async def _ask(self, peer: str, digests: list[str]) -> None:
         """One peer's holdings. A failed answer keeps its last view (holdings only grow); two
@@ -552,6 +588,7 @@ class Download:
         self.leases_done: list[tuple[int, int]] = []
         self._asked_early = False  # sync_soon was called and no lease has been granted since
         self._rescue = False  # stuck without a lease: fetching unheld chunks from the origin anyway
+        self._polled = False  # the peers we poll were asked once: until then no lease is asked for
         self.asked: dict[int, float] = {}  # chunk -> when its first peer request was launched
 
     # -- API for readers ---------------------------------------------------------------------
@@ -576,9 +613,11 @@ class Download:
             rec = store.partials.record(self.digest)
             self.chunk_size, self.nchunks = rec.chunk_size, rec.chunks
             if self._tracked():
+                await self._poll_untracked()
                 self.engine.coordination.sync_soon()  # announce the blob and ask for a lease now
             elif attempt == 1 and self.engine.peer_source.peers() and not self.peers_only:
                 await self._gather()
+            self._polled = True
             try:
                 await self._fill()
                 await store.partials.acomplete(self.digest)
@@ -611,6 +650,13 @@ class Download:
                     "download attempt failed; retrying", digest=self.digest, error=str(exc), attempt=attempt
                 )
                 await asyncio.sleep(min(2.0 * attempt, 10.0))
+
+    async def _poll_untracked(self) -> None:
+        """With a tracker, ask the static peers its candidate sets do not cover what they hold
+        (at most `plan_wait`) before the first lease request: else the lease would be granted,
+        and its chunks fetched from the origin, before their holdings were seen."""
+        if self.engine.polled_peers():
+            await self.engine.refresh([self.digest], wait=self.engine.config.plan_wait)
 
     async def _gather(self) -> None:
         """Let the nodes of a burst see each other before dealing out stripes: wait
@@ -689,10 +735,15 @@ class Download:
 
     def lease_request(self) -> tuple[list[int], int] | None:
         """What to ask the tracker for in the next sync: (wanted chunks first, most chunks per
-        run), or None when no lease is needed: not tracked, two leases held already (the run in
-        flight and the next: the uplink never idles between them), or every missing chunk is held
-        by a usable candidate, in flight, or under a lease we hold."""
-        if not self._tracked() or self.task.done() or len(self.leases) >= 2:
+        run), or None when no lease is needed: not tracked, the static peers outside the
+        membership not asked yet (`_poll_untracked`), a download that never asks the origin
+        (peers only, or no origin known: a lease it held would keep those chunks from everyone),
+        two leases held already (the run in flight and the next: the uplink never idles between
+        them), or every missing chunk is held by a usable candidate, in flight, or under a lease
+        we hold."""
+        if not self._tracked() or not self._polled or self.task.done() or len(self.leases) >= 2:
+            return None
+        if self.peers_only or not self.source.registry:
             return None
         try:
             missing = self.engine.store.partials.missing(self.digest)
@@ -709,8 +760,12 @@ class Download:
         return want, self.engine.config.solo_batch_chunks
 
     def grant_lease(self, first: int, last: int) -> None:
-        """The tracker leased us chunks `first`..`last` of this blob: ours to fetch from the origin."""
+        """The tracker leased us chunks `first`..`last` of this blob: ours to fetch from the origin
+        (a download that never asks the origin gives it back at once)."""
         if not 0 <= first <= last < self.nchunks or (first, last) in self.leases:
+            return
+        if self.peers_only or not self.source.registry:
+            self.leases_done.append((first, last))
             return
         self.leases.append((first, last))
         self.engine.counters["leases"] += 1

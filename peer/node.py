@@ -9,9 +9,18 @@ When the peer exchange listens, the node runs a control plane (`peer.control.pla
 membership, tracker election, the sync message) on the same port, and the engine's peers come
 from it (the static `[peer] peers` list included); without a listen address there is nobody to
 meet, and the engine keeps the static list alone. The node's concerns that ride on the sync
-message (`member_sections`, `tracker_sections`: today popularity, `peer.control.popularity`) are
+message (`member_sections`, `tracker_sections`: popularity, `peer.control.popularity`) are
 registered on it; without a control plane the node knows nothing of the site (every site count
 and replica count is unknown, and nothing is replicated).
+
+The tracker index rides on the control plane as its `index` section, registered on every node:
+any node may become tracker, and the tracker's own node drives its member side in process like
+any member's, so it too announces its holdings and fetches origin chunks only under leases. The
+member side (`IndexMember`) is the engine's `Coordination` (candidate sets instead of `/have`
+polling while a tracker answers), and its early-sync requests wake the control plane's loop. The
+index's tracker side counts the replicas the popularity section answers with (by default they
+would be unknown: no eviction score would know how many other members hold a blob, and no hot
+blob would be replicated).
 
 Everything peer-facing goes through the transport `peer.tls.load` gives (docs/tls.md): with the
 site certificates the peer port requires a client certificate from the site CA and every peer
@@ -49,6 +58,7 @@ from peer.access import ClientAccess
 from peer.cache import CacheManager
 from peer.catalog import Catalog
 from peer.control.client import PREFIX as CONTROL_PREFIX
+from peer.control.index_sections import IndexMember, IndexTracker
 from peer.control.plane import ControlPlane
 from peer.control.popularity import PopularityMember, PopularityTracker
 from peer.control.sections import MemberSection, TrackerSection
@@ -88,6 +98,7 @@ class PeerNode:
         self.session: aiohttp.ClientSession | None = None
         self.engine: Engine | None = None
         self.control: ControlPlane | None = None
+        self.index: IndexMember | None = None
         if config.peer.listen or config.peer.peers:
             self.transport = load(config.tls)
         else:  # no peer side configured at all: nothing to say about certificates
@@ -96,7 +107,8 @@ class PeerNode:
         self._check_addresses()
         self.window = Window()
         self.popularity = PopularityMember(self.window, self._manifest_size, self._asking)
-        self.popularity_tracker = PopularityTracker()
+        self.index_tracker = IndexTracker()  # the tracker side of the index section
+        self.popularity_tracker = PopularityTracker(replicas=self.index_tracker)
         self.cache = CacheManager(store, config.cache, site=self.popularity, window=self.window)
         self.replicator: Replicator | None = None
         self.mirror: Mirror | None = None
@@ -140,19 +152,24 @@ class PeerNode:
         transport = self.transport
         static = cfg.peer.peers if transport.enabled else []
         peers: PeerSource = StaticPeers(static, self.self_url, transport.scheme)
+        engine_config = EngineConfig(choice=Rule(cfg.peer.choice), subnets=tuple(cfg.peer.subnets))
         if cfg.peer.listen:
             self.control = ControlPlane(cfg, self.self_url, transport=transport)
+            # one bound on direct polling: the engine's groups, and the status that reports them
+            engine_config.fanout = self.control.tunables.fanout
             sides = zip(self.member_sections(), self.tracker_sections(), strict=True)
             for member_side, tracker_side in sides:
                 self.control.register(member_side, tracker_side)
             peers = self.control
         client = PeerClient(self.session, ssl=transport.client)
-        engine_config = EngineConfig(choice=Rule(cfg.peer.choice), subnets=tuple(cfg.peer.subnets))
         self.engine = Engine(
             self.store, self.catalog, origin, peers, client, self.self_url, engine_config, cache=self.cache
         )
         if self.control is not None:
             self.engine.on_busy = self.control.set_busy
+            # the engine's coordination; static peers outside the membership are still polled
+            self.index = IndexMember(self.engine, _Wake(self.control), untracked=self.control.untracked)
+            self.control.register(self.index, self.index_tracker)
         if cfg.peer.listen and transport.enabled:
             app = httpbounds.application(httpbounds.EXCHANGE, [self._count_served("peer", "/data")])
             app.add_routes(routes(self.store, self.engine.fetching))
@@ -248,8 +265,13 @@ class PeerNode:
         now = time.monotonic()
         dropped = sorted(p for p, st in self.engine.stats.items() if not st.usable(now))
         replicated = self.replicator.started if self.replicator is not None else 0
-        body = {**self.engine.counters, "active_downloads": active, "dropped_peers": dropped,
-                "replications": replicated, "cache": self.cache.cache_status()}
+        body = {
+            **self.engine.counters,
+            "active_downloads": active,
+            "dropped_peers": dropped,
+            "replications": replicated,
+            "cache": self.cache.cache_status(),
+        }
         if self.control is not None:
             body["control"] = self.control.counters.snapshot()
         return web.json_response(body)
@@ -307,6 +329,18 @@ def _body_bytes(request: web.Request, resp: web.StreamResponse) -> int:
         return resp.content_length or 0
     m = re.fullmatch(r"bytes=(\d+)-(\d+)", request.headers.get("Range", ""))
     return int(m.group(2)) - int(m.group(1)) + 1 if m else 0
+
+
+class _Wake:
+    """The index section's `ControlLink` over the control plane: an early sync is a `wake()` of
+    its loop (coalesced there; never closer than its minimum gap). On the tracker's own node the
+    wake runs the in-process sync of its sections, so a lease it asks itself for comes as soon."""
+
+    def __init__(self, plane: ControlPlane) -> None:
+        self.plane = plane
+
+    def sync_soon(self) -> None:
+        self.plane.wake()
 
 
 def advertised_url(config: Config, scheme: str = "https") -> str:

@@ -7,7 +7,9 @@ origin leases become the runs the downloads fetch from the origin (`Download.gra
 the engine's `Coordination`: `tracking()` is true while syncs carrying this section get answers.
 
 `IndexTracker` (the tracker) wraps the pure index (`peer.policy.index.Index`): it applies each
-member's announcements, grants leases, and answers with candidate sets and replica counts.
+member's announcements, grants leases, and answers with candidate sets and replica counts; it is
+also the popularity section's `ReplicaCounts` (how many other members hold a blob whole, for the
+cache manager's eviction score and the replication of hot blobs).
 
 Payloads (JSON, under the section name "index"; docs/control-plane.md, "Sync"):
 
@@ -207,15 +209,18 @@ class IndexMember:
         stale_after: float = 3.0,
         rescan_interval: float = 30.0,
         clock: Callable[[], float] = time.monotonic,
+        untracked: Callable[[], list[str]] = list,
     ) -> None:
         """`stale_after`: seconds after the last answer when the tracker counts as gone; so does
-        a second failed sync in a row (as in docs/control-plane.md, one failure is a blip). The
-        section makes itself the engine's `coordination`."""
+        a second failed sync in a row (as in docs/control-plane.md, one failure is a blip).
+        `untracked()`: the peers no candidate set covers (`ControlPlane.untracked`: static peers
+        that are no member). The section makes itself the engine's `coordination`."""
         self.engine = engine
         self.link: ControlLink = link or NoLink()
         self.stale_after = stale_after
         self.rescan_interval = rescan_interval
         self.clock = clock
+        self._untracked = untracked
         self._told: dict[str, _Told] = {}
         self._round: _Round | None = None
         self._dirty: set[str] = set()
@@ -237,6 +242,10 @@ class IndexMember:
     def sync_soon(self) -> None:
         """Pass the engine's request for an early sync on to the control plane."""
         self.link.sync_soon()
+
+    def untracked(self) -> list[str]:
+        """The peers the engine polls directly beside the candidate sets (see `__init__`)."""
+        return self._untracked()
 
     def changed(self, digest: str) -> None:
         """`digest` arrived or went by other means than a download: announce it next sync."""
@@ -428,6 +437,13 @@ class IndexTracker:
     def forget(self, member: str) -> None:
         """`member` left the site: its holdings and leases vanish."""
         self.index.drop_member(member)
+
+    def complete_holders(self, digest: str, excluding: str) -> int | None:
+        """The popularity section's `ReplicaCounts` (`peer.control.popularity`): members other
+        than `excluding` holding `digest` whole, from their announcements. A tracker that has
+        just claimed counts what the members re-announced so far (low at first: the cache
+        manager then keeps a blob it could have evicted, never the other way round)."""
+        return self.index.complete_holders(digest, excluding)
 
     def handle(self, member: str, payload: Any, now: float) -> dict[str, Any] | None:
         """Apply `member`'s announcements and releases, grant its leases, answer its queries."""

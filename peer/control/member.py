@@ -63,7 +63,7 @@ from peer.policy.election import (
     rank_order,
     usable,
 )
-from peer.policy.membership import Delta, Member, MemberTable, fanout
+from peer.policy.membership import Delta, Member, MemberTable
 from peer.policy.pacing import member_interval
 
 log = structlog.get_logger(__name__)
@@ -88,7 +88,7 @@ class ControlConfig:
     leaderless_interval: float = 2.0  # rounds when no node that may lead is known
     reconcile_interval: float = 2.0  # a tracker looks for other trackers this often
     reconcile_probe: int = 4  # ... asking at most this many addresses each time
-    fanout: int = 8  # members the engine may ask directly when there is no tracker
+    fanout: int = 8  # members the engine polls directly when there is no tracker (`policy.fanout`)
     min_sync_gap: float = 0.05  # wake() never makes syncs closer than this
     announce_parallel: int = 32  # announcements of a claim in flight at once
     lost_ttl: float = 60.0  # a lost tracker stays suspect (not followed on hearsay) this long
@@ -167,13 +167,11 @@ class MemberAgent:
         """The other members alive in this node's view."""
         return [m for m in self.table().records() if m.id != self.me.id]
 
-    def direct_peers(self) -> list[str]:
-        """The URLs the engine may ask directly: every member while there is a tracker, at
-        most `fanout` of them (`peer.policy.membership.fanout`) while there is none."""
-        members = {m.id: m for m in self.members()}
-        if self.following is not None:
-            return sorted(m.url for m in members.values())
-        return [members[i].url for i in fanout(self.me.id, members, self.cfg.fanout)]
+    def member_urls(self) -> list[str]:
+        """Every other member's URL, sorted: what the engine gets whether or not there is a
+        tracker. The bound on direct polling is applied by the engine (`peer.policy.fanout`),
+        over this full list, so that every node deals the same groups."""
+        return sorted(m.url for m in self.members())
 
     def wake(self) -> None:
         """Do the next turn now (an early sync, or an early election round)."""
@@ -566,7 +564,8 @@ class MemberAgent:
     # -- status and shutdown ------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
-        """See `peer.control.plane` for the keys."""
+        """See `peer.control.plane` for the keys (`direct_peers` is added there: it needs the
+        static list)."""
         now = time.monotonic()
         table = self.table()
         ranked = rank_order(table.records())
@@ -595,7 +594,6 @@ class MemberAgent:
             else {"id": tracker.id, "url": tracker.url, "epoch": tracker.epoch},
             "epoch_seen": self.epoch_seen,
             "members": members,
-            "direct_peers": self.direct_peers(),
             "messages": self.counters.snapshot(),
             "elections": self.elections,
             "claims": self.claims,

@@ -5,9 +5,13 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
 
 - `members()` / `member(id)`: the other members alive in this node's view (`Member` records:
   id, url, site, started, priority, cpus, mem_mib, link_mbit);
-- `peers()` (the engine's `PeerSource`): the static `[peer] peers` list, plus every member while
-  there is a tracker, or at most `fanout` members (chosen per node by rendezvous hashing) while
-  there is none: the engine's direct `/have` questions stay bounded without a tracker;
+- `peers()` (the engine's `PeerSource`): the static `[peer] peers` list plus every member in
+  this node's view, tracker or not. The whole list, the same on every node once membership has
+  converged: without a tracker the engine polls only the other members of its group
+  (`peer.policy.fanout`, at most `fanout`), and the groups agree only if every node deals them
+  from the same list (docs/control-plane.md, "No tracker");
+- `untracked()`: the static entries that are no member; their holdings are in no candidate set,
+  so the engine polls them directly even while a tracker answers;
 - `role` ("tracker", "member", "electing", or "disabled" when this node has no usable site
   certificate: then the plane never starts, asks nobody and names no peer), `tracker` (a
   `TrackerRef`: `.id`, `.url`, `.epoch`, `.record`; None while electing), `node_id`, `me` (this
@@ -35,7 +39,10 @@ port, hands it to the engine as the engine's `PeerSource`, and starts it. It off
                     (unix seconds), "last_heard" (seconds ago: on the tracker, since the
                     member's last sync; on a member, since the tracker last vouched for it),
                     "self" (bool)}], best rank first, this node included
-      direct_peers  the member URLs the engine may ask directly now (see `peers()`)
+      direct_peers  the member URLs the engine polls directly when it has no tracker: the
+                    other members of this node's group (`peer.policy.fanout` over the
+                    members, at most `fanout`); while a tracker answers it polls only
+                    `untracked()` (static peers that are no member)
       messages      control messages by kind since start: sync_sent, sync_failed,
                     sync_received, whois_sent, whois_failed, whois_received, tracker_sent,
                     tracker_failed, tracker_received (a member sends one sync per interval
@@ -65,6 +72,7 @@ from peer.control.member import ControlConfig, MemberAgent
 from peer.control.sections import MemberSection, Sections, TrackerSection
 from peer.control.tracker import routes
 from peer.policy.election import TrackerRef
+from peer.policy.fanout import fanout
 from peer.policy.membership import Member
 from peer.tls import PeerTransport, plain
 
@@ -156,11 +164,19 @@ class ControlPlane:
         return self.agent.table().get(node)
 
     def peers(self) -> list[str]:
-        """The engine's `PeerSource`: the static list plus the members it may ask directly."""
+        """The engine's `PeerSource`: the static list plus every member (the engine bounds what
+        it polls; see the module docstring)."""
         if not self.transport.enabled:
             return []
-        urls = [*self.discovery.static, *self.agent.direct_peers()]
+        urls = [*self.discovery.static, *self.agent.member_urls()]
         return [u for u in dict.fromkeys(urls) if u != self.me.url]
+
+    def untracked(self) -> list[str]:
+        """The static `[peer] peers` entries that are no member (a node without the control
+        plane, or one not met yet): the tracker's candidate sets say nothing of what they hold,
+        so the engine polls them directly even while a tracker answers."""
+        members = set(self.agent.member_urls())
+        return [u for u in self.discovery.static if u not in members and u != self.me.url]
 
     def register(self, member_section: MemberSection, tracker_section: TrackerSection) -> None:
         """Ride on the sync message (`peer.control.sections`); one name per concern."""
@@ -177,4 +193,6 @@ class ControlPlane:
 
     def status(self) -> dict[str, Any]:
         """This node's control-plane state (keys in the module docstring)."""
-        return {**self.agent.status(), "role": self.role, "transport": self.transport.status()}
+        status = {**self.agent.status(), "role": self.role, "transport": self.transport.status()}
+        status["direct_peers"] = fanout(self.peers(), self.me.url, self.tunables.fanout)
+        return status

@@ -211,8 +211,10 @@ class ControlNode(Protocol):
 
 def routes(node: ControlNode, status: Callable[[], dict[str, Any]] | None = None) -> web.RouteTableDef:
     """The control routes over `node` (mounted on the peer exchange's app by `peer.node`);
-    `status` (default `node.status`) answers the status route (the plane adds its transport)."""
+    `status` is what `GET status` serves (by default `node.status`: `ControlPlane.status()`
+    passes itself, which adds what only it knows, such as `direct_peers` and its transport)."""
     r = web.RouteTableDef()
+    status_of = status or node.status
 
     def answer(body: dict[str, Any], status: int = 200) -> web.Response:
         return web.json_response({"v": PROTOCOL, "site": node.site, **body}, status=status)

@@ -29,10 +29,12 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   trade (the scale simulator, bench/SIMULATION.md: 100 nodes 17.9 s with it, 4.9 s without). A
   member that is still alone at its next grant gets the long run then. A lease whose
   holder announced no progress on its run for `lease_grace` (6 s) is expired and its run is free
-  again (re-granted). A member holds at most `leases_per_member` (2: the batch in flight and the
-  next one) live leases per blob.
+  again (re-granted); progress on any of a member's leases of a blob counts for all of them (the
+  next run waits behind the one in flight). A member holds at most `leases_per_member` (2: the
+  batch in flight and the next one) live leases per blob.
 - `release(digest, member, first, last)`: the member finished (or gave up) a run.
-- `replicas(digest)`: members holding a complete copy (for the cache manager).
+- `replicas(digest)`: members holding a complete copy; `complete_holders(digest, excluding)`: the
+  same less one member (the popularity section's replica counts, for the cache manager).
 
 Invariants (tested by hypothesis in tests/peer/policy/test_index.py): at most one live lease covers
 any chunk; a lease never covers a chunk that is held (at grant time) or leased; a burst of members
@@ -271,15 +273,15 @@ class Index:
         return True
 
     def _progress(self, blob: _Blob, member: str, new: int, now: float) -> None:
-        """Chunks `new` arrived at `member`: its leases over them progressed; leases whose whole
-        run is held now are done."""
-        keep = []
-        for lease in blob.leases:
-            if lease.member == member and lease.mask & new:
+        """Chunks `new` arrived at `member`: if they progressed one of its leases, all its leases
+        of the blob progressed (the next run waits behind the one in flight: a long run on a slow
+        uplink must not let the next one expire, be re-granted and be fetched twice); leases whose
+        whole run is held now are done."""
+        mine = [le for le in blob.leases if le.member == member]
+        if any(le.mask & new for le in mine):
+            for lease in mine:
                 lease.progress = now
-            if lease.mask & ~blob.held:
-                keep.append(lease)
-        blob.leases = keep
+        blob.leases = [le for le in blob.leases if le.mask & ~blob.held]
 
     def _adopt(
         self, digest: str, blob: _Blob, member: str, runs: Iterable[tuple[int, int]], now: float
@@ -316,6 +318,12 @@ class Index:
         """How many members hold a complete copy of `digest`."""
         blob = self._blobs.get(digest)
         return len(blob.complete) if blob else 0
+
+    def complete_holders(self, digest: str, excluding: str) -> int:
+        """How many members other than `excluding` hold a complete copy of `digest` (0 for a blob
+        nobody announced: the index hears every member's holdings)."""
+        blob = self._blobs.get(digest)
+        return len(blob.complete - {excluding}) if blob else 0
 
     def filling(self, digest: str) -> set[str]:
         """The members filling `digest` (announced it, not complete)."""

@@ -17,16 +17,15 @@ be longer than the table.
 Records are what every member knows of every member (`Member`); they do not change during a
 daemon's life, so a record that changes means the node restarted under the same id.
 
-`fanout` picks the members a node asks directly when there is no tracker: a bounded number,
-chosen by rendezvous hashing of (node, member), so every node picks a different, stable subset
-and the load of direct questions spreads over the site.
+Which members a node asks directly when there is no tracker is not decided here: the engine
+deals the whole member list into groups (`peer.policy.fanout`; docs/control-plane.md says why a
+per-node choice, such as rendezvous hashing, makes stripe owners disagree).
 
 Pure: time comes in as `now` (any monotonic clock, the caller's), nothing here does I/O.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
 from collections import OrderedDict
@@ -265,13 +264,3 @@ class MemberTable:
                 self._tombstones -= 1
             self._floor = changed_at
 
-
-def fanout(me: str, members: Iterable[str], k: int) -> list[str]:
-    """The at most `k` of `members` (not `me`) that node `me` asks directly when there is no
-    tracker: the `k` with the smallest hash of (me, member), in that order.
-
-    Deterministic per node (the same members give the same choice), different from node to node
-    (so no member is everyone's pick), and stable: a member joining or leaving changes at most
-    one place of the choice (rendezvous hashing)."""
-    scored = sorted((hashlib.sha256(f"{me}/{m}".encode()).digest(), m) for m in set(members) if m != me)
-    return [m for _h, m in scored[: max(0, k)]]

@@ -16,7 +16,9 @@ Rules, and what each protects against:
   exactly one node. Views differ while nodes are still joining; `gathering` waits for the burst to
   assemble before the first deal for that reason.
 - *Not twice.* A chunk some usable peer holds (with our chunk size), one a peer announced it is
-  fetching from the origin, or one we already have in flight is never an origin candidate.
+  fetching from the origin, or one we already have in flight is never an origin candidate. A
+  stalled peer's announced fetch does not count: a node that died mid-fetch leaves its last
+  announcement behind, and if it held its chunks back from everyone, nobody would fetch them.
 - *Stalled owners.* An owner that is dead, partitioned or very slow would leave its stripes
   unfetched forever. A node whose holdings have not grown for `grace` seconds is *stalled* (5x as
   long while it announces an origin fetch, which may just be a slow uplink); we never consider
@@ -160,9 +162,9 @@ def origin_candidates(
     stripes: Stripes,
 ) -> list[int]:
     """The missing chunks we should fetch from the origin, in `missing`'s order: not in flight
-    here (`busy`), not announced as being fetched by a peer, not held by any usable peer with our
-    chunk size, and due to us (`Stripes.due`)."""
-    elsewhere = {i for v in views.values() for i in v.fetching}
+    here (`busy`), not announced as being fetched by a peer that has not stalled, not held by any
+    usable peer with our chunk size, and due to us (`Stripes.due`)."""
+    elsewhere = {i for p, v in views.items() if p not in stripes.stalled for i in v.fetching}
     same = [v for v in views.values() if v.chunk_size == chunk_size]
     return [
         i

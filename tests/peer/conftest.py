@@ -6,12 +6,15 @@ the test image is built from); without them they are skipped with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from testbed.images import BUSYBOX, TEST_IMAGE_REPO, BuiltImage, build_test_image, push_image
 from testbed.registry import REGISTRY_BINARY, Credentials, Registry, start_registry
@@ -107,3 +110,28 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
     """A fresh aiohttp session per test (the client under test never owns it)."""
     async with aiohttp.ClientSession() as session:
         yield session
+
+
+@pytest.fixture
+async def hanging_origin() -> AsyncIterator[str]:
+    """A registry address (a second loopback server) that accepts requests and never answers
+    (a dead uplink)."""
+
+    async def hang(request: web.Request) -> web.Response:
+        await asyncio.sleep(3600)
+        return web.Response()
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", hang)
+    server = TestServer(app)
+    await server.start_server()
+    yield f"{server.host}:{server.port}"
+    await server.close()
+
+
+@pytest.fixture
+def pushed_layer(test_image: BuiltImage, test_image_ref: str) -> tuple[str, int, bytes]:
+    """The test image's biggest layer (digest, size, bytes), the image pushed to the registry."""
+    layer = max(test_image.layers, key=lambda la: la.descriptor.size).descriptor
+    data = (test_image.layout / "blobs" / "sha256" / layer.digest[7:]).read_bytes()
+    return layer.digest, layer.size, data

@@ -4,6 +4,7 @@ over real chunk stores): lazy reads, failure without leftovers, hedging away fro
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +21,23 @@ from peer.catalog import Catalog, Source
 from peer.engine import DownloadFailed, Engine, EngineConfig
 from peer.exchange import PeerClient, routes
 from peer.origin import HostSettings, OriginClient
-from peer.peers import StaticPeers
+from peer.policy.holdings import BlobView
 from testbed.images import TEST_IMAGE_REPO, BuiltImage
 from testbed.registry import Registry
 
 pytestmark = pytest.mark.integration
 CHUNK = 64 << 10  # small chunks: a layer of the test image spans many of them
+
+
+class Membership:
+    """The engine's peer source as the control plane is one: the site's members, which change
+    (`urls` may be edited: a node that leaves the site is removed)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.urls = list(urls)
+
+    def peers(self) -> list[str]:
+        return list(self.urls)
 
 
 class Node:
@@ -38,17 +50,23 @@ class Node:
         registry: Registry,
         peers: list[str],
         config: EngineConfig | None = None,
+        origin_hosts: list[str] | None = None,
+        origin_read_timeout: float = 30.0,
     ) -> None:
+        """`peers` is the engine's peer source, read at every poll (a test may change it, as
+        membership does); `origin_hosts` are the plain-HTTP origins (default: `registry`)."""
         self.meta = Meta(root)
         self.store = ChunkStore(root, self.meta, CHUNK)
         self.store.recover()
         self.catalog = Catalog(self.meta)
-        origin = OriginClient(session, hosts={registry.address: HostSettings(plain_http=True)})
+        hosts = {h: HostSettings(plain_http=True) for h in origin_hosts or [registry.address]}
+        origin = OriginClient(session, hosts=hosts, read_timeout=origin_read_timeout)
+        self.membership = Membership(peers)
         self.engine = Engine(
             self.store,
             self.catalog,
             origin,
-            StaticPeers(peers),
+            self.membership,
             PeerClient(session),
             "http://self",
             config or EngineConfig(gather_delay=0.0),
@@ -158,6 +176,89 @@ def _delay(seconds: float):  # type: ignore[no-untyped-def]
         return await handler(request)
 
     return middleware
+
+
+@contextlib.asynccontextmanager
+async def fetching_peer(
+    root: Path, session: aiohttp.ClientSession, registry: Registry, origin: str, digest: str, size: int
+) -> AsyncIterator[tuple[Node, TestServer]]:
+    """A node whose origin (`origin`) never answers, filling `digest` alone: it announces an origin
+    fetch of the blob's first chunks on its peer exchange and never delivers them."""
+    node = Node(root, session, registry, [], origin_hosts=[origin], origin_read_timeout=600.0)
+    node.catalog.record([Source(digest, size, "", origin, TEST_IMAGE_REPO)])
+    app = web.Application()
+    app.add_routes(routes(node.store, node.engine.fetching))
+    server = TestServer(app)
+    await server.start_server()
+    try:
+        node.engine.ensure(digest)
+        while not node.engine.fetching(digest):
+            await asyncio.sleep(0.02)
+        yield node, server
+    finally:
+        await server.close()
+        await node.close()
+
+
+async def _sees_fetching(node: Node, peer: str, digest: str) -> None:
+    while not node.engine.views.get(digest, {}).get(peer, BlobView(digest, 0, 1, False, b"")).fetching:
+        await asyncio.sleep(0.02)
+
+
+async def test_a_peer_that_leaves_the_site_mid_origin_fetch_does_not_keep_its_chunks(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    hanging_origin: str,
+    pushed_layer: tuple[str, int, bytes],
+) -> None:
+    """B announces an origin fetch of the blob and A leaves those chunks to it; then B dies and
+    leaves the membership (as a SIGKILLed tracker leaves every member's view). A forgets the fetch
+    B announced, so B stalls after one grace (not the five a node announcing a fetch gets) and A,
+    its heir, fetches the blob. Before: nobody polled B any more, its last view stayed, and its
+    announced fetch kept those chunks out of A's origin plan for good; A's download failed with
+    "no progress for 120 s". Graces are 10 s here: five would outlast the test's 40 s."""
+    digest, size, data = pushed_layer
+    async with fetching_peer(tmp_path / "b", session, registry, hanging_origin, digest, size) as (b, server):
+        b_url = str(server.make_url("")).rstrip("/")
+        a = Node(tmp_path / "a", session, registry, [b_url], EngineConfig(gather_delay=0.0, owner_grace=10.0))
+        try:
+            a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            a.engine.ensure(digest)
+            await asyncio.wait_for(_sees_fetching(a, b_url, digest), timeout=30)
+            await server.close()  # B dies ...
+            await b.engine.close()
+            a.membership.urls.remove(b_url)  # ... and leaves the site
+            await asyncio.wait_for(a.engine.wait_complete(digest), timeout=40)
+            assert a.store.read(digest, 0, size) == data
+            assert a.engine.counters["origin_bytes"] == size
+        finally:
+            await a.close()
+
+
+async def test_a_live_peer_that_announced_an_origin_fetch_and_stalled_loses_its_chunks(
+    tmp_path: Path,
+    session: aiohttp.ClientSession,
+    registry: Registry,
+    hanging_origin: str,
+    pushed_layer: tuple[str, int, bytes],
+) -> None:
+    """B stays a member and keeps answering, but its origin fetch never delivers: once B has
+    stalled (5 graces while it announces a fetch), A, its heir, fetches B's stripes, the chunks
+    B announced included. Before: the heir inherited the stripes but not those chunks."""
+    digest, size, data = pushed_layer
+    async with fetching_peer(tmp_path / "b", session, registry, hanging_origin, digest, size) as (_b, server):
+        b_url = str(server.make_url("")).rstrip("/")
+        config = EngineConfig(gather_delay=0.0, owner_grace=0.4)
+        a = Node(tmp_path / "a", session, registry, [b_url], config)
+        try:
+            a.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+            await asyncio.wait_for(a.engine.wait_complete(digest), timeout=60)
+            assert a.store.read(digest, 0, size) == data
+            assert a.engine.counters["origin_bytes"] == size
+            assert a.engine.counters["origin_heir_chunks"] > 0
+        finally:
+            await a.close()
 
 
 def _fail_data() -> web.middleware:  # type: ignore[valid-type]

@@ -53,7 +53,11 @@ class Node:
         self.member: IndexMember | None = None
 
     async def start(
-        self, link: Link | None = None, stale_after: float = 3.0, config: EngineConfig | None = None
+        self,
+        link: Link | None = None,
+        stale_after: float = 3.0,
+        config: EngineConfig | None = None,
+        untracked: list[str] | None = None,
     ) -> str:
         app = web.Application()
         self.server = TestServer(app)
@@ -72,7 +76,8 @@ class Node:
             config,
         )
         holder.append(self.engine)
-        self.member = IndexMember(self.engine, link, stale_after=stale_after)
+        outside = list(untracked or [])
+        self.member = IndexMember(self.engine, link, stale_after=stale_after, untracked=lambda: outside)
         return url
 
     async def close(self) -> None:
@@ -148,24 +153,23 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@pytest.fixture
-async def hanging_origin() -> AsyncIterator[str]:
-    """A registry address that accepts requests and never answers (a dead uplink)."""
-
-    async def hang(request: web.Request) -> web.Response:
-        await asyncio.sleep(3600)
-        return web.Response()
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", hang)
-    server = TestServer(app)
-    await server.start_server()
-    yield f"{server.host}:{server.port}"
-    await server.close()
-
-
 async def nodes(tmp_path: Path, session: aiohttp.ClientSession, n: int, origins: list[str]) -> list[Node]:
     return [Node(tmp_path / f"n{i}", session, origins, []) for i in range(n)]
+
+
+async def start_tracked(
+    node: Node,
+    driver: Driver,
+    source: Source,
+    config: EngineConfig | None = None,
+    untracked: list[str] | None = None,
+) -> Engine:
+    """Start `node` as the driver's member "m0", wanting `source`'s blob; its engine."""
+    await node.start(Link(driver), config=config, untracked=untracked)
+    assert node.member is not None and node.engine is not None
+    driver.add("m0", node.member)
+    node.catalog.record([source])
+    return node.engine
 
 
 def assert_once_from_the_origin(made: list[Node], size: int, nchunks: int) -> None:
@@ -408,3 +412,67 @@ async def test_a_download_stuck_without_a_lease_fetches_from_the_origin_anyway(
         await b.close()
         with contextlib.suppress(Exception):
             await x.close()
+
+
+async def test_a_peers_only_download_asks_for_no_lease(
+    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
+) -> None:
+    """A replication (peers only) while a tracker answers: nobody holds the blob, and the download
+    never asks the tracker for a lease (one granted would have it fetch from the origin, or, if
+    it kept its word, hold those chunks back from every other member); it gives up, leaving
+    nothing. Before: it asked, was granted the whole blob, and fetched it from the origin."""
+    digest, size, _data = pushed_layer
+    tracker = IndexTracker(IndexConfig())
+    driver = Driver(tracker)
+    (node,) = await nodes(tmp_path, session, 1, [registry.address])
+    try:
+        config = EngineConfig(gather_delay=0.0, peers_only_stall=1.0)
+        engine = await start_tracked(
+            node, driver, Source(digest, size, "", registry.address, TEST_IMAGE_REPO), config
+        )
+        with driver:
+            await asyncio.sleep(0.3)
+            assert engine.coordination.tracking()
+            dl = engine.ensure(digest, peers_only=True)
+            assert dl is not None
+            await asyncio.wait_for(asyncio.shield(dl.task), 30)
+        assert dl.error is not None and not node.store.exists(digest)
+        assert node.engine.counters["leases"] == 0
+        assert node.engine.counters["origin_bytes"] == 0
+        assert tracker.index.leases(digest, time.monotonic()) == []
+    finally:
+        await node.close()
+
+
+async def test_a_static_peer_outside_the_membership_is_polled_and_used_beside_the_tracker(
+    tmp_path: Path, session: aiohttp.ClientSession, registry: Registry, pushed_layer: tuple[str, int, bytes]
+) -> None:
+    """A tracked member whose static `[peer] peers` entry H is no member (`untracked`): the
+    tracker's candidate sets know nothing of H, yet H is polled and the whole blob comes from it,
+    under no lease. Before: under a tracker only candidate sets were views, H was never asked, and
+    the member leased the blob and fetched it from the origin (test_p2p's corrupt-peer tests)."""
+    digest, size, data = pushed_layer
+    holder = Node(tmp_path / "h", session, [registry.address], [])
+    h_url = await holder.start()
+    assert holder.engine is not None
+    holder.catalog.record([Source(digest, size, "", registry.address, TEST_IMAGE_REPO)])
+    await asyncio.wait_for(holder.engine.wait_complete(digest), 60)
+    tracker = IndexTracker(IndexConfig())
+    driver = Driver(tracker)
+    node = Node(tmp_path / "a", session, [registry.address], [h_url])
+    try:
+        source = Source(digest, size, "", registry.address, TEST_IMAGE_REPO)
+        engine = await start_tracked(node, driver, source, untracked=[h_url])
+        with driver:
+            await asyncio.sleep(0.3)
+            assert engine.coordination.tracking()
+            assert engine.polled_peers() == [h_url]
+            await asyncio.wait_for(engine.wait_complete(digest), 60)
+            assert engine.coordination.tracking()
+        assert node.store.read(digest, 0, size) == data
+        assert engine.counters["origin_bytes"] == 0
+        assert engine.counters["peer_bytes"] == size
+        assert engine.counters["leases"] == 0
+    finally:
+        await node.close()
+        await holder.close()

@@ -19,6 +19,7 @@ from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.catalog import Catalog
 from peer.control.index_sections import IndexMember, IndexTracker
+from peer.control.popularity import PopularityTracker
 from peer.engine import Engine
 from peer.exchange import PeerClient
 from peer.origin import OriginClient
@@ -282,3 +283,24 @@ async def test_ranges_beyond_the_cap_go_in_the_next_sync(
     m.section.incoming({})
     second = announced(m.section.outgoing(full=False))
     assert second is not None and second["add"] == [[4, 4], [6, 6]]
+
+
+async def test_the_tracker_side_counts_the_other_complete_holders_for_popularity(
+    members: list[Member], clock: Clock
+) -> None:
+    """`IndexTracker` is the popularity section's `ReplicaCounts`: the replicas a member is told
+    of are the other members holding the blob whole, as they announced it."""
+    tracker = IndexTracker(IndexConfig(), Random(1))
+    popularity = PopularityTracker(replicas=tracker)
+    for i, m in enumerate(members):
+        m.chunks(*range(10) if i < 2 else (0,))
+        if i < 2:
+            m.store.partials.complete(DIGEST)
+        tracker.handle(f"n{i}", m.section.outgoing(full=True), clock.now)
+    counts = [tracker.complete_holders(DIGEST, f"n{i}") for i in range(3)]
+    assert counts == [1, 1, 2]
+    assert tracker.complete_holders(OTHER_DIGEST, "n0") == 0
+    answer = popularity.handle("n2", {"counts": {}, "ask": [DIGEST]}, clock.now)
+    assert answer is not None and answer["replicas"] == {DIGEST: 2}
+    tracker.forget("n0")
+    assert tracker.complete_holders(DIGEST, "n2") == 1

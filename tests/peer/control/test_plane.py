@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from sections_cases import Board, Broken, Notes
@@ -25,6 +26,7 @@ from sections_cases import Board, Broken, Notes
 from kernel.config import loads
 from peer.control.member import ControlConfig
 from peer.control.plane import ControlPlane
+from peer.policy.fanout import fanout
 from peer.tls import load
 from testbed.pki import SiteCA
 from testbed.procs import free_port
@@ -70,13 +72,20 @@ class Site:
         self.ca = SiteCA(tmp / "site")
 
     async def add(
-        self, priority: int = 0, site: str = "default", tunables: ControlConfig = FAST, sections: bool = True
+        self,
+        priority: int = 0,
+        site: str = "default",
+        tunables: ControlConfig = FAST,
+        sections: bool = True,
+        peers: Sequence[str] = (),
     ) -> Node:
         port = free_port()
         self.ports.append(port)
         boot = [f"127.0.0.1:{p}" for p in self.ports[:2]]
         text = (
-            f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\n'.replace("'", '"')
+            f'[peer]\nlisten = "127.0.0.1:{port}"\nbootstrap = {boot!r}\npeers = {list(peers)!r}\n'.replace(
+                "'", '"'
+            )
             + f'[site]\nname = "{site}"\ntracker_priority = {priority}\n[discovery]\nmdns = false\n'
         )
         name = f"n{len(self.ports)}"
@@ -135,6 +144,19 @@ async def test_nodes_meet_through_bootstrap_and_elect_the_best_ranked(site: Site
     await until(lambda: agreed(nodes))
     assert tracker(nodes) is nodes[0], "earliest started, all else equal: rank 0"
     assert all(sorted(n.plane.peers()) == sorted(m.plane.me.url for m in nodes if m is not n) for n in nodes)
+
+
+async def test_static_peers_that_are_no_member_are_untracked(site: Site) -> None:
+    """A static `[peer] peers` entry that never joins (nothing speaks the control plane there:
+    a free loopback port) is `untracked()`, polled by the engine beside the tracker's candidate
+    sets; a static entry that is a member is not (the candidate sets cover it)."""
+    first = await site.add()
+    outside = f"http://127.0.0.1:{free_port()}"
+    second = await site.add(peers=[first.plane.me.url, outside])
+    await until(lambda: agreed([first, second]))
+    assert second.plane.untracked() == [outside]
+    assert outside in second.plane.peers()
+    assert first.plane.untracked() == []
 
 
 async def test_sections_ride_on_the_sync_in_full_then_incrementally(site: Site) -> None:
@@ -240,13 +262,21 @@ async def test_members_sync_at_the_pace_the_tracker_answers(site: Site) -> None:
 
 
 async def test_a_site_with_no_node_that_may_lead_fans_out_directly(site: Site) -> None:
+    """The engine gets every member (it deals the groups itself, from the same list on every
+    node); the status reports the group it polls: at most `fanout`, the same groups everywhere."""
     few = ControlConfig(**{**FAST.__dict__, "fanout": 1})
     nodes = [await site.add(priority=-1, tunables=few) for _ in range(3)]
     await until(lambda: all(len(n.plane.members()) == 2 for n in nodes))
     await asyncio.sleep(FAST.startup_grace + FAST.claim_wait)
+    polled: dict[str, set[str]] = {}
     for n in nodes:
         assert n.plane.role == "electing" and n.plane.tracker is None
-        assert len(n.plane.peers()) == 1, "at most `fanout` members asked directly"
+        assert sorted(n.plane.peers()) == sorted(m.plane.me.url for m in nodes if m is not n)
+        direct = n.plane.status()["direct_peers"]
+        assert direct == fanout(n.plane.peers(), n.plane.me.url, 1) and len(direct) <= 1
+        polled[n.plane.me.url] = set(direct)
+    for me, others in polled.items():  # groups are cliques: whom I poll polls me
+        assert all(me in polled[o] for o in others)
 
 
 async def test_a_node_of_another_site_never_joins(site: Site) -> None:
@@ -302,5 +332,14 @@ async def test_status_has_the_documented_keys(site: Site) -> None:
     }
     assert st["role"] == "member" and st["tracker"]["id"] == nodes[0].id
     assert [m["rank"] for m in st["members"]] == [0, 1]
+    # the route serves the same document (it lacked `direct_peers`, which only the plane adds)
+    async with (
+        aiohttp.ClientSession() as http,
+        http.get(
+            f"{nodes[1].plane.me.url}/peersync/v1/control/status", ssl=nodes[0].plane.transport.client
+        ) as r,
+    ):
+        served = await r.json()
+    assert set(served) == set(st) and served["direct_peers"] == st["direct_peers"]
     assert set(st["members"][0]) == {"id", "url", "rank", "priority", "started", "last_heard", "self"}
     assert st["messages"]["sync_sent"] >= 1 and nodes[0].plane.status()["messages"]["sync_received"] >= 1

@@ -219,7 +219,13 @@ class Before:
         self._track_progress(views, now)
         missing = self.s.missing
         busy = {i for i, fl in self.s.flights.items() if fl} | self.s.origin_chunks
-        elsewhere = {i for v in views.values() for i in v.fetching}
+        # changed on purpose with policy.striping: a stalled peer's announced fetch no longer counts
+        elsewhere = {
+            i
+            for p, v in views.items()
+            if p == self.s.me or v.complete or not self._stalled(p, now)
+            for i in v.fetching
+        }
         held = {
             i for i in missing if any(v.has(i) for v in views.values() if v.chunk_size == self.s.chunk_size)
         }

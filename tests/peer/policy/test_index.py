@@ -288,6 +288,29 @@ def test_a_stalled_lease_is_regranted_and_progress_keeps_one_alive() -> None:
     assert not any(le.member == member(0) for le in idx.leases(D, late))
 
 
+def test_the_next_lease_lives_while_the_one_in_flight_progresses() -> None:
+    """A lone member holds two long leases; its first run takes longer than `lease_grace` on a
+    slow uplink, landing a chunk every 2 s. Its second run, not started yet, is not re-granted
+    to a member that joins meanwhile (it would be fetched twice: the staggered testbed's 1.08x);
+    once the member stops progressing, both runs are free again."""
+    idx = index_with(2, lease_chunks=8)  # the blob's first lease is short: 8 chunks, as the second
+    idx.apply(member(0), ann(), 0.0)
+    first = idx.grant(D, member(0), [], 8, 0.0)
+    second = idx.grant(D, member(0), [], 8, 0.0)
+    assert first is not None and second is not None
+    assert (first.first, first.last, second.first, second.last) == (0, 7, 8, 15)
+    for t in range(2, 12, 2):
+        idx.apply(member(0), ann((t // 2 - 1,) * 2), float(t))
+    idx.apply(member(1), ann(), 11.0)
+    joined = idx.grant(D, member(1), list(range(8, 16)), 32, 11.0)
+    assert joined is not None and (joined.first, joined.last) == (16, 19)  # the only free chunks
+    assert {(le.first, le.last) for le in idx.leases(D, 11.0) if le.member == member(0)} == {
+        (first.first, first.last),
+        (second.first, second.last),
+    }
+    assert not any(le.member == member(0) for le in idx.leases(D, 16.5))  # 6.5 s without progress
+
+
 def test_a_lease_whose_run_is_held_ends_and_a_released_one_frees_what_was_not_fetched() -> None:
     idx = index_with(2)
     idx.apply(member(0), ann(), 0.0)

@@ -15,7 +15,7 @@ from control_cases import member, members, node_id
 from hypothesis import given
 from hypothesis import strategies as st
 
-from peer.policy.membership import Delta, Member, MemberTable, fanout
+from peer.policy.membership import Delta, Member, MemberTable
 
 # -- records -------------------------------------------------------------------------------------
 
@@ -255,40 +255,3 @@ def test_versions_only_grow_and_count_changes(ns: list[int]) -> None:
         changed = table.remove(node_id(n)) is not None if i % 3 == 2 else table.heard(member(n), float(i))
         assert table.version == last + (1 if changed else 0)
         last = table.version
-
-
-# -- fan-out -----------------------------------------------------------------------------------------
-
-
-IDS = [node_id(n) for n in range(40)]
-
-
-@given(st.sampled_from(IDS), st.lists(st.sampled_from(IDS), unique=True), st.integers(0, 12))
-def test_fanout_is_bounded_excludes_me_and_picks_members(me: str, others: list[str], k: int) -> None:
-    chosen = fanout(me, others, k)
-    assert len(chosen) == min(k, len(set(others) - {me}))
-    assert me not in chosen and set(chosen) <= set(others) and len(set(chosen)) == len(chosen)
-
-
-@given(st.sampled_from(IDS), st.lists(st.sampled_from(IDS), unique=True), st.randoms(use_true_random=False))
-def test_fanout_does_not_depend_on_the_order_members_are_listed(me: str, others: list[str], rng: Any) -> None:
-    shuffled = list(others)
-    rng.shuffle(shuffled)
-    assert fanout(me, others, 8) == fanout(me, shuffled, 8)
-
-
-@given(st.sampled_from(IDS), st.lists(st.sampled_from(IDS), unique=True, min_size=1), st.sampled_from(IDS))
-def test_a_member_joining_changes_at_most_one_pick(me: str, others: list[str], newcomer: str) -> None:
-    before = set(fanout(me, others, 8))
-    after = set(fanout(me, [*others, newcomer], 8))
-    assert len(after - before) <= 1 and len(before - after) <= 1
-
-
-def test_the_fanout_spreads_over_the_site() -> None:
-    """32 nodes choosing 8 of the other 31 each: nobody is everyone's pick, everyone is someone's."""
-    site = [node_id(n) for n in range(32)]
-    picked_by = {n: 0 for n in site}
-    for me in site:
-        for n in fanout(me, site, 8):
-            picked_by[n] += 1
-    assert max(picked_by.values()) < 31 and min(picked_by.values()) > 0

@@ -324,6 +324,14 @@ def test_origin_candidates_skip_what_is_in_flight_held_or_fetched_elsewhere() ->
     assert origin_candidates(range(6), {0}, views, CHUNK, s) == [3, 4, 5]
 
 
+def test_a_stalled_peers_announced_fetch_does_not_hold_its_chunks_back() -> None:
+    """A peer that announced an origin fetch and then made no progress (dead, hung) gives up its
+    claim with its stripes: its heir fetches them. While it makes progress, the fetch is its own."""
+    views = {B: view(16, fetching=range(16))}
+    assert origin_candidates(range(16), set(), views, CHUNK, stripes(A, [A, B], {B})) == list(range(16))
+    assert origin_candidates(range(16), set(), views, CHUNK, stripes(A, [A, B])) == []
+
+
 def test_origin_candidates_are_only_the_chunks_due_to_us() -> None:
     views = {B: view(16)}
     assert origin_candidates(range(16), set(), views, CHUNK, stripes(A, [A, B])) == [0, 1, 2, 3, 8, 9, 10, 11]
@@ -359,7 +367,7 @@ def test_origin_candidates_property(case: tuple[int, dict[str, BlobView]], data:
     for i in missing:
         expected = (
             i not in busy
-            and not any(i in v.fetching for v in views.values())
+            and not any(i in v.fetching for p, v in views.items() if p not in s.stalled)
             and not any(v.has(i) for v in views.values())
             and s.due(i)
         )
