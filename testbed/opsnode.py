@@ -108,7 +108,7 @@ def start_node(workdir: Path, registry: str, peers: list[str] | None = None) -> 
         hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
         toml = hosts_dir / registry / "hosts.toml"
         toml.write_text(toml.read_text().replace(f"https://{registry}", f"http://{registry}"))
-        yield OpsNode(daemon, ctrd, hosts_dir, admin, metrics, f"http://127.0.0.1:{peer_port}")
+        yield OpsNode(daemon, ctrd, hosts_dir, admin, metrics, daemon.peer_url)
 
 
 def blob_sizes(image: BuiltImage) -> dict[str, int]:
