@@ -88,6 +88,7 @@ async def node(tmp_path: Path) -> AsyncIterator[Node]:
     await registry.start_server()
     address = f"127.0.0.1:{registry.port}"
     config = Config(
+        root=tmp_path,  # the node id is kept under the root: never the machine's /var/lib/peersync
         peer=PeerConfig(listen=f"127.0.0.1:{ports[0]}", peers=[]),
         mirror=MirrorConfig(listen=f"127.0.0.1:{ports[1]}", default_registry=address),
         origin=OriginConfig(plain_http=[address]),

@@ -69,6 +69,7 @@ def running(tmp_path: Path) -> Iterator[Running]:
     store.partials.claim(partial, 1 << 24)
     ports = free_port(), free_port()
     config = Config(
+        root=tmp_path,  # the node id is kept under the root: never the machine's /var/lib/peersync
         peer=PeerConfig(listen=f"127.0.0.1:{ports[0]}", peers=[]),
         mirror=MirrorConfig(listen=f"127.0.0.1:{ports[1]}"),
         discovery=DiscoveryConfig(mdns=False),
