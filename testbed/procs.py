@@ -26,14 +26,23 @@ class ProcessError(RuntimeError):
     """A managed process died or never became ready; the message carries its log tail."""
 
 
+_HANDED_OUT: set[int] = set()  # ports free_port returned in this process
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a TCP port that is free on `host` right now (the kernel picks it, so no guessing).
+    """Return a TCP port that is free on `host` right now (the kernel picks it, so no guessing),
+    and never one this process was given before: the kernel may pick the same port twice in a
+    row while nothing binds it yet (one config got it for both its peer and mirror listeners).
 
     There is a small race until the caller binds it; daemons started right away win it in practice.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def log_tail(path: Path, max_bytes: int = 4000) -> str:
