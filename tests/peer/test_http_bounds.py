@@ -21,7 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from kernel.store.meta import Meta
 from peer import httpbounds
 from peer.exchange import PeerClient, PeerError, routes
 from peer.node import PeerNode
+from testbed.procs import free_port
 
 CHUNK = 4096
 PARTIAL_SIZE = 1 << 30  # 262144 chunks of 4 KiB: a 43 KB view
@@ -46,13 +46,6 @@ HAVE = "/peersync/v1/have"
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import socket
 import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from kernel.config import Config, DiscoveryConfig, MirrorConfig, PeerConfig, Tls
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.meta import Meta
 from peer.node import PeerNode
+from testbed.procs import free_port
 
 CHUNK = 4096
 FUZZ = settings(max_examples=250, deadline=None, database=None, suppress_health_check=list(HealthCheck))
@@ -36,13 +36,6 @@ FUZZ = settings(max_examples=250, deadline=None, database=None, suppress_health_
 
 def sha(data: bytes) -> str:
     return "sha256:" + hashlib.sha256(data).hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 @dataclass
