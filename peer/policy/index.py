@@ -22,16 +22,26 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
-  spread and re-planned often, `solo_lease_chunks` (32) when the member is alone, except for the
-  blob's first lease, which is always short: in a burst the first member's sync reaches the tracker
-  before the others have announced the blob, and a long first lease gave that one member the whole
-  blob from the origin, leaving every other member of the site queued behind it with nothing to
-  trade (the scale simulator, bench/SIMULATION.md: 100 nodes 17.9 s with it, 4.9 s without). A
-  member that is still alone at its next grant gets the long run then. A lease whose
-  holder announced no progress on its run for `lease_grace` (6 s) is expired and its run is free
-  again (re-granted); progress on any of a member's leases of a blob counts for all of them (the
-  next run waits behind the one in flight). A member holds at most `leases_per_member` (2: the
-  batch in flight and the next one) live leases per blob.
+  spread and re-planned often, `solo_lease_chunks` (32) when the member is alone. Two windows in a
+  blob's life bend that, both counted from when the index first heard of the blob (`now` passed in):
+  - *gathering* (`gather`, 0.5 s) for a blob first announced with nothing held: the start of a
+    burst. The first member's syncs reach the tracker before the others have announced the blob,
+    and a member whose syncs are fast (the tracker's own node) asks again every 50 ms: with long
+    or many leases that one member got the whole image from the origin, the rest of the site
+    queued behind it with nothing to trade (the scale simulator, bench/SIMULATION.md: 100 nodes
+    17.9 s against 4.9 s), and when it died mid-pull most of what the uplink had carried died with
+    it (the tracker-dies test, 1.39x the image on the uplink). So while the blob gathers a member
+    holds one live lease of it, `gather_lease_chunks` (1) long; a member still alone after it gets
+    the long runs.
+  - *adopting* (`adopt_wait`, 1 s) for a blob first announced with chunks held or origin runs in
+    flight: a tracker that has just taken over (or a member re-announcing after it was dropped).
+    The members re-announce what they fetch from the origin in their first sync to the new
+    tracker, one by one; a lease granted before the last of them has was a run someone is
+    already fetching, fetched twice. No leases of it in that second.
+  A lease whose holder announced no progress on its run for `lease_grace` (6 s) is expired and its
+  run is free again (re-granted); progress on any of a member's leases of a blob counts for all of
+  them (the next run waits behind the one in flight). A member holds at most `leases_per_member`
+  (2: the batch in flight and the next one) live leases per blob.
 - `release(digest, member, first, last)`: the member finished (or gave up) a run.
 - `replicas(digest)`: members holding a complete copy; `complete_holders(digest, excluding)`: the
   same less one member (the popularity section's replica counts, for the cache manager).
@@ -65,6 +75,10 @@ class IndexConfig:
     candidates: int = 16  # holders offered per blob and ask
     lease_chunks: int = 4  # run length of a lease while others fill the blob
     solo_lease_chunks: int = 32  # ... when the requester is the only member filling it
+    gather: float = 0.5  # a new blob's first seconds: one short lease per member (a burst forms)
+    gather_lease_chunks: int = 1  # ... this long
+    adopt_wait: float = 1.0  # a blob first heard of in progress: no leases this long (runs in flight
+    # are re-announced to a new tracker first)
     lease_grace: float = 6.0  # seconds without progress after which a lease is re-granted
     leases_per_member: int = 2  # live leases per member and blob: the run in flight and the next
     rank_ttl: float = 0.5  # how long a blob's ranking of holders is reused while holdings change
@@ -144,7 +158,7 @@ class _Ranking:
 class _Blob:
     """One blob's holdings and leases."""
 
-    def __init__(self, size: int, chunk_size: int) -> None:
+    def __init__(self, size: int, chunk_size: int, gather_until: float, hold_until: float) -> None:
         self.size = size
         self.chunk_size = chunk_size
         self.nchunks = max(1, -(-size // chunk_size))
@@ -155,7 +169,8 @@ class _Blob:
         self.held = 0  # bits with counts > 0
         self.seeds: list[list[str]] = [[] for _ in range(self.nchunks)]
         self.leases: list[Lease] = []
-        self.grants = 0  # leases granted of this blob, ever (the first one is short)
+        self.gather_until = gather_until  # short leases, one per member, before (gathering)
+        self.hold_until = hold_until  # no leases before (adopting)
         self.ranking: _Ranking | None = None
         self.dirty = True
 
@@ -247,7 +262,7 @@ class Index:
             rec.blobs.discard(ann.digest)
             return True
         if blob is None:
-            blob = self._blobs[ann.digest] = _Blob(ann.size, ann.chunk_size)
+            blob = self._blobs[ann.digest] = self._new_blob(ann, now)
         rec.blobs.add(ann.digest)
         blob.dirty = True
         if ann.complete:
@@ -271,6 +286,13 @@ class Index:
         if ann.fetching is not None:
             self._adopt(ann.digest, blob, member, ann.fetching, now)
         return True
+
+    def _new_blob(self, ann: Announcement, now: float) -> _Blob:
+        """The index's record of a blob it first hears of in `ann`: one in progress (chunks held,
+        origin runs in flight) is adopted, a new one gathers (see the module docstring)."""
+        if ann.add or ann.fetching or ann.complete:
+            return _Blob(ann.size, ann.chunk_size, now, now + self.config.adopt_wait)
+        return _Blob(ann.size, ann.chunk_size, now + self.config.gather, now)
 
     def _progress(self, blob: _Blob, member: str, new: int, now: float) -> None:
         """Chunks `new` arrived at `member`: if they progressed one of its leases, all its leases
@@ -459,8 +481,12 @@ class Index:
         cfg = self.config
         if blob is None or blob.complete or member not in blob.have or max_chunks < 1:
             return None
+        if now < blob.hold_until:
+            return None
         blob.leases = [le for le in blob.leases if le.live(now, cfg.lease_grace)]
-        if sum(le.member == member for le in blob.leases) >= cfg.leases_per_member:
+        gathering = now < blob.gather_until
+        mine = sum(le.member == member for le in blob.leases)
+        if mine >= (1 if gathering else cfg.leases_per_member):
             return None
         free = blob.full & ~blob.held & ~blob.leased()
         if not free:
@@ -468,9 +494,11 @@ class Index:
         first = next((i for i in want if 0 <= i < blob.nchunks and free >> i & 1), None)
         if first is None:
             first = (free & -free).bit_length() - 1
-        alone = len(blob.have) == 1 and blob.grants > 0
-        blob.grants += 1
-        limit = min(max_chunks, cfg.solo_lease_chunks if alone else cfg.lease_chunks)
+        if gathering:
+            run = cfg.gather_lease_chunks
+        else:
+            run = cfg.solo_lease_chunks if len(blob.have) == 1 else cfg.lease_chunks
+        limit = min(max_chunks, run)
         last = first
         while last - first + 1 < limit and last + 1 < blob.nchunks and free >> (last + 1) & 1:
             last += 1

@@ -259,13 +259,13 @@ async def test_a_dead_lease_holders_run_is_regranted(
     test_image_ref: str,
 ) -> None:
     """Member A is alone, so it is leased the whole blob (runs as long as the blob: its first
-    lease too, which is short by default); its uplink hangs, then it dies without
+    lease too: no gathering window); its uplink hangs, then it dies without
     the tracker noticing (no `forget`). B, which joined meanwhile, is granted A's run once A has
     shown no progress for `lease_grace`, and completes from the origin: not by the engine's own
     rescue, which waits longer."""
     digest, size, data = biggest_layer(test_image)
     nchunks = -(-size // CHUNK)
-    driver = Driver(IndexTracker(IndexConfig(lease_grace=3.0, lease_chunks=32)))
+    driver = Driver(IndexTracker(IndexConfig(lease_grace=3.0, lease_chunks=32, gather=0.0)))
     a, b = await nodes(tmp_path, session, 2, [registry.address, hanging_origin])
     try:
         for name, node, origin in (("a", a, hanging_origin), ("b", b, registry.address)):

@@ -41,11 +41,19 @@ def ann(
     return Announcement(digest, n * CS, CS, tuple(add), filling, complete, drop, fetching)
 
 
+WINDOWS = {"gather": IndexConfig.gather, "adopt_wait": IndexConfig.adopt_wait}  # the defaults
+
+
 def member(i: int) -> str:
     return f"m{i:03d}"
 
 
 def index_with(members: int, net_of: dict[int, int] | None = None, **cfg: float) -> Index:
+    """An index knowing `members` members. Its blobs skip the gathering and adopting windows
+    unless `gather` or `adopt_wait` is given: most table cases are about the rules that follow
+    them; the windows have cases of their own, and the properties run with the defaults."""
+    cfg.setdefault("gather", 0.0)
+    cfg.setdefault("adopt_wait", 0.0)
     idx = Index(IndexConfig(**cfg))  # type: ignore[arg-type]
     for i in range(members):
         net = (net_of or {}).get(i, 1)
@@ -198,32 +206,64 @@ def test_a_stale_ranking_is_reused_within_its_ttl_but_never_offers_a_member_that
 # -- leases ---------------------------------------------------------------------------------------
 
 
-def test_a_lone_member_gets_long_leases_after_the_first_and_others_short_ones() -> None:
-    idx = index_with(3)
+def test_a_lone_member_gets_long_leases_once_the_blob_has_gathered_and_others_short_ones() -> None:
+    idx = index_with(3, gather=0.5)
     idx.apply(member(0), ann(n=100), 0.0)
     first = idx.grant(D, member(0), [], 64, 0.0)
-    assert first is not None and (first.first, first.last) == (0, 3)  # a burst may be forming
-    solo = idx.grant(D, member(0), [], 64, 0.0)
-    assert solo is not None and (solo.first, solo.last) == (4, 35)  # still alone: a long run
-    idx.apply(member(1), ann(n=100), 0.0)
-    short = idx.grant(D, member(1), [], 64, 0.0)
-    assert short is not None and (short.first, short.last) == (36, 39)
-    idx.release(D, member(0), 0, 3)
-    capped = idx.grant(D, member(0), [], 2, 0.0)
-    assert capped is not None and (capped.first, capped.last) == (0, 1)
+    assert first is not None and (first.first, first.last) == (0, 0)  # a burst may be forming
+    assert idx.grant(D, member(0), [], 64, 0.05) is None  # one lease while the blob gathers
+    solo = idx.grant(D, member(0), [], 64, 0.5)
+    assert solo is not None and (solo.first, solo.last) == (1, 32)  # still alone: a long run
+    idx.apply(member(1), ann(n=100), 0.6)
+    short = idx.grant(D, member(1), [], 64, 0.6)
+    assert short is not None and (short.first, short.last) == (33, 36)
+    idx.release(D, member(0), 0, 0)
+    capped = idx.grant(D, member(0), [40], 2, 0.6)
+    assert capped is not None and (capped.first, capped.last) == (40, 41)
 
 
-def test_in_a_burst_the_first_member_does_not_get_the_whole_blob() -> None:
-    """The first sync of a burst reaches the tracker before the others announce the blob: its
-    lease is short, so the members arriving a moment later share the origin work."""
-    idx = index_with(8)
-    idx.apply(member(0), ann(n=22), 0.0)
-    first = idx.grant(D, member(0), [], 32, 0.0)
-    assert first is not None and first.last - first.first + 1 == 4
+def test_in_a_burst_the_first_member_does_not_get_the_whole_image() -> None:
+    """The first member's syncs reach the tracker before the others announce the image's blobs,
+    and it asks again every 50 ms (the tracker's own node): while a blob gathers it holds one
+    one-chunk lease of each, so the members arriving a moment later share the origin work."""
+    blobs = [D, E, "sha256:" + "ef" * 32, "sha256:" + "01" * 32]
+    idx = index_with(8, gather=0.5)
+    first: dict[str, int] = {}
+    for d in blobs:
+        idx.apply(member(0), ann(n=7, digest=d), 0.0)
+    for step in range(8):  # its syncs every 50 ms, until the others arrive at 0.4 s
+        for d in blobs:
+            lease = idx.grant(D if d == D else d, member(0), [], 32, step * 0.05)
+            if lease is not None:
+                first[d] = first.get(d, 0) + lease.last - lease.first + 1
+    assert first == {d: 1 for d in blobs}
     for m in range(1, 8):
-        idx.apply(member(m), ann(n=22), 0.0)
-    others = [idx.grant(D, member(m), [], 32, 0.0) for m in range(1, 8)]
-    assert sum(le is not None for le in others) == 5  # 18 chunks left: four runs of 4 and one of 2
+        for d in blobs:
+            idx.apply(member(m), ann(n=7, digest=d), 0.4)
+    others = [idx.grant(d, member(m), [], 32, 0.4) for m in range(1, 8) for d in blobs]
+    assert sum(le is not None for le in others) == 6 * len(blobs)  # 6 free chunks of each, one each
+    late = [idx.grant(d, member(m), [], 32, 0.5) for m in range(8) for d in blobs]
+    assert all(le is None for le in late)  # nothing left to lease
+
+
+def test_a_blob_first_heard_of_in_progress_leases_nothing_until_its_runs_are_re_announced() -> None:
+    """A new tracker (it starts empty) hears of a blob from members already filling it: no lease
+    for `adopt_wait`, so that a run one member is fetching from the origin, re-announced in its
+    first sync a moment after another member's, is adopted rather than leased to that other one."""
+    idx = index_with(3, adopt_wait=1.0)
+    idx.apply(member(0), ann((0, 3)), 10.0)  # the first to sync with the new tracker
+    assert idx.grant(D, member(0), [8], 32, 10.0) is None
+    idx.apply(member(1), ann((4, 5), fetching=((8, 11),)), 10.6)  # still fetching its old lease
+    assert idx.grant(D, member(0), [8], 32, 10.9) is None
+    lease = idx.grant(D, member(0), [8], 32, 11.0)
+    assert lease is not None and (lease.first, lease.last) == (6, 7)  # 8-11 is member 1's
+    assert [(le.member, le.first, le.last) for le in idx.leases(D, 11.0)] == [
+        (member(1), 8, 11),
+        (member(0), 6, 7),
+    ]
+    # a blob that arrives empty (a new pull) is not held
+    idx.apply(member(2), ann(digest=E), 11.0)
+    assert idx.grant(E, member(2), [], 32, 11.0) is not None
 
 
 def test_the_requesters_wanted_chunks_come_first() -> None:
@@ -397,7 +437,7 @@ def live_disjoint(idx: Index, digest: str, now: float) -> bool:
 def test_never_two_live_leases_on_one_chunk_nor_a_lease_on_a_held_chunk(
     nchunks: int, members: int, ops: list[tuple[str, int, int, int]]
 ) -> None:
-    idx = index_with(members)
+    idx = index_with(members, **WINDOWS)
     now = 0.0
     for i in range(members):
         idx.apply(member(i), ann(n=nchunks), now)
@@ -440,7 +480,7 @@ def test_a_burst_of_lease_requests_covers_each_chunk_exactly_once(
     """Every member announces the blob, then they ask for leases in random order and land their
     runs in random order (each holding at most two): every chunk is leased once, none twice."""
     rng = Random(seed)
-    idx = index_with(members)
+    idx = index_with(members, **WINDOWS)
     for i in range(members):
         idx.apply(member(i), ann(n=nchunks), 0.0)
     granted = [0] * nchunks
@@ -470,7 +510,7 @@ def test_a_burst_of_lease_requests_covers_each_chunk_exactly_once(
 def test_staggered_arrivals_never_lease_a_held_or_leased_chunk(nchunks: int, members: int, seed: int) -> None:
     """Members join one at a time while earlier ones hold some chunks and fetch others."""
     rng = Random(seed)
-    idx = index_with(members)
+    idx = index_with(members, **WINDOWS)
     now = 0.0
     for i in range(members):
         m = member(i)

@@ -39,7 +39,9 @@ def test_the_same_seed_gives_the_same_run() -> None:
 def test_control_messages_per_node_do_not_grow_with_the_site() -> None:
     small, large = run(4)[1], run(16)[1]
     assert large.syncs_per_node_per_s <= small.syncs_per_node_per_s * 1.25
-    assert large.syncs_per_node_per_s <= 4.5  # one sync per 0.25 s while downloading, a few early ones
+    # one sync per 0.25 s while downloading, and an early one per lease granted: the one-chunk
+    # leases of a new blob's gathering window (`IndexConfig.gather`) add a few in a 1-second pull
+    assert large.syncs_per_node_per_s <= 5.0
 
 
 def test_the_tracker_state_is_the_real_index() -> None:
