@@ -7,7 +7,7 @@ origin leases become the runs the downloads fetch from the origin (`Download.gra
 the engine's `Coordination`: `tracking()` is true while syncs carrying this section get answers.
 
 `IndexTracker` (the tracker) wraps the pure index (`peer.policy.index.Index`): it applies each
-member's announcements, grants leases, and answers with candidate sets and replica counts; it is
+member's announcements, grants leases, and answers with candidate sets; it is
 also the popularity section's `ReplicaCounts` (how many other members hold a blob whole, for the
 cache manager's eviction score and the replication of hot blobs).
 
@@ -23,15 +23,16 @@ Payloads (JSON, under the section name "index"; docs/control-plane.md, "Sync"):
                    "fetching": [[first, last], ...]}],     its origin runs, when they changed
      "query": [digest, ...],                              blobs it fills: send their holders
      "lease": [{"d": digest, "want": [index, ...], "max": n}],  needs origin chunks of these
-     "done": [{"d": digest, "first": a, "last": b}],      leases it finished or gave up
-     "replicas": [digest, ...]}                           replica counts wanted (cache manager)
+     "done": [{"d": digest, "first": a, "last": b}]}      leases it finished or gave up
 
     tracker -> member
     {"holders": {digest: [{"id", "url", "size", "cs", "complete",
                            "have": base64 bitmap (bit i LSB first in byte i // 8),
                            "fetching": [[first, last], ...]}]},
-     "leases": {digest: {"first": a, "last": b} | null},
-     "replicas": {digest: n}}
+     "leases": {digest: {"first": a, "last": b} | null}}
+
+(Replica counts for the cache manager ride on the popularity section, `peer.control.popularity`,
+from this section's tracker side: `IndexTracker.complete_holders`.)
 
 Incremental: the member remembers what the tracker acknowledged (a reply came back); `failed()`
 forgets the unacknowledged round, so the next sync carries it again. `full=True` (a new tracker,
@@ -227,8 +228,6 @@ class IndexMember:
         self._last_answer: float | None = None
         self._failures = 0  # failed syncs in a row
         self._next_rescan = 0.0
-        self.replica_digests: set[str] = set()  # the cache manager's interest
-        self.replicas: dict[str, int] = {}
         engine.coordination = self
 
     # -- Coordination (for the engine) -----------------------------------------------------------
@@ -292,8 +291,6 @@ class IndexMember:
         for key, value in (("announce", announce), ("query", query), ("lease", leases), ("done", rnd.done)):
             if value:
                 payload[key] = value
-        if self.replica_digests:
-            payload["replicas"] = sorted(self.replica_digests)
         self._round = rnd
         return payload
 
@@ -352,7 +349,7 @@ class IndexMember:
 
     def incoming(self, reply: Any | None) -> None:
         """The tracker answered: what we announced is acknowledged; holders become the engine's
-        views, leases the downloads' runs, replica counts are kept for the cache manager."""
+        views, leases the downloads' runs."""
         rnd, self._round = self._round, None
         self._last_answer = self.clock()
         self._failures = 0
@@ -382,9 +379,6 @@ class IndexMember:
                 first, last = lease.get("first"), lease.get("last")
                 if isinstance(first, int) and isinstance(last, int):
                     dl.grant_lease(first, last)
-        replicas = reply.get("replicas")
-        if isinstance(replicas, dict):
-            self.replicas.update({d: n for d, n in replicas.items() if isinstance(n, int)})
 
     def failed(self) -> None:
         """The sync did not reach a tracker: resend its announcements and releases next time."""
@@ -477,9 +471,6 @@ class IndexTracker:
                 holders[d] = [_holder(h, *size) for h in idx.candidates(d, member, now, self.rng)]
         if holders:
             reply["holders"] = holders
-        replicas = {d: idx.replicas(d) for d in _items(payload.get("replicas")) if isinstance(d, str)}
-        if replicas:
-            reply["replicas"] = replicas
         return reply
 
 

@@ -208,7 +208,7 @@ async def test_the_tracker_answers_with_holders_that_become_the_engines_views(
 
 
 async def test_a_lease_request_is_granted_to_the_download(members: list[Member], clock: Clock) -> None:
-    """The tracker's side of a lease request, and the lease and replica answers parsed back. (The
+    """The tracker's side of a lease request, and the lease answer parsed back. (The
     member holds a chunk already: the blob would be adopted, no leases for a second; that window
     has its own cases in tests/peer/policy/test_index.py.)"""
     tracker = IndexTracker(IndexConfig(adopt_wait=0.0), Random(0))
@@ -217,12 +217,9 @@ async def test_a_lease_request_is_granted_to_the_download(members: list[Member],
     payload = m.section.outgoing(full=True)
     assert payload is not None
     payload["lease"] = [{"d": DIGEST, "want": [4], "max": 2}]
-    payload["replicas"] = [DIGEST]
     reply = tracker.handle("id0", payload, clock.now)
     assert reply["leases"] == {DIGEST: {"first": 4, "last": 5}}
-    assert reply["replicas"] == {DIGEST: 0}
     m.section.incoming(reply)  # no download of that blob here: the lease is ignored
-    assert m.section.replicas == {DIGEST: 0}
     again = tracker.handle("id0", {"lease": [{"d": DIGEST, "want": [], "max": 32}]}, clock.now)
     assert again["leases"] == {DIGEST: {"first": 1, "last": 3}}  # stops at the held and leased chunks
     released = tracker.handle("id0", {"done": [{"d": DIGEST, "first": 4, "last": 5}]}, clock.now)
