@@ -216,7 +216,9 @@ async def test_after_the_trackers_death_the_best_survivor_rebuilds_from_full_ann
     assert new.board.resets == 1
     await until(lambda: all(new.board.by_member.get(n.id) == [n.id[:4]] for n in survivors))
     assert all(n.notes.fulls > fulls[n.id] for n in survivors)
-    assert all(n.plane.status()["elections"] >= 1 for n in survivors if n is not new)
+    # someone noticed the loss and held an election; a survivor whose own syncs had not failed twice
+    # yet when the new tracker's claim reached it just follows it, without an election of its own
+    assert sum(n.plane.status()["elections"] for n in survivors) >= 1
 
 
 async def test_a_sync_that_fails_tells_the_sections(site: Site) -> None:
