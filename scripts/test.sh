@@ -13,9 +13,24 @@ bash scripts/setup.sh
 if [ $# -gt 0 ]; then
   exec .venv/bin/python -m pytest -q -ra "$@"
 fi
-.venv/bin/python -m pytest -q -ra
+# The other interpreters' virtualenvs are made while the 3.11 suite runs (one after the other: two
+# editable installs of one tree at once would share its build files); their log is printed if it fails.
+setup_log=$(mktemp)
+(for version in 3.12 3.13; do bash scripts/setup-python.sh "$version" >/dev/null; done) >"$setup_log" 2>&1 &
+setup_pid=$!
+status=0
+.venv/bin/python -m pytest -q -ra --durations=20 || status=$?
+if ! wait "$setup_pid"; then
+  cat "$setup_log" >&2
+  echo "test.sh: making the 3.12/3.13 virtualenvs failed" >&2
+  exit 1
+fi
+rm -f "$setup_log"
+if [ "$status" -ne 0 ]; then
+  exit "$status"
+fi
 for version in 3.12 3.13; do
-  venv=$(bash scripts/setup-python.sh "$version")
+  venv=$PWD/.venv${version/./}  # made by scripts/setup-python.sh above
   echo "== Python $version: unit and wire suites, real-containerd pulls ($venv)"
   "$venv/bin/python" -m pytest -q -ra -p no:cacheprovider \
     tests/kernel tests/snapshotter tests/peer tests/peersync \
