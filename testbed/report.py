@@ -33,7 +33,8 @@ def one_line(run: dict[str, Any], image_bytes: int) -> str:
         f"{head} {run['completed']}/{run['survivors']} done, p50 {_f(run['p50_s'])} s, "
         f"max {_f(run['max_s'])} s, all runnable {_f(run['all_runnable_s'])} s, "
         f"uplink {run['uplink_bytes'] / image_bytes:.2f}x, peak {run['peak_uplink_mbit']:.0f} Mbit/s, "
-        f"CPU {run['cpu_total_s']:.0f} s, wall {run.get('wall_s', 0):.0f} s"
+        f"CPU {run['cpu_total_s']:.0f} s (kernel {sum(run.get('cpu_kernel_s', {}).values()):.0f} s), "
+        f"wall {run.get('wall_s', 0):.0f} s"
     )
 
 
@@ -173,7 +174,7 @@ def markdown(results: dict[str, Any]) -> str:
         "LAN MB: bytes received by all nodes' LAN interfaces (uplink traffic forwarded by the router plus "
         "peer-to-peer). CPU s: CPU of all the system's site-side processes during the run (containerd, "
         "peersync daemons, proxy registry, aria2c) plus the ctr/tar clients; WAN-side seeder and tracker "
-        "are in results.json. RSS MB: the largest peak RSS (VmHWM) of the system's per-node agent "
+        "are in results.json, and so is each role's kernel part (`cpu_kernel_s`). RSS MB: the largest peak RSS (VmHWM) of the system's per-node agent "
         "(peersync daemon; containerd for baseline; the proxy registry for cache; aria2c for bittorrent).",
     ]
     speed = _speedups(results)

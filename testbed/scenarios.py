@@ -41,12 +41,18 @@ class ScenarioOptions:
     timeout_s: float = 420.0
 
 
-def proc_cpu_seconds(pid: int) -> float | None:
+def proc_cpu_split(pid: int) -> tuple[float, float] | None:
+    """(user, kernel) CPU seconds of a process so far, None once it is gone.
+
+    Kept apart because the two tell different stories on this testbed: the daemons' user time is
+    the product's own work, their kernel time is mostly the filesystem's (creating an unpacked
+    layer's files), which depends on the machine's disk and on what else deletes files on it
+    (bench/RESULTS.md, the Go client against CRI)."""
     try:
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError, IndexError):
         return None
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
 
 
 def proc_peak_rss_mb(pid: int) -> float | None:
@@ -91,21 +97,21 @@ class ProcessMeter:
 
     def __init__(self, procs: list[tuple[str, int, int]]) -> None:
         self.procs = procs
-        self.start_cpu: dict[int, float] = {}
-        self.end_cpu: dict[int, float] = {}
+        self.start_cpu: dict[int, tuple[float, float]] = {}  # (user, kernel)
+        self.end_cpu: dict[int, tuple[float, float]] = {}
         self.rss: dict[int, float] = {}
         self.reaped_lifetime = 0.0
 
     def start(self) -> None:
         self.children0 = children_cpu_seconds()
         for _, _, pid in self.procs:
-            self.start_cpu[pid] = proc_cpu_seconds(pid) or 0.0
+            self.start_cpu[pid] = proc_cpu_split(pid) or (0.0, 0.0)
 
     def read(self, pids: set[int] | None = None) -> None:
         for _, _, pid in self.procs:
             if pids is not None and pid not in pids:
                 continue
-            cpu, rss = proc_cpu_seconds(pid), proc_peak_rss_mb(pid)
+            cpu, rss = proc_cpu_split(pid), proc_peak_rss_mb(pid)
             if cpu is not None:
                 self.end_cpu[pid] = cpu
             if rss is not None:
@@ -114,10 +120,14 @@ class ProcessMeter:
     def result(self, clients: bool = True) -> dict[str, Any]:
         procs = self.procs
         cpu: dict[str, float] = {}
+        kernel: dict[str, float] = {}
         rss: dict[str, float] = {}
         for role, _, pid in procs:
-            used = self.end_cpu.get(pid, 0.0) - self.start_cpu.get(pid, 0.0)
-            cpu[role] = cpu.get(role, 0.0) + max(0.0, used)
+            (user0, sys0), (user1, sys1) = (
+                self.start_cpu.get(pid, (0.0, 0.0)), self.end_cpu.get(pid, (0.0, 0.0))
+            )
+            cpu[role] = cpu.get(role, 0.0) + max(0.0, user1 - user0) + max(0.0, sys1 - sys0)
+            kernel[role] = kernel.get(role, 0.0) + max(0.0, sys1 - sys0)
             if pid in self.rss:
                 rss[role] = max(rss.get(role, 0.0), self.rss[pid])
         if clients:
@@ -126,6 +136,7 @@ class ProcessMeter:
         return {
             "cpu_s": {k: round(v, 2) for k, v in cpu.items()},
             "cpu_total_s": round(sum(cpu.values()), 2),
+            "cpu_kernel_s": {k: round(v, 2) for k, v in kernel.items()},  # part of cpu_s, per role
             "peak_rss_mb": {k: round(v, 1) for k, v in rss.items()},
         }
 
@@ -234,7 +245,7 @@ def run_scenario(
     extra = [p for p in system.processes() if p not in meter.procs]  # started during the run (aria2c)
     meter.procs += extra
     for _, _, pid in extra:
-        meter.start_cpu.setdefault(pid, 0.0)
+        meter.start_cpu.setdefault(pid, (0.0, 0.0))
     meter.read({pid for _, i, pid in extra if i != victim})
     survivors = [r for r in records if not r.killed]
     durations = [r.pull_s for r in survivors if r.pull_s is not None]
