@@ -19,6 +19,17 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   never the asker, and members holding nothing are left out. A *cover* pass makes sure a chunk the
   asker misses and only a few members hold is offered by someone (a chunk held only by a member
   ranked below the top 16 would otherwise never reach anyone, and could never be leased either).
+  A partial holder is offered to at most `offer_cap` (32) askers per `offer_window` (0.25 s, about
+  one sync interval); past that it is skipped and the next-ranked holders are offered instead.
+  Why: in a flash crowd the first holders of a fresh chunk are the few members fetching it from
+  the origin, every asker was offered them at once, and each queued a request there (the engine
+  caps a partial holder at one of its requests, `choice.FILLING_CAP`, but N askers still make a
+  queue N deep): a site's whole download ran through the up links of its five or six origin
+  leaseholders, 18x the physical limit at 1,000 nodes (bench/SIMULATION.md). With the cap, each
+  holder serves about what its up link moves in one interval (32 chunks of 1 MiB are 0.27 s at
+  1 Gbit/s) and the askers it was not offered to are pointed at the members that got the chunk
+  a moment earlier: each generation of holders serves the next. Complete holders are not capped,
+  as `choice.FILLING_CAP` does not cap them: a site pulling from one seed is offered that seed.
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
@@ -45,7 +56,9 @@ Complexity, for the scale simulator (10,000 members): bitmaps are Python ints (b
 `apply` costs O(chunks that changed); `drop_member` O(chunks the member held); `grant` O(leases of
 the blob + run length) and a few bit operations over the blob's bitmaps; `candidates` O(k) plus a
 re-ranking of the blob's holders, O(H log H), at most once per `rank_ttl` of `now` while the
-holdings change (asks in between use the ranking as it was, minus members that left). Memory: one
+holdings change (asks in between use the ranking as it was, minus members that left); skipping
+offered-out holders costs what is read past them (`_spread` draws lazily), and at most
+(asks per window x `candidates`) / `offer_cap` holders are offered out at once. Memory: one
 bitmap per (member, partial blob), one holder count and at most `seeds` member ids per chunk.
 """
 
@@ -70,6 +83,8 @@ class IndexConfig:
     rank_ttl: float = 0.5  # how long a blob's ranking of holders is reused while holdings change
     seeds: int = 4  # members remembered per chunk, for the cover pass
     cover_reserve: int = 4  # candidate slots kept for the cover pass
+    offer_cap: int = 32  # askers a partial holder is offered to per `offer_window` (0: no cap)
+    offer_window: float = 0.25  # seconds: about one sync interval, how long an asker uses a set
 
 
 @dataclass(frozen=True)
@@ -158,6 +173,7 @@ class _Blob:
         self.grants = 0  # leases granted of this blob, ever (the first one is short)
         self.ranking: _Ranking | None = None
         self.dirty = True
+        self.offers: dict[str, tuple[float, int]] = {}  # partial member -> (window began, offers)
 
     @property
     def empty(self) -> bool:
@@ -187,6 +203,20 @@ class _Blob:
                 self.held &= ~(1 << i)
             if member in self.seeds[i]:
                 self.seeds[i].remove(member)
+
+    def offered_out(self, member: str, now: float, cfg: IndexConfig) -> bool:
+        """Whether partial holder `member` was offered to `offer_cap` askers in this window."""
+        if cfg.offer_cap <= 0 or member in self.complete:
+            return False
+        began, count = self.offers.get(member, (now - cfg.offer_window - 1.0, 0))
+        return now - began < cfg.offer_window and count >= cfg.offer_cap
+
+    def offered(self, member: str, now: float, cfg: IndexConfig) -> None:
+        """`member` was offered to one more asker (complete holders are not counted)."""
+        if cfg.offer_cap <= 0 or member in self.complete:
+            return
+        began, count = self.offers.get(member, (now - cfg.offer_window - 1.0, 0))
+        self.offers[member] = (began, count + 1) if now - began < cfg.offer_window else (now, 1)
 
     def seeds_of(self, i: int, seeds: int) -> list[str]:
         """Members holding chunk `i` (up to `seeds`), refilled by a scan if all seeds left."""
@@ -255,6 +285,7 @@ class Index:
             if old is not None:
                 blob.remove_bits(member, old)
             blob.complete.add(member)
+            blob.offers.pop(member, None)
             blob.leases = [le for le in blob.leases if le.member != member]
             return True
         if member in blob.complete:  # a complete holder's holdings cannot grow; ignore the rest
@@ -303,6 +334,7 @@ class Index:
         if old is not None:
             blob.remove_bits(member, old)
         blob.leases = [le for le in blob.leases if le.member != member]
+        blob.offers.pop(member, None)
         blob.dirty = True
         if blob.empty:
             del self._blobs[digest]
@@ -356,9 +388,11 @@ class Index:
         me = self._members.get(asker)
         subnet = me.subnet if me else ""
         chosen: dict[str, None] = {}  # insertion-ordered set
-        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng)
-        self._cover(blob, asker, chosen, cfg.candidates, rng)
-        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng)
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng, now)
+        self._cover(blob, asker, chosen, cfg.candidates, rng, now)
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng, now)
+        for m in chosen:
+            blob.offered(m, now, cfg)
         return [self._holder(digest, blob, m, now) for m in chosen]
 
     def _holder(self, digest: str, blob: _Blob, member: str, now: float) -> Holder:
@@ -408,27 +442,27 @@ class Index:
         chosen: dict[str, None],
         upto: int,
         rng: Random,
+        now: float,
     ) -> None:
         """Add the best-ranked holders to `chosen` until it has `upto`: the asker's subnet first,
-        equals sampled at random."""
+        equals sampled at random, partial holders offered out in this window skipped."""
         for groups in (ranking.by_subnet.get(subnet, []), ranking.groups):
             for group in groups:
                 if len(chosen) >= upto:
                     return
-                need = upto - len(chosen)
-                skip = len(chosen) + 1
-                pick = group if len(group) <= need + skip else rng.sample(group, need + skip)
-                if pick is group:
-                    pick = list(group)
-                    rng.shuffle(pick)
-                for m in pick:
+                for m in _spread(group, upto + 1, rng):
                     if len(chosen) >= upto:
                         return
-                    if m != asker and m not in chosen and (m in blob.have or m in blob.complete):
+                    if m == asker or m in chosen or not (m in blob.have or m in blob.complete):
+                        continue
+                    if not blob.offered_out(m, now, self.config):
                         chosen[m] = None
 
-    def _cover(self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random) -> None:
-        """Add holders of chunks the asker misses that no chosen holder has (rarest first)."""
+    def _cover(
+        self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random, now: float
+    ) -> None:
+        """Add holders of chunks the asker misses that no chosen holder has (rarest first), not
+        those offered out in this window."""
         covered = 0
         for m in chosen:
             covered |= blob.full if m in blob.complete else blob.have.get(m, 0)
@@ -441,7 +475,11 @@ class Index:
                 return
             if covered >> i & 1:
                 continue
-            seeds = [m for m in blob.seeds_of(i, self.config.seeds) if m != asker and m not in chosen]
+            seeds = [
+                m
+                for m in blob.seeds_of(i, self.config.seeds)
+                if m != asker and m not in chosen and not blob.offered_out(m, now, self.config)
+            ]
             if not seeds:
                 continue
             m = rng.choice(seeds)
@@ -520,6 +558,30 @@ def _run_mask(first: int, last: int, nchunks: int) -> int:
     if last < first:
         return 0
     return ((1 << (last - first + 1)) - 1) << first
+
+
+def _spread(group: list[str], first: int, rng: Random) -> Iterator[str]:
+    """`group` in a random order, drawn lazily: `first` members sampled (the whole group shuffled
+    when it is not much larger), then more drawn one at a time while the caller reads on (when
+    the first ones were offered out). The cost is what the caller reads, not the group's size:
+    in a flash crowd of 10,000 members most of a group may be offered out, and an ask must not
+    pay O(group) for it; past half the group the rest is shuffled at once."""
+    if len(group) <= first:
+        pick = list(group)
+        rng.shuffle(pick)
+        yield from pick
+        return
+    pick = rng.sample(group, first)
+    yield from pick
+    seen = set(pick)
+    while 2 * len(seen) < len(group):
+        m = group[rng.randrange(len(group))]
+        if m not in seen:
+            seen.add(m)
+            yield m
+    rest = [m for m in group if m not in seen]
+    rng.shuffle(rest)
+    yield from rest
 
 
 def _bits(bits: int) -> Iterator[int]:

@@ -158,8 +158,8 @@ def test_the_cover_pass_offers_a_rare_chunk_held_only_below_the_top() -> None:
     for i in range(1, 29):  # 28 members with chunks 0..14: they outrank the lone holder of 19
         idx.apply(member(i), ann((0, 14)), 0.0)
     idx.apply(member(29), ann((19, 19)), 0.0)
-    for seed in range(10):
-        got = idx.candidates(D, member(0), 0.0, Random(seed))
+    for seed in range(10):  # one ask per offer window (a partial holder is offered to few per window)
+        got = idx.candidates(D, member(0), float(seed), Random(seed))
         assert member(29) in {h.member for h in got}
         assert len(got) == 16
 
@@ -538,3 +538,78 @@ def test_a_dropped_member_vanishes_from_every_answer(members: int, drop: int, se
     assert gone not in idx.filling(D)
     for i in range(members):
         assert gone not in {h.member for h in idx.candidates(D, member(i), 1.0, rng)}
+
+
+# -- the offer cap (a flash crowd on the first holders) -------------------------------------------
+
+
+def crowd(askers: int, **cfg: float) -> Index:
+    """A leaseholder (member 1) holding chunks 0..3, members 2..4 holding chunk 0 (they got it
+    from it a moment ago), and `askers` members holding nothing (5 onwards)."""
+    idx = index_with(askers + 5, **cfg)
+    idx.apply(member(1), ann((0, 3)), 0.0)
+    for i in (2, 3, 4):
+        idx.apply(member(i), ann((0, 0)), 0.0)
+    for i in range(5, askers + 5):
+        idx.apply(member(i), ann(), 0.0)
+    return idx
+
+
+def test_a_partial_holder_is_offered_to_at_most_offer_cap_askers_per_window() -> None:
+    idx = crowd(10, offer_cap=3, offer_window=0.25, candidates=2, cover_reserve=1)
+    rng = Random(0)
+    offered = [{h.member for h in idx.candidates(D, member(i), 0.1, rng)} for i in range(5, 15)]
+    assert sum(member(1) in got for got in offered) == 3
+    # the askers it was not offered to get the next generation: the members holding chunk 0
+    assert all(got and got <= {member(1), member(2), member(3), member(4)} for got in offered[:6])
+    assert all(sum(member(i) in got for got in offered) <= 3 for i in range(1, 5))
+    # in the next window it is offered again
+    assert member(1) in {h.member for h in idx.candidates(D, member(5), 0.4, rng)}
+
+
+def test_without_the_cap_everyone_is_offered_the_leaseholder() -> None:
+    idx = crowd(10, offer_cap=0)
+    rng = Random(0)
+    assert all(member(1) in {h.member for h in idx.candidates(D, member(i), 0.1, rng)} for i in range(5, 15))
+
+
+def test_complete_holders_are_never_offered_out() -> None:
+    idx = index_with(12, offer_cap=2)
+    idx.apply(member(1), ann(complete=True), 0.0)
+    for i in range(2, 12):
+        idx.apply(member(i), ann(), 0.0)
+    assert all(
+        [h.member for h in idx.candidates(D, member(i), 0.0, Random(i))] == [member(1)] for i in range(2, 12)
+    )
+
+
+def test_the_cover_pass_skips_an_offered_out_holder_of_a_rare_chunk() -> None:
+    idx = crowd(4, offer_cap=1)
+    first = {h.member for h in idx.candidates(D, member(5), 0.0, Random(0))}
+    assert member(1) in first  # the only holder of chunks 1..3: the cover pass offers it
+    second = {h.member for h in idx.candidates(D, member(6), 0.0, Random(0))}
+    assert member(1) not in second and second <= {member(2), member(3), member(4)}
+
+
+@given(
+    askers=st.integers(1, 80),
+    cap=st.integers(1, 8),
+    times=st.lists(st.floats(0.0, 2.0), min_size=1, max_size=80),
+    seed=st.integers(0, 2**32),
+)
+def test_no_partial_holder_is_offered_more_than_offer_cap_times_in_one_window(
+    askers: int, cap: int, times: list[float], seed: int
+) -> None:
+    window = 0.25
+    idx = crowd(askers, offer_cap=cap, offer_window=window)
+    rng = Random(seed)
+    began: dict[str, float] = {}
+    count: dict[str, int] = {}
+    for k, now in enumerate(sorted(times)):
+        got = idx.candidates(D, member(5 + k % askers), now, rng)
+        assert len({h.member for h in got}) == len(got)
+        for h in got:
+            if h.member not in began or now - began[h.member] >= window:
+                began[h.member], count[h.member] = now, 0
+            count[h.member] += 1
+            assert count[h.member] <= cap
