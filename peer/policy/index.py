@@ -19,16 +19,21 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   never the asker, and members holding nothing are left out. A *cover* pass makes sure a chunk the
   asker misses and only a few members hold is offered by someone (a chunk held only by a member
   ranked below the top 16 would otherwise never reach anyone, and could never be leased either).
-  A partial holder is offered to at most `offer_cap` (32) askers per `offer_window` (0.25 s, about
-  one sync interval); past that it is skipped and the next-ranked holders are offered instead.
+  A partial holder is in the current candidate set of at most `offer_cap` (32) askers, or of as
+  many as it serves chunks in the time an asker uses a set (`offer_rate` x the blob's mean
+  interval between one asker's asks: 64 at the 0.5 s pace of 1,000 members), whichever is more
+  (an asker's set is current until its next ask, its completion or departure, at most
+  `offer_ttl`); past that it is *offered out*: skipped, and the next-ranked holders are offered
+  instead.
   Why: in a flash crowd the first holders of a fresh chunk are the few members fetching it from
   the origin, every asker was offered them at once, and each queued a request there (the engine
   caps a partial holder at one of its requests, `choice.FILLING_CAP`, but N askers still make a
   queue N deep): a site's whole download ran through the up links of its five or six origin
-  leaseholders, 18x the physical limit at 1,000 nodes (bench/SIMULATION.md). With the cap, each
-  holder serves about what its up link moves in one interval (32 chunks of 1 MiB are 0.27 s at
-  1 Gbit/s) and the askers it was not offered to are pointed at the members that got the chunk
-  a moment earlier: each generation of holders serves the next. Complete holders are not capped,
+  leaseholders, 18x the physical limit at 1,000 nodes (bench/SIMULATION.md). With the cap, a
+  holder's queue is about what its up link moves before its askers hear of other holders, and the
+  askers it was not offered to are pointed at the members that got the chunk a moment earlier:
+  each generation of holders serves the next. The rate is a site-wide figure (1 MiB chunks at
+  1 Gbit/s), not each holder's own link. Complete holders are not capped,
   as `choice.FILLING_CAP` does not cap them: a site pulling from one seed is offered that seed.
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
@@ -57,14 +62,16 @@ Complexity, for the scale simulator (10,000 members): bitmaps are Python ints (b
 the blob + run length) and a few bit operations over the blob's bitmaps; `candidates` O(k) plus a
 re-ranking of the blob's holders, O(H log H), at most once per `rank_ttl` of `now` while the
 holdings change (asks in between use the ranking as it was, minus members that left); skipping
-offered-out holders costs what is read past them (`_spread` draws lazily), and at most
-(asks per window x `candidates`) / `offer_cap` holders are offered out at once. Memory: one
+offered-out holders costs what is read past them (`_spread` draws lazily), at most
+members x `candidates` / `offer_cap` holders are offered out at once, and an ask's bookkeeping of
+the sets it replaces is O(`candidates`). Memory: one
 bitmap per (member, partial blob), one holder count and at most `seeds` member ids per chunk.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from random import Random
@@ -83,8 +90,10 @@ class IndexConfig:
     rank_ttl: float = 0.5  # how long a blob's ranking of holders is reused while holdings change
     seeds: int = 4  # members remembered per chunk, for the cover pass
     cover_reserve: int = 4  # candidate slots kept for the cover pass
-    offer_cap: int = 32  # askers a partial holder is offered to per `offer_window` (0: no cap)
-    offer_window: float = 0.25  # seconds: about one sync interval, how long an asker uses a set
+    offer_cap: int = 32  # askers whose current set may hold one partial holder, at least (0: no cap)
+    offer_rate: float = 128.0  # ... or as many as a holder serves chunks in one ask interval: 1 MiB
+    # chunks per second at 1 Gbit/s
+    offer_ttl: float = 30.0  # an asker's set counts this long at most (pacing.MAX_PACE)
 
 
 @dataclass(frozen=True)
@@ -173,7 +182,11 @@ class _Blob:
         self.grants = 0  # leases granted of this blob, ever (the first one is short)
         self.ranking: _Ranking | None = None
         self.dirty = True
-        self.offers: dict[str, tuple[float, int]] = {}  # partial member -> (window began, offers)
+        self.sets: dict[str, tuple[float, list[str]]] = {}  # asker -> (asked at, partial holders)
+        self.asks: deque[tuple[float, str]] = deque()  # (asked at, asker), oldest first: the ttl
+        self.load: dict[str, int] = {}  # partial holder -> askers whose current set holds it
+        self.asked: dict[str, float] = {}  # asker -> when it last asked
+        self.interval = 0.0  # seconds between one asker's asks (EWMA): how long a set is used
 
     @property
     def empty(self) -> bool:
@@ -204,19 +217,44 @@ class _Blob:
             if member in self.seeds[i]:
                 self.seeds[i].remove(member)
 
-    def offered_out(self, member: str, now: float, cfg: IndexConfig) -> bool:
-        """Whether partial holder `member` was offered to `offer_cap` askers in this window."""
+    def offered_out(self, member: str, cfg: IndexConfig) -> bool:
+        """Whether partial holder `member` is in as many askers' current sets as it may be."""
         if cfg.offer_cap <= 0 or member in self.complete:
             return False
-        began, count = self.offers.get(member, (now - cfg.offer_window - 1.0, 0))
-        return now - began < cfg.offer_window and count >= cfg.offer_cap
+        return self.load.get(member, 0) >= max(cfg.offer_cap, int(cfg.offer_rate * self.interval))
 
-    def offered(self, member: str, now: float, cfg: IndexConfig) -> None:
-        """`member` was offered to one more asker (complete holders are not counted)."""
-        if cfg.offer_cap <= 0 or member in self.complete:
-            return
-        began, count = self.offers.get(member, (now - cfg.offer_window - 1.0, 0))
-        self.offers[member] = (began, count + 1) if now - began < cfg.offer_window else (now, 1)
+    def offer(self, asker: str, chosen: Iterable[str], now: float, ttl: float) -> None:
+        """`asker`'s current set is now `chosen` (its previous one no longer counts); the time
+        since its last ask feeds `interval`."""
+        self.retire(asker)
+        partial = [m for m in chosen if m not in self.complete]
+        last = self.asked.get(asker)
+        if last is not None:
+            gap = min(now - last, ttl)
+            self.interval = gap if not self.interval else 0.9 * self.interval + 0.1 * gap
+        self.asked[asker] = now
+        self.sets[asker] = (now, partial)
+        self.asks.append((now, asker))
+        for m in partial:
+            self.load[m] = self.load.get(m, 0) + 1
+
+    def retire(self, asker: str) -> None:
+        """`asker`'s current set no longer counts (it asked again, completed, or left)."""
+        _at, partial = self.sets.pop(asker, (0.0, []))
+        for m in partial:
+            left = self.load.get(m, 0) - 1
+            if left > 0:
+                self.load[m] = left
+            else:
+                self.load.pop(m, None)
+
+    def expire_sets(self, now: float, ttl: float) -> None:
+        """Retire the sets older than `ttl` (an asker that stopped asking without completing)."""
+        while self.asks and now - self.asks[0][0] > ttl:
+            at, asker = self.asks.popleft()
+            current = self.sets.get(asker)
+            if current is not None and current[0] == at:
+                self.retire(asker)
 
     def seeds_of(self, i: int, seeds: int) -> list[str]:
         """Members holding chunk `i` (up to `seeds`), refilled by a scan if all seeds left."""
@@ -285,7 +323,8 @@ class Index:
             if old is not None:
                 blob.remove_bits(member, old)
             blob.complete.add(member)
-            blob.offers.pop(member, None)
+            blob.retire(member)
+            blob.asked.pop(member, None)
             blob.leases = [le for le in blob.leases if le.member != member]
             return True
         if member in blob.complete:  # a complete holder's holdings cannot grow; ignore the rest
@@ -334,7 +373,9 @@ class Index:
         if old is not None:
             blob.remove_bits(member, old)
         blob.leases = [le for le in blob.leases if le.member != member]
-        blob.offers.pop(member, None)
+        blob.retire(member)
+        blob.load.pop(member, None)
+        blob.asked.pop(member, None)
         blob.dirty = True
         if blob.empty:
             del self._blobs[digest]
@@ -385,14 +426,16 @@ class Index:
         if blob is None or asker in blob.complete:
             return []
         ranking = self._ranking(blob, now)
+        blob.expire_sets(now, cfg.offer_ttl)
+        blob.retire(asker)  # its previous set is replaced by this one
         me = self._members.get(asker)
         subnet = me.subnet if me else ""
         chosen: dict[str, None] = {}  # insertion-ordered set
-        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng, now)
-        self._cover(blob, asker, chosen, cfg.candidates, rng, now)
-        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng, now)
-        for m in chosen:
-            blob.offered(m, now, cfg)
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng)
+        self._cover(blob, asker, chosen, cfg.candidates, rng)
+        self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng)
+        if cfg.offer_cap > 0:
+            blob.offer(asker, chosen, now, cfg.offer_ttl)
         return [self._holder(digest, blob, m, now) for m in chosen]
 
     def _holder(self, digest: str, blob: _Blob, member: str, now: float) -> Holder:
@@ -442,10 +485,9 @@ class Index:
         chosen: dict[str, None],
         upto: int,
         rng: Random,
-        now: float,
     ) -> None:
         """Add the best-ranked holders to `chosen` until it has `upto`: the asker's subnet first,
-        equals sampled at random, partial holders offered out in this window skipped."""
+        equals sampled at random, offered-out partial holders skipped."""
         for groups in (ranking.by_subnet.get(subnet, []), ranking.groups):
             for group in groups:
                 if len(chosen) >= upto:
@@ -455,14 +497,12 @@ class Index:
                         return
                     if m == asker or m in chosen or not (m in blob.have or m in blob.complete):
                         continue
-                    if not blob.offered_out(m, now, self.config):
+                    if not blob.offered_out(m, self.config):
                         chosen[m] = None
 
-    def _cover(
-        self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random, now: float
-    ) -> None:
+    def _cover(self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random) -> None:
         """Add holders of chunks the asker misses that no chosen holder has (rarest first), not
-        those offered out in this window."""
+        those offered out."""
         covered = 0
         for m in chosen:
             covered |= blob.full if m in blob.complete else blob.have.get(m, 0)
@@ -478,7 +518,7 @@ class Index:
             seeds = [
                 m
                 for m in blob.seeds_of(i, self.config.seeds)
-                if m != asker and m not in chosen and not blob.offered_out(m, now, self.config)
+                if m != asker and m not in chosen and not blob.offered_out(m, self.config)
             ]
             if not seeds:
                 continue
