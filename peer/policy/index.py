@@ -276,6 +276,8 @@ class Index:
     def set_member(self, member: str, url: str, subnet: str | None = None) -> None:
         """Where `member` serves chunks, and its subnet (by default `subnet_of(url)`)."""
         rec = self._members.setdefault(member, _Member())
+        if subnet is None and rec.url == url and rec.subnet:
+            return  # every sync names the member's URL: parse it once
         rec.url = url
         rec.subnet = subnet_of(url) if subnet is None else subnet
 
