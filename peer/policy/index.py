@@ -24,8 +24,7 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   interval between one asker's asks: 64 at the 0.5 s pace of 1,000 members), whichever is more
   (an asker's set is current until its next ask, its completion or departure, at most
   `offer_ttl`); past that it is *offered out*: skipped, and the next-ranked holders are offered
-  instead.
-  Why: in a flash crowd the first holders of a fresh chunk are the few members fetching it from
+  instead. Why: in a flash crowd the first holders of a fresh chunk are the few members fetching it from
   the origin, every asker was offered them at once, and each queued a request there (the engine
   caps a partial holder at one of its requests, `choice.FILLING_CAP`, but N askers still make a
   queue N deep): a site's whole download ran through the up links of its five or six origin
@@ -33,8 +32,8 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   holder's queue is about what its up link moves before its askers hear of other holders, and the
   askers it was not offered to are pointed at the members that got the chunk a moment earlier:
   each generation of holders serves the next. The rate is a site-wide figure (1 MiB chunks at
-  1 Gbit/s), not each holder's own link. Complete holders are not capped,
-  as `choice.FILLING_CAP` does not cap them: a site pulling from one seed is offered that seed.
+  1 Gbit/s), not each holder's own link. Complete holders are not capped, as
+  `choice.FILLING_CAP` does not cap them: a site pulling from one seed is offered that seed.
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
