@@ -19,6 +19,21 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   never the asker, and members holding nothing are left out. A *cover* pass makes sure a chunk the
   asker misses and only a few members hold is offered by someone (a chunk held only by a member
   ranked below the top 16 would otherwise never reach anyone, and could never be leased either).
+  A partial holder is in the current candidate set of at most `offer_cap` (32) askers, or of as
+  many as it serves chunks in the time an asker uses a set (`offer_rate` x the blob's mean
+  interval between one asker's asks: 64 at the 0.5 s pace of 1,000 members), whichever is more
+  (an asker's set is current until its next ask, its completion or departure, at most
+  `offer_ttl`); past that it is *offered out*: skipped, and the next-ranked holders are offered
+  instead. Why: in a flash crowd the first holders of a fresh chunk are the few members fetching it from
+  the origin, every asker was offered them at once, and each queued a request there (the engine
+  caps a partial holder at one of its requests, `choice.FILLING_CAP`, but N askers still make a
+  queue N deep): a site's whole download ran through the up links of its five or six origin
+  leaseholders, 18x the physical limit at 1,000 nodes (bench/SIMULATION.md). With the cap, a
+  holder's queue is about what its up link moves before its askers hear of other holders, and the
+  askers it was not offered to are pointed at the members that got the chunk a moment earlier:
+  each generation of holders serves the next. The rate is a site-wide figure (1 MiB chunks at
+  1 Gbit/s), not each holder's own link. Complete holders are not capped, as
+  `choice.FILLING_CAP` does not cap them: a site pulling from one seed is offered that seed.
 - `grant(digest, member, want, max_chunks, now)`: an origin lease, a run of consecutive chunks that
   nobody holds and nobody has leased: the first free chunk the member wants (in its order), else
   the lowest free chunk; `lease_chunks` (4) long while others fill the blob, so the origin work is
@@ -55,13 +70,17 @@ Complexity, for the scale simulator (10,000 members): bitmaps are Python ints (b
 `apply` costs O(chunks that changed); `drop_member` O(chunks the member held); `grant` O(leases of
 the blob + run length) and a few bit operations over the blob's bitmaps; `candidates` O(k) plus a
 re-ranking of the blob's holders, O(H log H), at most once per `rank_ttl` of `now` while the
-holdings change (asks in between use the ranking as it was, minus members that left). Memory: one
+holdings change (asks in between use the ranking as it was, minus members that left); skipping
+offered-out holders costs what is read past them (`_spread` draws lazily), at most
+members x `candidates` / `offer_cap` holders are offered out at once, and an ask's bookkeeping of
+the sets it replaces is O(`candidates`). Memory: one
 bitmap per (member, partial blob), one holder count and at most `seeds` member ids per chunk.
 """
 
 from __future__ import annotations
 
 import ipaddress
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from random import Random
@@ -84,6 +103,10 @@ class IndexConfig:
     rank_ttl: float = 0.5  # how long a blob's ranking of holders is reused while holdings change
     seeds: int = 4  # members remembered per chunk, for the cover pass
     cover_reserve: int = 4  # candidate slots kept for the cover pass
+    offer_cap: int = 32  # askers whose current set may hold one partial holder, at least (0: no cap)
+    offer_rate: float = 128.0  # ... or as many as a holder serves chunks in one ask interval: 1 MiB
+    # chunks per second at 1 Gbit/s
+    offer_ttl: float = 30.0  # an asker's set counts this long at most (pacing.MAX_PACE)
 
 
 @dataclass(frozen=True)
@@ -173,6 +196,11 @@ class _Blob:
         self.hold_until = hold_until  # no leases before (adopting)
         self.ranking: _Ranking | None = None
         self.dirty = True
+        self.sets: dict[str, tuple[float, list[str]]] = {}  # asker -> (asked at, partial holders)
+        self.asks: deque[tuple[float, str]] = deque()  # (asked at, asker), oldest first: the ttl
+        self.load: dict[str, int] = {}  # partial holder -> askers whose current set holds it
+        self.asked: dict[str, float] = {}  # asker -> when it last asked
+        self.interval = 0.0  # seconds between one asker's asks (EWMA): how long a set is used
 
     @property
     def empty(self) -> bool:
@@ -203,6 +231,45 @@ class _Blob:
             if member in self.seeds[i]:
                 self.seeds[i].remove(member)
 
+    def offered_out(self, member: str, cfg: IndexConfig) -> bool:
+        """Whether partial holder `member` is in as many askers' current sets as it may be."""
+        if cfg.offer_cap <= 0 or member in self.complete:
+            return False
+        return self.load.get(member, 0) >= max(cfg.offer_cap, int(cfg.offer_rate * self.interval))
+
+    def offer(self, asker: str, chosen: Iterable[str], now: float, ttl: float) -> None:
+        """`asker`'s current set is now `chosen` (its previous one no longer counts); the time
+        since its last ask feeds `interval`."""
+        self.retire(asker)
+        partial = [m for m in chosen if m not in self.complete]
+        last = self.asked.get(asker)
+        if last is not None:
+            gap = min(now - last, ttl)
+            self.interval = gap if not self.interval else 0.9 * self.interval + 0.1 * gap
+        self.asked[asker] = now
+        self.sets[asker] = (now, partial)
+        self.asks.append((now, asker))
+        for m in partial:
+            self.load[m] = self.load.get(m, 0) + 1
+
+    def retire(self, asker: str) -> None:
+        """`asker`'s current set no longer counts (it asked again, completed, or left)."""
+        _at, partial = self.sets.pop(asker, (0.0, []))
+        for m in partial:
+            left = self.load.get(m, 0) - 1
+            if left > 0:
+                self.load[m] = left
+            else:
+                self.load.pop(m, None)
+
+    def expire_sets(self, now: float, ttl: float) -> None:
+        """Retire the sets older than `ttl` (an asker that stopped asking without completing)."""
+        while self.asks and now - self.asks[0][0] > ttl:
+            at, asker = self.asks.popleft()
+            current = self.sets.get(asker)
+            if current is not None and current[0] == at:
+                self.retire(asker)
+
     def seeds_of(self, i: int, seeds: int) -> list[str]:
         """Members holding chunk `i` (up to `seeds`), refilled by a scan if all seeds left."""
         if not self.seeds[i] and self.counts[i]:
@@ -223,6 +290,8 @@ class Index:
     def set_member(self, member: str, url: str, subnet: str | None = None) -> None:
         """Where `member` serves chunks, and its subnet (by default `subnet_of(url)`)."""
         rec = self._members.setdefault(member, _Member())
+        if subnet is None and rec.url == url and rec.subnet:
+            return  # every sync names the member's URL: parse it once
         rec.url = url
         rec.subnet = subnet_of(url) if subnet is None else subnet
 
@@ -270,6 +339,8 @@ class Index:
             if old is not None:
                 blob.remove_bits(member, old)
             blob.complete.add(member)
+            blob.retire(member)
+            blob.asked.pop(member, None)
             blob.leases = [le for le in blob.leases if le.member != member]
             return True
         if member in blob.complete:  # a complete holder's holdings cannot grow; ignore the rest
@@ -325,6 +396,9 @@ class Index:
         if old is not None:
             blob.remove_bits(member, old)
         blob.leases = [le for le in blob.leases if le.member != member]
+        blob.retire(member)
+        blob.load.pop(member, None)
+        blob.asked.pop(member, None)
         blob.dirty = True
         if blob.empty:
             del self._blobs[digest]
@@ -375,12 +449,16 @@ class Index:
         if blob is None or asker in blob.complete:
             return []
         ranking = self._ranking(blob, now)
+        blob.expire_sets(now, cfg.offer_ttl)
+        blob.retire(asker)  # its previous set is replaced by this one
         me = self._members.get(asker)
         subnet = me.subnet if me else ""
         chosen: dict[str, None] = {}  # insertion-ordered set
         self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates - cfg.cover_reserve, rng)
         self._cover(blob, asker, chosen, cfg.candidates, rng)
         self._fill(blob, ranking, subnet, asker, chosen, cfg.candidates, rng)
+        if cfg.offer_cap > 0:
+            blob.offer(asker, chosen, now, cfg.offer_ttl)
         return [self._holder(digest, blob, m, now) for m in chosen]
 
     def _holder(self, digest: str, blob: _Blob, member: str, now: float) -> Holder:
@@ -432,25 +510,22 @@ class Index:
         rng: Random,
     ) -> None:
         """Add the best-ranked holders to `chosen` until it has `upto`: the asker's subnet first,
-        equals sampled at random."""
+        equals sampled at random, offered-out partial holders skipped."""
         for groups in (ranking.by_subnet.get(subnet, []), ranking.groups):
             for group in groups:
                 if len(chosen) >= upto:
                     return
-                need = upto - len(chosen)
-                skip = len(chosen) + 1
-                pick = group if len(group) <= need + skip else rng.sample(group, need + skip)
-                if pick is group:
-                    pick = list(group)
-                    rng.shuffle(pick)
-                for m in pick:
+                for m in _spread(group, upto + 1, rng):
                     if len(chosen) >= upto:
                         return
-                    if m != asker and m not in chosen and (m in blob.have or m in blob.complete):
+                    if m == asker or m in chosen or not (m in blob.have or m in blob.complete):
+                        continue
+                    if not blob.offered_out(m, self.config):
                         chosen[m] = None
 
     def _cover(self, blob: _Blob, asker: str, chosen: dict[str, None], upto: int, rng: Random) -> None:
-        """Add holders of chunks the asker misses that no chosen holder has (rarest first)."""
+        """Add holders of chunks the asker misses that no chosen holder has (rarest first), not
+        those offered out."""
         covered = 0
         for m in chosen:
             covered |= blob.full if m in blob.complete else blob.have.get(m, 0)
@@ -463,7 +538,11 @@ class Index:
                 return
             if covered >> i & 1:
                 continue
-            seeds = [m for m in blob.seeds_of(i, self.config.seeds) if m != asker and m not in chosen]
+            seeds = [
+                m
+                for m in blob.seeds_of(i, self.config.seeds)
+                if m != asker and m not in chosen and not blob.offered_out(m, self.config)
+            ]
             if not seeds:
                 continue
             m = rng.choice(seeds)
@@ -548,6 +627,30 @@ def _run_mask(first: int, last: int, nchunks: int) -> int:
     if last < first:
         return 0
     return ((1 << (last - first + 1)) - 1) << first
+
+
+def _spread(group: list[str], first: int, rng: Random) -> Iterator[str]:
+    """`group` in a random order, drawn lazily: `first` members sampled (the whole group shuffled
+    when it is not much larger), then more drawn one at a time while the caller reads on (when
+    the first ones were offered out). The cost is what the caller reads, not the group's size:
+    in a flash crowd of 10,000 members most of a group may be offered out, and an ask must not
+    pay O(group) for it; past half the group the rest is shuffled at once."""
+    if len(group) <= first:
+        pick = list(group)
+        rng.shuffle(pick)
+        yield from pick
+        return
+    pick = rng.sample(group, first)
+    yield from pick
+    seen = set(pick)
+    while 2 * len(seen) < len(group):
+        m = group[rng.randrange(len(group))]
+        if m not in seen:
+            seen.add(m)
+            yield m
+    rest = [m for m in group if m not in seen]
+    rng.shuffle(rest)
+    yield from rest
 
 
 def _bits(bits: int) -> Iterator[int]:

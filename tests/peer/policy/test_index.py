@@ -578,3 +578,101 @@ def test_a_dropped_member_vanishes_from_every_answer(members: int, drop: int, se
     assert gone not in idx.filling(D)
     for i in range(members):
         assert gone not in {h.member for h in idx.candidates(D, member(i), 1.0, rng)}
+
+
+# -- the offer cap (a flash crowd on the first holders) -------------------------------------------
+
+
+def crowd(askers: int, **cfg: float) -> Index:
+    """A leaseholder (member 1) holding chunks 0..3, members 2..4 holding chunk 0 (they got it
+    from it a moment ago), and `askers` members holding nothing (5 onwards). The cap is
+    `offer_cap` alone unless `offer_rate` is given."""
+    cfg.setdefault("offer_rate", 0.0)
+    idx = index_with(askers + 5, **cfg)
+    idx.apply(member(1), ann((0, 3)), 0.0)
+    for i in (2, 3, 4):
+        idx.apply(member(i), ann((0, 0)), 0.0)
+    for i in range(5, askers + 5):
+        idx.apply(member(i), ann(), 0.0)
+    return idx
+
+
+def test_a_partial_holder_is_in_at_most_offer_cap_askers_current_sets() -> None:
+    idx = crowd(10, offer_cap=3, candidates=2, cover_reserve=1)
+    rng = Random(0)
+    offered = [{h.member for h in idx.candidates(D, member(i), 0.1, rng)} for i in range(5, 15)]
+    assert sum(member(1) in got for got in offered) == 3
+    # the askers it was not offered to get the next generation: the members holding chunk 0
+    assert all(got and got <= {member(1), member(2), member(3), member(4)} for got in offered[:6])
+    assert all(sum(member(i) in got for got in offered) <= 3 for i in range(1, 5))
+
+
+def test_an_askers_next_ask_completion_or_departure_frees_its_slots() -> None:
+    idx = crowd(4, offer_cap=1, candidates=1, cover_reserve=1)
+    assert [h.member for h in idx.candidates(D, member(5), 0.0, Random(0))] == [member(1)]
+    assert member(1) not in {h.member for h in idx.candidates(D, member(6), 0.0, Random(0))}
+    # member 5 asks again: its old set is replaced, so member 1 is free for it once more
+    assert [h.member for h in idx.candidates(D, member(5), 1.0, Random(0))] == [member(1)]
+    idx.apply(member(5), ann(complete=True), 2.0)  # done: its set no longer counts
+    assert [h.member for h in idx.candidates(D, member(7), 2.0, Random(0))] == [member(1)]
+    idx.drop_member(member(7))  # gone: neither does its set
+    assert [h.member for h in idx.candidates(D, member(8), 2.0, Random(0))] == [member(1)]
+
+
+def test_the_cap_grows_with_the_time_askers_use_their_sets() -> None:
+    idx = crowd(20, offer_cap=1, offer_rate=4.0, candidates=1, cover_reserve=1)
+    rng = Random(0)
+    for t in (0.0, 0.5, 1.0):  # every asker asks every 0.5 s: 4 chunks/s x 0.5 s = 2 sets each
+        offered = [{h.member for h in idx.candidates(D, member(i), t, rng)} for i in range(5, 25)]
+    assert sum(member(1) in got for got in offered) == 2
+
+
+def test_a_set_nobody_replaced_stops_counting_after_offer_ttl() -> None:
+    idx = crowd(2, offer_cap=1, candidates=1, cover_reserve=1, offer_ttl=5.0)
+    assert [h.member for h in idx.candidates(D, member(5), 0.0, Random(0))] == [member(1)]
+    assert member(1) not in {h.member for h in idx.candidates(D, member(6), 4.0, Random(0))}
+    assert [h.member for h in idx.candidates(D, member(6), 5.5, Random(0))] == [member(1)]
+
+
+def test_without_the_cap_everyone_is_offered_the_leaseholder() -> None:
+    idx = crowd(10, offer_cap=0)
+    rng = Random(0)
+    assert all(member(1) in {h.member for h in idx.candidates(D, member(i), 0.1, rng)} for i in range(5, 15))
+
+
+def test_complete_holders_are_never_offered_out() -> None:
+    idx = index_with(12, offer_cap=2)
+    idx.apply(member(1), ann(complete=True), 0.0)
+    for i in range(2, 12):
+        idx.apply(member(i), ann(), 0.0)
+    for i in range(2, 12):
+        assert [h.member for h in idx.candidates(D, member(i), 0.0, Random(i))] == [member(1)]
+
+
+def test_the_cover_pass_skips_an_offered_out_holder_of_a_rare_chunk() -> None:
+    idx = crowd(4, offer_cap=1)
+    first = {h.member for h in idx.candidates(D, member(5), 0.0, Random(0))}
+    assert member(1) in first  # the only holder of chunks 1..3: the cover pass offers it
+    second = {h.member for h in idx.candidates(D, member(6), 0.0, Random(0))}
+    assert member(1) not in second and second <= {member(2), member(3), member(4)}
+
+
+@given(
+    askers=st.integers(1, 80),
+    cap=st.integers(1, 8),
+    asks=st.lists(st.integers(0, 79), min_size=1, max_size=120),
+    seed=st.integers(0, 2**32),
+)
+def test_no_partial_holder_is_in_more_than_offer_cap_current_sets(
+    askers: int, cap: int, asks: list[int], seed: int
+) -> None:
+    idx = crowd(askers, offer_cap=cap)
+    rng = Random(seed)
+    current: dict[str, set[str]] = {}
+    for k, a in enumerate(asks):
+        asker = member(5 + a % askers)
+        got = idx.candidates(D, asker, k * 0.01, rng)
+        assert len({h.member for h in got}) == len(got)
+        current[asker] = {h.member for h in got}
+        for i in range(1, 5):
+            assert sum(member(i) in s for s in current.values()) <= cap

@@ -78,3 +78,16 @@ def test_same_means_inside_one_of_the_networks(address: ipaddress.IPv4Address, p
     net = ipaddress.ip_network(f"10.0.0.0/{prefix}", strict=False)
     loc = Locality((net,))
     assert loc.same(f"http://{address}:1") is (address in net)
+
+
+def test_a_remembered_answer_is_the_same_and_the_memory_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import peer.policy.subnet as subnet
+
+    monkeypatch.setattr(subnet, "MAX_SEEN", 3)
+    loc = Locality.of(ME)
+    urls = ["http://10.0.0.5:5381", "http://10.9.9.9:5381", "http://peer.example:5381", "http://10.0.0.6:1"]
+    first = [loc.same(u) for u in urls]
+    assert first == [True, False, None, True]
+    assert [loc.same(u) for u in reversed(urls)] == list(reversed(first))
+    assert len(loc._seen) <= 3
+    assert loc == Locality.of(ME)  # what it remembers is not part of its value

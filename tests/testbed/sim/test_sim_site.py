@@ -7,6 +7,7 @@ from __future__ import annotations
 import pytest
 
 from peer.control.index_sections import IndexTracker
+from peer.policy.index import IndexConfig
 from testbed.sim.network import MBIT, Topology
 from testbed.sim.node import Blob
 from testbed.sim.site import SimSite, SiteResult
@@ -63,3 +64,17 @@ def test_a_slow_uplink_makes_the_pull_slower_in_proportion() -> None:
     fast = SimSite(Topology(nodes=3), [LAYER], seed=1).run()
     slow = SimSite(Topology(nodes=3, uplink=50 * MBIT), [LAYER], seed=1).run()
     assert 1.5 <= slow.all_done / fast.all_done <= 3.0
+
+
+def test_a_flash_crowd_of_100_ends_within_twice_the_physical_limit_thanks_to_the_offer_cap() -> None:
+    """Every node pulls a 22 MB layer at once: with the index's offer cap (`IndexConfig.offer_cap`)
+    the last node is done within 2x the physical limit; without it (every asker offered the few
+    origin leaseholders at once) it is not. Simulated seconds, not the machine's."""
+    topo = Topology(nodes=100)
+    layer = Blob("sha256:" + "5c" * 32, 22_011_359)
+    limit = physical_limit(topo, layer.size)
+    capped = SimSite(topo, [layer], seed=0).run(until=120.0)
+    uncapped = SimSite(topo, [layer], seed=0, index_config=IndexConfig(offer_cap=0)).run(until=120.0)
+    assert capped.unfinished == uncapped.unfinished == 0
+    assert capped.quantile(0.99) <= 2 * limit < uncapped.quantile(0.99)
+    assert capped.uplink_x() <= 1.1
