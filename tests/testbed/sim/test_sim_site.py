@@ -66,11 +66,13 @@ def test_a_slow_uplink_makes_the_pull_slower_in_proportion() -> None:
     assert 1.5 <= slow.all_done / fast.all_done <= 3.0
 
 
-def test_a_flash_crowd_of_100_ends_within_twice_the_physical_limit_thanks_to_the_offer_cap() -> None:
+def test_a_flash_crowd_of_316_ends_within_twice_the_physical_limit_thanks_to_the_offer_cap() -> None:
     """Every node pulls a 22 MB layer at once: with the index's offer cap (`IndexConfig.offer_cap`)
     the last node is done within 2x the physical limit; without it (every asker offered the few
-    origin leaseholders at once) it is not. Simulated seconds, not the machine's."""
-    topo = Topology(nodes=100)
+    origin leaseholders at once) it is not. Simulated seconds, not the machine's. (316: at 100 the
+    one-chunk leases of a blob's gathering window, `IndexConfig.gather`, keep the uncapped site
+    within 2x too, 1.65x; at 316 it is 3.1x, 1.85x capped.)"""
+    topo = Topology(nodes=316)
     layer = Blob("sha256:" + "5c" * 32, 22_011_359)
     limit = physical_limit(topo, layer.size)
     capped = SimSite(topo, [layer], seed=0).run(until=120.0)
