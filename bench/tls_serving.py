@@ -78,7 +78,7 @@ async def fetch_all(url: str, digest: str, mib: int, concurrency: int, ctx: ssl.
         async def worker() -> None:
             while queue:
                 i = queue.pop()
-                data, _claim = await client.chunk(url, digest, i * CHUNK, CHUNK)
+                data = (await client.chunk(url, digest, i * CHUNK, CHUNK)).data
                 assert len(data) == CHUNK
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
