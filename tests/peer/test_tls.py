@@ -492,6 +492,29 @@ async def test_a_node_serves_its_peers_without_session_tickets(
     assert session is not None and not session.has_ticket
 
 
+async def test_control_messages_reuse_one_connection_and_count_the_connections_opened(
+    site: SiteCA, start: Callable[..., Any]
+) -> None:
+    a_cert = site.issue("a")
+    a = await start(a_cert.toml(), a_cert)
+    assert a.node.control is not None
+    counters = Counters()
+    control = ControlClient("default", counters, 5.0, 5.0, ssl=member(site).client_context())
+    try:
+        for _ in range(3):
+            assert await control.whois(a.url, a.node.control.me) is not None
+    finally:
+        await control.close()
+    # one handshake for three messages: the warm connection carried the other two
+    assert counters.snapshot()["connections_opened"] == 1
+    assert counters.snapshot()["whois_sent"] == 3
+    # the node's own counts are in its stats (its sessions have opened none: it asked nobody)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}{PREFIX}/stats", ssl=member(site).client_context()) as resp:
+            stats = await resp.json()
+    assert stats["connections_opened"] == 0 and stats["control"]["connections_opened"] == 0
+
+
 def test_default_config_is_mutual_tls_at_the_documented_paths() -> None:
     t = Config().tls
     assert not t.insecure and str(t.cert) == "/etc/peersync/tls/node.crt"
