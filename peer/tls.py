@@ -189,7 +189,7 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     # No TLS 1.3 session tickets: no peer client can resume (asyncio's SSL transport, which
     # aiohttp uses, never offers a saved session), so tickets were pure cost: OpenSSL 3 copies the
     # session for each of the default two, decoding the client's certificate again each time, and
-    # sends them in an extra write; the client then parses both. That was about a sixth of the
+    # sends them in an extra write; the client then parses both. That was a sixth to a third of the
     # server's handshake CPU (bench/RESULTS.md, "Mutual TLS between the nodes"). Every
     # connection still does a full mutually authenticated handshake.
     ctx.num_tickets = 0
