@@ -1,6 +1,6 @@
 """Chunk serving through the peer exchange: mutual TLS vs plain HTTP, on one real daemon.
 
-    python bench/tls_serving.py [--mib 64] [--rounds 3] [--concurrency 8]
+    python bench/tls_serving.py [--mib 64] [--rounds 3] [--concurrency 8] [--connections 300]
 
 A `peersync daemon` on loopback (its store filled beforehand with one random blob of --mib MiB),
 asked for every 1 MiB chunk of it by a client in this process, `concurrency` requests in flight
@@ -8,7 +8,10 @@ asked for every 1 MiB chunk of it by a client in this process, `concurrency` req
 insecure = true`, once with a site certificate (`peersync site issue`), alternating, `rounds`
 times each. Reports MiB/s as the client sees it and the daemon's CPU seconds per GiB served
 (from /proc/<pid>/stat) and its peak RSS: what serving chunks costs the node that serves them;
-and the client's CPU per GiB (this process: the exchange client receiving). Medians over the rounds.
+and the client's CPU per GiB (this process: the exchange client receiving). Then `connections`
+requests for a blob's view, each on a new connection (4 at a time): the CPU milliseconds a new
+connection costs the daemon and the client, which under TLS is a full mutual handshake. Medians
+over the rounds.
 
 Under uvloop (the daemon's loop) aiohttp's FileResponse never gets a zero-copy sendfile, TLS or
 not: `loop.sendfile` is not implemented there, so both paths read the file in the executor and
@@ -71,21 +74,34 @@ async def fetch_all(url: str, digest: str, mib: int, concurrency: int, ctx: ssl.
     connector = aiohttp.TCPConnector(limit=256, limit_per_host=32)
     async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
         client = PeerClient(session, ssl=ctx)
-        await client.chunk(url, digest, 0, CHUNK)  # connections up, handshakes done
+        # as many connections up as there will be requests in flight, handshakes done: the
+        # timed part is the transfer alone (new connections are measured on their own)
+        await asyncio.gather(*(client.chunk(url, digest, 0, CHUNK) for _ in range(concurrency)))
         queue = list(range(mib))
         started = time.monotonic()
 
         async def worker() -> None:
             while queue:
                 i = queue.pop()
-                data, _claim = await client.chunk(url, digest, i * CHUNK, CHUNK)
+                data = (await client.chunk(url, digest, i * CHUNK, CHUNK)).data
                 assert len(data) == CHUNK
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         return time.monotonic() - started
 
 
-def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float, float, float]:
+async def new_connections(url: str, digest: str, n: int, ctx: ssl.SSLContext | None) -> None:
+    """`n` requests for the view of `digest`, each on a connection of its own, 4 at a time."""
+    connector = aiohttp.TCPConnector(force_close=True, limit=4)
+    async with aiohttp.ClientSession(connector=connector, auto_decompress=False) as session:
+        client = PeerClient(session, ssl=ctx)
+        await asyncio.gather(*(client.have(url, [digest]) for _ in range(n)))
+
+
+Row = tuple[float, float, float, float, float, float]
+
+
+def one(work: Path, mode: str, mib: int, concurrency: int, conns: int) -> Row:
     node = work / mode
     root = node / "root"
     root.mkdir(parents=True)
@@ -96,11 +112,15 @@ def one(work: Path, mode: str, mib: int, concurrency: int) -> tuple[float, float
         fetch = fetch_all(daemon.peer_url, digest, mib, concurrency, daemon.client_context())
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:  # the daemon's loop
             seconds = runner.run(fetch)
-        cpu = cpu_seconds(daemon.process.pid) - before
-        client = time.process_time() - client_before
-        rss = peak_rss_mb(daemon.process.pid)
+            cpu = cpu_seconds(daemon.process.pid) - before
+            client = time.process_time() - client_before
+            rss = peak_rss_mb(daemon.process.pid)
+            before, client_before = cpu_seconds(daemon.process.pid), time.process_time()
+            runner.run(new_connections(daemon.peer_url, digest, conns, daemon.client_context()))
+            conn_server = (cpu_seconds(daemon.process.pid) - before) / conns * 1000
+            conn_client = (time.process_time() - client_before) / conns * 1000
     gib = mib / 1024
-    return mib / seconds, cpu / gib, client / gib, rss
+    return mib / seconds, cpu / gib, client / gib, rss, conn_server, conn_client
 
 
 def main() -> int:
@@ -108,20 +128,26 @@ def main() -> int:
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--connections", type=int, default=300)
     args = p.parse_args()
-    results: dict[str, list[tuple[float, float, float, float]]] = {"plain": [], "tls": []}
+    results: dict[str, list[Row]] = {"plain": [], "tls": []}
     with tempfile.TemporaryDirectory(prefix="tls-serving-") as tmp:
         for r in range(args.rounds):
             for mode in ("plain", "tls") if r % 2 == 0 else ("tls", "plain"):
-                row = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency)
+                row = one(Path(tmp) / f"r{r}", mode, args.mib, args.concurrency, args.connections)
                 results[mode].append(row)
                 line = f"round {r} {mode:5}: {row[0]:7.1f} MiB/s, daemon CPU {row[1]:5.2f} s/GiB"
-                print(f"{line}, client CPU {row[2]:5.2f} s/GiB, daemon peak RSS {row[3]:.0f} MB", flush=True)
-    head = "| transport | MiB/s | daemon (server) CPU s/GiB | client CPU s/GiB | daemon peak RSS MB |"
-    print(f"\n{head}\n|---|---|---|---|---|")
+                line += f", client CPU {row[2]:5.2f} s/GiB, daemon peak RSS {row[3]:.0f} MB"
+                print(f"{line}, per new connection {row[4]:.2f} / {row[5]:.2f} ms", flush=True)
+    head = (
+        "| transport | MiB/s | daemon (server) CPU s/GiB | client CPU s/GiB | daemon peak RSS MB "
+        "| new connection: daemon CPU ms | client CPU ms |"
+    )
+    print(f"\n{head}\n|---|---|---|---|---|---|---|")
     for mode, rows in results.items():
         med = [sorted(col)[len(col) // 2] for col in zip(*rows, strict=True)]
-        print(f"| {mode} | {med[0]:.0f} | {med[1]:.2f} | {med[2]:.2f} | {med[3]:.0f} |")
+        cells = [f"{v:.0f}" if i in (0, 3) else f"{v:.2f}" for i, v in enumerate(med)]
+        print(f"| {mode} | " + " | ".join(cells) + " |")
     return 0
 
 

@@ -57,6 +57,7 @@ from peer import httpbounds
 from peer.access import ClientAccess
 from peer.cache import CacheManager
 from peer.catalog import Catalog
+from peer.connections import ConnectionCount
 from peer.control.client import PREFIX as CONTROL_PREFIX
 from peer.control.index_sections import IndexMember, IndexTracker
 from peer.control.plane import ControlPlane
@@ -96,6 +97,7 @@ class PeerNode:
         self.chains = ChainIndex(meta)  # the mirror notes the image manifests it serves
         self._runners: list[web.AppRunner] = []
         self.session: aiohttp.ClientSession | None = None
+        self.connections = ConnectionCount()  # opened by `session` (stats: handshakes under TLS)
         self.engine: Engine | None = None
         self.control: ControlPlane | None = None
         self.index: IndexMember | None = None
@@ -145,7 +147,9 @@ class PeerNode:
         connector = aiohttp.TCPConnector(
             limit=256, limit_per_host=32, keepalive_timeout=limits.CLIENT_KEEPALIVE
         )
-        self.session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+        self.session = aiohttp.ClientSession(
+            connector=connector, auto_decompress=False, trace_configs=[self.connections.trace()]
+        )
         hosts = {h: HostSettings(plain_http=True) for h in cfg.origin.plain_http}
         origin = OriginClient(self.session, CredentialStore.from_mapping(cfg.origin.auth), hosts=hosts)
         self.origin = origin
@@ -270,6 +274,7 @@ class PeerNode:
             "active_downloads": active,
             "dropped_peers": dropped,
             "replications": replicated,
+            "connections_opened": self.connections.opened,
             "cache": self.cache.cache_status(),
         }
         if self.control is not None:

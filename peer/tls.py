@@ -186,6 +186,13 @@ def server_context(config: TlsConfig) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     _common(ctx, config)
     ctx.verify_mode = ssl.CERT_REQUIRED
+    # No TLS 1.3 session tickets: no peer client can resume (asyncio's SSL transport, which
+    # aiohttp uses, never offers a saved session), so tickets were pure cost: OpenSSL 3 copies the
+    # session for each of the default two, decoding the client's certificate again each time, and
+    # sends them in an extra write; the client then parses both. That was a sixth to a third of the
+    # server's handshake CPU (bench/RESULTS.md, "Mutual TLS between the nodes"). Every
+    # connection still does a full mutually authenticated handshake.
+    ctx.num_tickets = 0
     return ctx
 
 

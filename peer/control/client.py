@@ -30,6 +30,7 @@ from typing import Any
 import aiohttp
 import structlog
 
+from peer.connections import ConnectionCount
 from peer.policy.election import Answer, TrackerRef
 from peer.policy.membership import Member
 
@@ -48,12 +49,14 @@ class Counters:
         self.counts: dict[str, int] = {
             f"{k}_{what}": 0 for k in KINDS for what in ("sent", "failed", "received")
         }
+        self.connections = ConnectionCount()
 
     def add(self, key: str, n: int = 1) -> None:
         self.counts[key] = self.counts.get(key, 0) + n
 
     def snapshot(self) -> dict[str, int]:
-        return dict(self.counts)
+        """The counts, and `connections_opened` by the control plane's session."""
+        return {**self.counts, "connections_opened": self.connections.opened}
 
 
 class ControlClient:
@@ -82,7 +85,9 @@ class ControlClient:
                 enable_cleanup_closed=True,
                 ssl=self.ssl if self.ssl is not None else True,
             )
-            self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False)
+            self._session = aiohttp.ClientSession(
+                connector=connector, auto_decompress=False, trace_configs=[self.counters.connections.trace()]
+            )
         return self._session
 
     def _timeout(self, timeout: float) -> aiohttp.ClientTimeout:

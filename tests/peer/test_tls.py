@@ -432,6 +432,89 @@ def test_contexts_speak_tls13_only_and_require_a_client_certificate(site: SiteCA
     assert server.minimum_version == client.minimum_version == ssl.TLSVersion.TLSv1_3
 
 
+def handshake_in_memory(
+    server: ssl.SSLContext, client: ssl.SSLContext
+) -> tuple[ssl.SSLObject, ssl.SSLObject]:
+    """A full handshake between `server` and `client` over memory BIOs, the client then reading
+    what the server sent after it (TLS 1.3 sends its session tickets there): (server, client)."""
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    s = server.wrap_bio(s_in, s_out, server_side=True)
+    c = client.wrap_bio(c_in, c_out, server_hostname="127.0.0.1")
+    done: set[str] = set()
+    for _ in range(10):
+        for name, side, out, into in (("c", c, c_out, s_in), ("s", s, s_out, c_in)):
+            if name not in done:
+                try:
+                    side.do_handshake()
+                    done.add(name)
+                except ssl.SSLWantReadError:
+                    pass
+            into.write(out.read())
+    assert done == {"c", "s"}
+    with pytest.raises(ssl.SSLWantReadError):
+        c.read(1)  # no application data: this only processes the post-handshake messages
+    return s, c
+
+
+def test_the_server_issues_no_session_tickets_and_still_authenticates_both_sides(site: SiteCA) -> None:
+    # No peer client can resume a session (asyncio's SSL transport never offers one), so the
+    # tickets a TLS 1.3 server sends by default were handshake cost for nothing (peer.tls).
+    a, b = site.issue("a"), site.issue("b")
+    server_obj, client_obj = handshake_in_memory(tls.server_context(a.config), tls.client_context(b.config))
+    assert client_obj.version() == "TLSv1.3"
+    assert server_obj.getpeercert()["subject"] and client_obj.getpeercert()["subject"]
+    assert client_obj.session is not None and not client_obj.session.has_ticket
+    # the same handshake from a context that keeps OpenSSL's default does get a ticket: the
+    # check above can tell the two apart
+    default = tls.server_context(a.config)
+    default.num_tickets = 2
+    _, with_ticket = handshake_in_memory(default, tls.client_context(b.config))
+    assert with_ticket.session is not None and with_ticket.session.has_ticket
+
+
+async def test_a_node_serves_its_peers_without_session_tickets(
+    site: SiteCA, start: Callable[..., Any]
+) -> None:
+    a_cert = site.issue("a")
+    a = await start(a_cert.toml(), a_cert)
+
+    def ask() -> tuple[bytes, ssl.SSLSession | None]:
+        with socket.create_connection(("127.0.0.1", a.port), timeout=10) as raw:
+            with member(site).client_context().wrap_socket(raw, server_hostname="127.0.0.1") as conn:
+                conn.sendall(get(f"{PREFIX}/blobs/{DIGEST}"))
+                received = b""
+                while chunk := conn.recv(65536):
+                    received += chunk
+                return received, conn.session
+
+    answer, session = await asyncio.to_thread(ask)
+    assert answer.startswith(b"HTTP/1.1 200")
+    assert session is not None and not session.has_ticket
+
+
+async def test_control_messages_reuse_one_connection_and_count_the_connections_opened(
+    site: SiteCA, start: Callable[..., Any]
+) -> None:
+    a_cert = site.issue("a")
+    a = await start(a_cert.toml(), a_cert)
+    assert a.node.control is not None
+    counters = Counters()
+    control = ControlClient("default", counters, 5.0, 5.0, ssl=member(site).client_context())
+    try:
+        for _ in range(3):
+            assert await control.whois(a.url, a.node.control.me) is not None
+    finally:
+        await control.close()
+    # one handshake for three messages: the warm connection carried the other two
+    assert counters.snapshot()["connections_opened"] == 1
+    assert counters.snapshot()["whois_sent"] == 3
+    # the node's own counts are in its stats (its sessions have opened none: it asked nobody)
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{a.url}{PREFIX}/stats", ssl=member(site).client_context()) as resp:
+            stats = await resp.json()
+    assert stats["connections_opened"] == 0 and stats["control"]["connections_opened"] == 0
+
+
 def test_default_config_is_mutual_tls_at_the_documented_paths() -> None:
     t = Config().tls
     assert not t.insecure and str(t.cert) == "/etc/peersync/tls/node.crt"
