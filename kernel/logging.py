@@ -7,7 +7,12 @@ default) picks console when stderr is a terminal, JSON otherwise: an operator at
 columns, journald or a container runtime gets one JSON object per line.
 
 Context bound with `bind_transfer` (structlog's contextvars) is merged into every line logged in
-the same task and the tasks it starts, so every line of one pull carries its `transfer` id.
+the same task and the tasks it starts, so every line of one pull carries its `transfer` id. A pull
+through the mirror is one request and one id. containerd's own pulls (full mode) come as many RPCs
+that name no pull, so there each unit of the pull's work gets its id where it starts
+(`in_transfer`): a blob's download (`peer.engine.Engine.ensure`), a layer unpacked ahead
+(`snapshotter.unpacker`), a layer provided at its Prepare (`snapshotter.snapshots`); every such
+line carries the blob's or layer's digest too, which ties them to one image.
 """
 
 from __future__ import annotations
@@ -78,6 +83,18 @@ def setup(level: str = "info", fmt: str = "auto", stream: TextIO | None = None) 
 def new_transfer_id() -> str:
     """A transfer id unique on this node for its lifetime: pid and a sequence number."""
     return f"{os.getpid():x}-{next(_transfers)}"
+
+
+@contextmanager
+def in_transfer(**context: Any) -> Iterator[str]:
+    """The transfer id bound already (the request or download this work is part of), or else a
+    new one bound with `context` for the block, as `bind_transfer`; yields the id."""
+    bound = structlog.contextvars.get_contextvars().get("transfer")
+    if isinstance(bound, str) and bound:
+        yield bound
+        return
+    with bind_transfer(**context) as transfer:
+        yield transfer
 
 
 @contextmanager

@@ -60,6 +60,7 @@ from typing import Protocol
 import structlog
 
 from kernel.errors import AlreadyExists, NotFound, PeerSyncError, Unavailable
+from kernel.logging import in_transfer
 from kernel.store.chunkstore import ChunkStore
 from kernel.store.partial import ChunkCorrupt, ChunksMissing, DigestMismatch
 from peer.catalog import Catalog, Source
@@ -303,7 +304,8 @@ class Engine:
         self.cache.used(digest, request=True)
         dl = Download(self, src, peers_only=peers_only)
         self.downloads[digest] = dl
-        dl.task = asyncio.create_task(dl.run(), name=f"download {digest[:19]}")
+        with in_transfer(blob=digest):  # the download's lines: the caller's transfer, or its own
+            dl.task = asyncio.create_task(dl.run(), name=f"download {digest[:19]}")
         dl.task.add_done_callback(functools.partial(self._ended, digest))
         self.busy_until = time.monotonic()
         self._ensure_poller()

@@ -113,6 +113,7 @@ from pathlib import Path
 import structlog
 
 from kernel.errors import AlreadyExists, NotFound, Unavailable
+from kernel.logging import in_transfer
 from kernel.store.fsutil import fsync_dir
 from kernel.store.meta import Meta
 from snapshotter import remote, storage
@@ -260,8 +261,9 @@ class Snapshotter:
         target = labels[remote.REF_LABEL]
         lock = self._target_locks.setdefault(target, asyncio.Lock())
         try:
-            async with lock:
-                return await self._provide_locked(key, parent, labels, target)
+            with in_transfer(chain=target):
+                async with lock:
+                    return await self._provide_locked(key, parent, labels, target)
         finally:
             if not lock.locked() and self._target_locks.get(target) is lock:
                 del self._target_locks[target]

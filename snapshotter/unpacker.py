@@ -44,6 +44,7 @@ from pathlib import Path
 import structlog
 
 from kernel.errors import Unavailable
+from kernel.logging import in_transfer
 from snapshotter.apply import Lowers, apply_layer
 from snapshotter.remote import BlobReader, Layer, LayerSource
 
@@ -169,10 +170,11 @@ class Unpacker:
             self._start(self._queue.pop(0))
 
     def _start(self, job: _Job) -> None:
-        if not job.urgent:
-            log.info("unpacking a layer ahead", chain=job.chain, layer=job.layer.digest)
         self._running += 1
-        job.task = asyncio.create_task(self._unpack(job), name=f"unpack {job.chain[:19]}")
+        with in_transfer(layer=job.layer.digest):  # the Prepare's transfer when it is urgent
+            if not job.urgent:
+                log.info("unpacking a layer ahead", chain=job.chain, layer=job.layer.digest)
+            job.task = asyncio.create_task(self._unpack(job), name=f"unpack {job.chain[:19]}")
         job.task.add_done_callback(functools.partial(self._finished, job))
 
     def _finished(self, job: _Job, _task: asyncio.Task[None]) -> None:

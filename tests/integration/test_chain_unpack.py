@@ -10,6 +10,7 @@ rootfs containerd's own unpack gives; containerd must never have fetched a layer
 
 from __future__ import annotations
 
+import json
 import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -88,6 +89,18 @@ def test_chain_id_prepares_are_unpacked_by_the_daemon(
         theirs = snapshot_tree(rootfs)
     assert compare_manifests(theirs, ours) == []
     assert node.daemon.corrupt_blobs() == []
+    assert_pull_lines_carry_transfer_ids(node, layers)
+
+
+def assert_pull_lines_carry_transfer_ids(node: LoopbackNode, layers: set[str]) -> None:
+    """Every line the daemon logged about the pull's blobs and layers (downloads, unpacks ahead,
+    Prepares) carries a transfer id (`kernel.logging.in_transfer`); the log is JSON, one record
+    per line (its stderr is a file)."""
+    text = node.daemon.process.log_path.read_text()
+    records = [json.loads(line) for line in text.splitlines() if line.strip()]
+    about = [r for r in records if {"digest", "blob", "layer", "chain"} & r.keys()]
+    assert {r.get("layer") or r.get("digest") for r in about} >= layers
+    assert [r["event"] for r in about if not r.get("transfer")] == []
 
 
 def test_a_second_node_unpacks_chain_ids_from_the_first_without_the_origin(

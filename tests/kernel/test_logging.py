@@ -75,3 +75,27 @@ async def test_a_transfer_id_is_on_every_line_of_the_block_and_its_tasks() -> No
     recs = lines(stream)
     assert [r.get("transfer") for r in recs] == [transfer, transfer, transfer, other, None]
     assert transfer != other and recs[0]["path"] == "/v2/x/blobs/sha256:0"
+
+
+async def test_work_started_inside_a_transfer_keeps_its_id_and_work_started_outside_gets_one() -> None:
+    """`in_transfer`: a download started by a mirror request carries that request's id; one started
+    by an RPC that names no pull gets an id of its own, which its tasks keep."""
+    stream = io.StringIO()
+    pslogging.setup("info", "json", stream)
+    log = structlog.get_logger("t")
+
+    async def download() -> None:
+        log.info("chunk", blob="sha256:1")
+
+    with pslogging.bind_transfer(path="/v2/x/blobs/sha256:1") as request:
+        with pslogging.in_transfer(blob="sha256:1") as joined:
+            task = asyncio.create_task(download())
+        await task
+    with pslogging.in_transfer(blob="sha256:2") as own:
+        task = asyncio.create_task(download())
+    await task
+    log.info("after")
+    recs = lines(stream)
+    assert joined == request and own != request
+    assert [r.get("transfer") for r in recs] == [request, own, None]
+    assert recs[1]["blob"] == "sha256:1"  # the task's own field; `blob=sha256:2` is bound beside it
