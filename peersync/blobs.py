@@ -12,7 +12,6 @@ arriving. `read` blocks only until the chunks it needs are verified and on disk.
 
 from __future__ import annotations
 
-from kernel.logging import bind_transfer
 from peer.cache import CacheManager
 from peer.engine import Engine
 
@@ -41,10 +40,9 @@ class LazyBlobs:
         over the uplink in one of two 4-node runs of tests/integration/test_cluster.py.)"""
         size = self.engine.known_size(digest)
         if size is not None:
-            # claimed blobs are always completed in the background; the download's log lines
-            # carry a transfer id of their own (its task keeps the context it was made in)
-            with bind_transfer(blob=digest):
-                self.engine.ensure(digest)
+            # claimed blobs are always completed in the background (with a transfer id of their
+            # own, which `Engine.ensure` binds for the download's lines)
+            self.engine.ensure(digest)
         return size
 
     async def read(self, digest: str, offset: int, size: int) -> bytes:
