@@ -51,7 +51,7 @@ chunk_size = 1048576
 # and Go programs make them, containerd 1.7/2.x's unpacker): the layer streams from peers into the
 # snapshot as it downloads, instead of containerd reading it back through 32 KiB Read RPCs.
 # Which layer a chain ID is made of comes from the manifests and configs the daemon has seen.
-# `ctr images pull` of containerd 1.6 never names the snapshot and is unaffected.
+# `ctr images pull` of containerd 1.6 never names the snapshot: see containerd_address below.
 unpack_layers = true
 # Layers of the same image unpacked ahead of containerd's Prepares, at once (each as soon as its
 # blob streams in; the one containerd waits for always runs besides). 0 unpacks one at a time.
@@ -59,6 +59,18 @@ unpack_ahead = 2
 # Layer blobs downloaded at once ahead of the daemon's unpack, in image order; a blob being read
 # always downloads. The origin striping between nodes is sensitive to it (bench/RESULTS.md).
 prefetch_layers = 2
+# containerd's own socket, for the clients that apply layers themselves (`ctr images pull` of
+# containerd 1.6: it asks containerd's metadata for each layer's chain ID and reads the blob back
+# through 32 KiB Read RPCs when there is none). With an address, the daemon prepares such an
+# image's chains through containerd itself, as containerd's unpacker would, and unpacks them
+# while the blobs arrive; the client then finds every layer committed. "" leaves those clients
+# to apply the layers themselves. It must be the containerd whose proxy plugins use this daemon.
+containerd_address = ""
+# The name containerd's config gives this daemon's snapshot proxy plugin (what
+# `ctr images pull --snapshotter` names).
+containerd_snapshotter = "peersync"
+# Seconds such a client's unpack waits, at most, for the daemon to commit the image's chains.
+client_unpack_wait = 600.0
 
 [peer]
 # Where the peer exchange listens (other nodes fetch chunks here); "" disables it.
@@ -187,6 +199,9 @@ class SnapshotterConfig:
     unpack_layers: bool = True
     unpack_ahead: int = 2
     prefetch_layers: int = 2
+    containerd_address: str = ""
+    containerd_snapshotter: str = "peersync"
+    client_unpack_wait: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -371,6 +386,12 @@ def _validate(config: Any, where: str) -> None:
             raise InvalidArgument(f"{where}: snapshotter.unpack_ahead must be between 0 and 16")
         if not 1 <= config.prefetch_layers <= 64:
             raise InvalidArgument(f"{where}: snapshotter.prefetch_layers must be between 1 and 64")
+        if config.containerd_address and not config.containerd_address.startswith("/"):
+            raise InvalidArgument(f"{where}: snapshotter.containerd_address must be an absolute socket path")
+        if not config.containerd_snapshotter:
+            raise InvalidArgument(f"{where}: snapshotter.containerd_snapshotter must not be empty")
+        if not 0 < config.client_unpack_wait <= 86400:
+            raise InvalidArgument(f"{where}: snapshotter.client_unpack_wait must be in (0, 86400] seconds")
     listens = isinstance(config, PeerConfig | MirrorConfig | AdminConfig)
     if listens and config.listen and not _hostport(config.listen):
         raise InvalidArgument(f"{where}: listen must be host:port or empty, got {config.listen!r}")

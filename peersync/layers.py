@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 from collections.abc import Mapping, Sequence
 
 import structlog
@@ -31,6 +32,7 @@ from peersync.prefetch import Prefetcher
 from snapshotter import remote
 from snapshotter.apply import MEDIA_TYPES
 from snapshotter.content import ContentStore
+from snapshotter.preparer import ImageOf
 from snapshotter.remote import Layer, Planned
 
 log = structlog.get_logger(__name__)
@@ -117,6 +119,36 @@ class DaemonLayers:
         if not above:
             return []
         return [Planned(layer.chain, layer.parent) for layer in layers[above[0].index + 1 :]]
+
+    def image_with(self, layer: str) -> ImageOf | None:
+        """The image, of those whose manifest lists blob `layer`, that was seen last (the one a
+        client is fetching: the mirror served its manifest a moment ago)."""
+        images = self.chains.images_with(layer)
+        if not images:
+            return None
+        manifest, config, _ = max(images, key=lambda image: image[2])
+        return ImageOf(manifest, config)
+
+    async def chains_of(self, manifest: str) -> list[Planned]:
+        """The image's (chain ID, parent) pairs, bottom first, resolving its config first if it
+        has not been read yet; [] if it cannot be."""
+        layers = self.chains.image(manifest)
+        if not layers:
+            await self._learn()
+            layers = self.chains.image(manifest)
+        return [Planned(layer.chain, layer.parent) for layer in layers]
+
+    async def lists_manifest(self, index: str, manifest: str) -> bool:
+        """Whether image index `index` lists `manifest` (read through the engine; False if it
+        cannot be read or is not an index)."""
+        try:
+            body = json.loads(await self._document(index))
+        except (PeerSyncError, ValueError):
+            return False
+        entries = body.get("manifests") if isinstance(body, dict) else None
+        return isinstance(entries, list) and any(
+            isinstance(e, dict) and e.get("digest") == manifest for e in entries
+        )
 
     def prefetch(self, digests: Sequence[str]) -> None:
         """Queue the layers in order on the node's prefetcher (`peersync.prefetch`): a few of them

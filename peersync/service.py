@@ -29,7 +29,9 @@ from peersync.blobs import ContentCache, LazyBlobs
 from peersync.layers import DaemonLayers
 from peersync.prefetch import Prefetcher
 from peersync.rootlock import lock_root
+from snapshotter.containerd_client import ContainerdClient
 from snapshotter.content import ContentStore
+from snapshotter.preparer import ChainPreparer
 from snapshotter.server import build_server, restrict_socket
 from snapshotter.snapshots import Snapshotter
 
@@ -48,6 +50,7 @@ class Service:
         self.peer: PeerNode | None = None
         self.snapshotter: Snapshotter | None = None
         self.admin: AdminServer | None = None
+        self.preparer: ChainPreparer | None = None
 
     async def start(self) -> None:
         cfg = self.config
@@ -71,7 +74,11 @@ class Service:
         ahead = cfg.snapshotter.unpack_ahead
         snapshotter = Snapshotter(cfg.root, self.meta, layers=layers, unpack_ahead=ahead)
         self.snapshotter = snapshotter
-        self.server = build_server(cfg.socket, snapshotter, self.content, cfg.grpc, listener)
+        sn = cfg.snapshotter
+        if layers is not None and sn.containerd_address:  # for clients that apply layers themselves
+            client = ContainerdClient(Path(sn.containerd_address), sn.containerd_snapshotter)
+            self.preparer = ChainPreparer(client, layers, wait=sn.client_unpack_wait)
+        self.server = build_server(cfg.socket, snapshotter, self.content, cfg.grpc, listener, self.preparer)
         await self.server.start()
         if listener is None:  # an inherited socket belongs to systemd: its mode, its path
             self._bound = True
@@ -95,6 +102,9 @@ class Service:
         if self.server is not None:
             await self.server.stop(grace)
             self.server = None
+        if self.preparer is not None:
+            await self.preparer.close()
+            self.preparer = None
         if self.snapshotter is not None:
             await self.snapshotter.close()
             self.snapshotter = None

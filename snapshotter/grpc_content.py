@@ -18,6 +18,7 @@ from kernel.errors import InvalidArgument
 from snapshotter.api import content_pb2, content_pb2_grpc
 from snapshotter.content import READ_PIECE, ContentStore, Info, Status, Writer
 from snapshotter.grpcerrors import translate
+from snapshotter.preparer import ChainPreparer
 
 LIST_BATCH = 100  # Info messages per List response, at most (and at most LIST_MESSAGE_BYTES)
 
@@ -25,11 +26,16 @@ _Context = grpc.aio.ServicerContext  # typed with each method's [request, respon
 
 
 class ContentServicer(content_pb2_grpc.ContentServicer):
-    """Serves one ContentStore. `read_message_size` caps the data of one Read response."""
+    """Serves one ContentStore. `read_message_size` caps the data of one Read response. With a
+    `preparer`, Infos tell it which blobs containerd's clients fetch, and
+    Reads of the config of such an image wait while it prepares it (`snapshotter.preparer`)."""
 
-    def __init__(self, store: ContentStore, read_message_size: int = READ_PIECE) -> None:
+    def __init__(
+        self, store: ContentStore, read_message_size: int = READ_PIECE, preparer: ChainPreparer | None = None
+    ) -> None:
         self._store = store
         self._piece = read_message_size
+        self._preparer = preparer
 
     async def Info(
         self,
@@ -37,7 +43,10 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
         context: _Context[content_pb2.InfoRequest, content_pb2.InfoResponse],
     ) -> content_pb2.InfoResponse:
         async with translate(context, "Info"):
-            return content_pb2.InfoResponse(info=info_pb(await self._store.info(request.digest)))
+            info = await self._store.info(request.digest)
+            if self._preparer is not None:
+                self._preparer.noticed(info.digest)
+            return content_pb2.InfoResponse(info=info_pb(info))
 
     async def Update(
         self,
@@ -82,6 +91,8 @@ class ContentServicer(content_pb2_grpc.ContentServicer):
         request: content_pb2.ReadContentRequest,
         context: _Context[content_pb2.ReadContentRequest, content_pb2.ReadContentResponse],
     ) -> AsyncIterator[content_pb2.ReadContentResponse]:
+        if self._preparer is not None and self._preparer.gated(request.digest):
+            await self._preparer.settled(request.digest)
         once = self._store.read_once(request.digest, request.offset, request.size, self._piece)
         if once is not None:  # containerd's unpack: thousands of sequential 32 KiB reads
             yield content_pb2.ReadContentResponse(offset=once[0], data=once[1])

@@ -16,6 +16,7 @@ from snapshotter.api import content_pb2_grpc, snapshots_pb2_grpc
 from snapshotter.content import ContentStore
 from snapshotter.grpc_content import ContentServicer
 from snapshotter.grpc_snapshots import SnapshotsServicer
+from snapshotter.preparer import ChainPreparer
 from snapshotter.snapshots import Snapshotter
 
 
@@ -25,6 +26,7 @@ def build_server(
     content: ContentStore,
     cfg: GrpcConfig,
     listener: socketlib.socket | None = None,
+    preparer: ChainPreparer | None = None,
 ) -> grpc.aio.Server:
     """An unstarted asyncio gRPC server bound to `socket`, or serving `listener` (a listening
     socket inherited from systemd; only our own HTTP/2 server can take one)."""
@@ -36,7 +38,8 @@ def build_server(
     ]
     server = new_server(options, cfg.implementation)
     snapshots_pb2_grpc.add_SnapshotsServicer_to_server(SnapshotsServicer(snapshotter), server)
-    content_pb2_grpc.add_ContentServicer_to_server(ContentServicer(content, cfg.read_message_size), server)
+    servicer = ContentServicer(content, cfg.read_message_size, preparer)
+    content_pb2_grpc.add_ContentServicer_to_server(servicer, server)
     if listener is None:
         server.add_insecure_port(f"unix:{socket}")
     elif isinstance(server, h2server.H2Server):

@@ -41,7 +41,14 @@ from peersync.containerd_config import render
 from snapshotter.remote import chain_ids
 from testbed import gotools
 from testbed.chainunpack import PRESENT, PROVIDED, diff_ids_through_mirror, unpack_by_chain_ids
-from testbed.containerd import Containerd, merge_config, parse_extra_config
+from testbed.containerd import (
+    Containerd,
+    containerd_base,
+    containerd_socket,
+    merge_config,
+    parse_extra_config,
+    with_setting,
+)
 from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull
 from testbed.netns import REGISTRY_IP, Site, SiteNode
 from testbed.peersyncd import PeerSyncDaemon
@@ -157,8 +164,12 @@ class Cluster:
 
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
         daemon_config = node_config(node, self.site, extra_config, self.discovery, self.insecure)
-        daemon = node.start_peersync(config=daemon_config, python=self.daemon_python)
         full = self.mode == "full"
+        base = containerd_base()
+        if full and self.daemon_python is None:  # as an operator's config names containerd's socket
+            line = f'containerd_address = "{containerd_socket(base)}"'
+            daemon_config = with_setting(daemon_config, "snapshotter", line)
+        daemon = node.start_peersync(config=daemon_config, python=self.daemon_python)
         snapshotter = "peersync" if full else "overlayfs"
         hosts_dir = node.workdir / "hosts.d"
         hosts.install(REGISTRY, f"http://{MIRROR}", hosts_dir)
@@ -167,9 +178,9 @@ class Cluster:
         config = parse_extra_config(render(daemon.socket, content=True) if full else None)
         if self.client == "cri":
             config = merge_config(config, cri_config(snapshotter, hosts_dir, node.workdir))
-            ctrd = node.start_containerd(extra_config=config, cri=True, namespace=CRI_NAMESPACE)
+            ctrd = node.start_containerd(extra_config=config, cri=True, namespace=CRI_NAMESPACE, base=base)
         else:
-            ctrd = node.start_containerd(extra_config=config)
+            ctrd = node.start_containerd(extra_config=config, base=base)
         return ClusterNode(node, daemon, ctrd, hosts_dir, snapshotter, self.client)
 
     def pull_all(self, ref: str, stagger: float = 0.0) -> list[float]:

@@ -340,6 +340,27 @@ class Containerd:
                     self.ctr("containers", "rm", container, namespace=ns)
 
 
+def containerd_base() -> Path:
+    """A fresh dir for a private containerd's root, state and socket (short: /tmp/ctrd-XXXX)."""
+    return Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
+
+
+def containerd_socket(base: Path) -> Path:
+    """The socket of the containerd started in `base`."""
+    return base / "containerd.sock"
+
+
+def with_setting(config: str, table: str, line: str) -> str:
+    """TOML text `config` with `line` (key = value) in `[table]`: under its header if it has one,
+    else in a new table at the end."""
+    header = f"[{table}]\n"
+    if config.startswith(header) or f"\n{header}" in config:
+        at = 0 if config.startswith(header) else config.index(f"\n{header}") + 1
+        at += len(header)
+        return config[:at] + line + "\n" + config[at:]
+    return config + ("" if not config or config.endswith("\n") else "\n") + header + line + "\n"
+
+
 @contextlib.contextmanager
 def start_containerd(
     workdir: Path | None = None,
@@ -349,6 +370,7 @@ def start_containerd(
     ready_timeout: float = 30.0,
     prefix: Sequence[str] = (),
     cri: bool = False,
+    base: Path | None = None,
 ) -> Iterator[Containerd]:
     """Run a private containerd; on exit kill its tasks, stop it, its shims and unmount its dirs.
 
@@ -360,9 +382,10 @@ def start_containerd(
     containerd (nsenter without --fork does) so the PID we stop is containerd's. `ctr` helpers run
     under the same prefix: `ctr images pull` resolves and fetches from the ctr process itself.
     `cri` keeps the CRI plugin enabled (configure it with `cri.cri_config` in `extra_config`).
+    `base` is that dir made beforehand (`containerd_base`), for a daemon told the socket first.
     """
-    base = Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
-    root, state, address = base / "root", base / "state", base / "containerd.sock"
+    base = base or containerd_base()
+    root, state, address = base / "root", base / "state", containerd_socket(base)
     config = merge_config(base_config(root, state, address, log_level, cri), parse_extra_config(extra_config))
     config_path = base / "config.toml"
     config_path.write_text(toml_dumps(config))

@@ -15,9 +15,12 @@ from peersync import hosts
 from testbed.containerd import (
     DEFAULT_NAMESPACE,
     Containerd,
+    containerd_base,
+    containerd_socket,
     merge_config,
     parse_extra_config,
     start_containerd,
+    with_setting,
 )
 from testbed.cri import CRI_NAMESPACE, cri_config, cri_pull, cri_remove
 from testbed.images import BuiltImage, compare_manifests, snapshot_tree
@@ -65,14 +68,26 @@ class LoopbackNode:
 
 @contextlib.contextmanager
 def start_node(
-    workdir: Path, port: int, peers: Sequence[str], registry: str, cri: bool = False, extra: str = ""
+    workdir: Path,
+    port: int,
+    peers: Sequence[str],
+    registry: str,
+    cri: bool = False,
+    extra: str = "",
+    prepare: bool = True,
 ) -> Iterator[LoopbackNode]:
     """A node whose peer exchange listens on 127.0.0.1:`port`, pulling from the plain-HTTP
     `registry` (host:port) through its mirror, with `peers` (host:port or URLs: the scheme is the
     daemon's own) as the other nodes. With `cri` its containerd also serves CRI (snapshotter
-    peersync, layer labels on) in namespace k8s.io. `extra` is appended to the daemon's config."""
+    peersync, layer labels on) in namespace k8s.io. `extra` is appended to the daemon's config.
+    With `prepare` the daemon is told its containerd's socket (`[snapshotter] containerd_address`,
+    as an operator's config names /run/containerd/containerd.sock): it then commits the chains of
+    images `ctr images pull` fetches before ctr's unpack looks for them (`snapshotter.preparer`)."""
     config = loopback_config(plain_http=[registry], peers=[p.split("://", 1)[-1] for p in peers], extra=extra)
     config = config.replace('listen = "127.0.0.1:', f'listen = "127.0.0.1:{port}"\n#', 1)
+    base = containerd_base()
+    if prepare:
+        config = with_setting(config, "snapshotter", f'containerd_address = "{containerd_socket(base)}"')
     hosts_dir = workdir / "hosts.d"
     with start_peersync(workdir, config=config) as daemon:
         ctrd_config = parse_extra_config(daemon.containerd_config())
@@ -80,7 +95,7 @@ def start_node(
             ctrd_config = merge_config(ctrd_config, cri_config(SNAPSHOTTER, hosts_dir, workdir))
         namespace = CRI_NAMESPACE if cri else DEFAULT_NAMESPACE
         with start_containerd(
-            workdir / "containerd", extra_config=ctrd_config, namespace=namespace, cri=cri
+            workdir / "containerd", extra_config=ctrd_config, namespace=namespace, cri=cri, base=base
         ) as ctrd:
             hosts.install(registry, f"http://{daemon.mirror}", hosts_dir)
             toml = hosts_dir / registry / "hosts.toml"  # the test registry speaks plain HTTP

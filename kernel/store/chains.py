@@ -217,8 +217,22 @@ class ChainIndex:
             return []
         return self._layers(manifest, record["layers"], record["diff_ids"])
 
+    def images_with(self, layer: str) -> list[tuple[str, str, int]]:
+        """(manifest, config, seen_ns) of every noted manifest that lists blob `layer`, resolved
+        or not. A scan of the image records: a node holds tens of images, and this is asked once
+        per blob a client fetches."""
+        return [
+            (manifest, v["config"], int(v.get("seen_ns", 0)))
+            for manifest, v in self._records()
+            if any(entry[0] == layer for entry in v["layers"])
+        ]
+
     def pending(self) -> list[PendingImage]:
         """Noted manifests whose config is not resolved yet."""
+        return [PendingImage(manifest, v["config"]) for manifest, v in self._records() if "diff_ids" not in v]
+
+    def _records(self) -> list[tuple[str, dict[str, Any]]]:
+        """Every image record, by manifest digest."""
         out = []
         with self._meta.txn() as txn:
             cursor = txn.cursor(db=self._db)
@@ -227,9 +241,7 @@ class ChainIndex:
                     key = bytes(raw_key)
                     if not key.startswith(b"image/"):
                         break
-                    v = loads(bytes(raw))
-                    if "diff_ids" not in v:
-                        out.append(PendingImage(key[len(b"image/") :].decode(), v["config"]))
+                    out.append((key[len(b"image/") :].decode(), loads(bytes(raw))))
         return out
 
     def forget(self, manifest: str) -> None:

@@ -45,6 +45,11 @@ install -m 0644 packaging/containerd/peersync.toml packaging/containerd/peersync
   "$stage/usr/share/peersync/containerd/"
 install -m 0755 packaging/containerd/containerd-setup.py "$stage/usr/share/peersync/containerd-setup.py"
 "$stage/opt/peersync/bin/python" -m peersync.cli config-defaults > "$stage/etc/peersync/config.toml"
+# The packaged node runs beside the system containerd: name its socket, so `ctr images pull` finds
+# every layer the daemon unpacked committed (snapshotter/preparer.py).
+sed -i 's|^containerd_address = ""$|containerd_address = "/run/containerd/containerd.sock"|' \
+  "$stage/etc/peersync/config.toml"
+grep -q '^containerd_address = "/run/containerd/containerd.sock"$' "$stage/etc/peersync/config.toml"
 install -m 0644 README.md "$stage/usr/share/doc/peersync/README.md"
 
 cat > "$stage/DEBIAN/control" <<CONTROL

@@ -302,3 +302,26 @@ async def test_a_staged_layer_nobody_claims_is_dropped_and_its_blob_released(nod
     assert "held" not in node.content.chunks.owners.reasons(blob)
     assert node.content.chunks.exists(sha(image.blobs[0]))  # a snapshot uses this one
     assert os.listdir(node.root / "unpacking") == []
+
+
+async def test_the_preparers_questions_are_answered_from_the_index_and_the_store(node: Node) -> None:
+    """`snapshotter.preparer.Images`: the image a layer belongs to, its chains once the config
+    is read (learnt from the store on a miss), and whether an index lists a manifest."""
+    image = make_image(LAYERS[:2])
+    node.chains.note_manifest(sha(image.manifest), image.manifest)  # the mirror served it
+    await node.put(image.config)
+    found = node.layers.image_with(sha(image.blobs[1]))
+    assert found is not None and (found.manifest, found.config) == (sha(image.manifest), sha(image.config))
+    assert node.layers.image_with(sha(b"not a layer")) is None
+    chains = await node.layers.chains_of(sha(image.manifest))  # resolves the config it had not read
+    assert [(p.chain, p.parent) for p in chains] == [(image.chains[0], ""), (image.chains[1], image.chains[0])]
+    index = json.dumps(
+        {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+         "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                        "digest": sha(image.manifest), "size": len(image.manifest)}]}
+    ).encode()  # fmt: skip
+    await node.put(index)
+    assert await node.layers.lists_manifest(sha(index), sha(image.manifest))
+    assert not await node.layers.lists_manifest(sha(index), sha(image.config))
+    assert not await node.layers.lists_manifest(sha(image.config), sha(image.manifest))  # not an index
+    assert not await node.layers.lists_manifest(sha(b"nowhere"), sha(image.manifest))

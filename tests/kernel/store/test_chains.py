@@ -154,3 +154,19 @@ def test_the_most_recently_noted_manifest_is_known(meta: Meta) -> None:
     assert index.seen_ns(fake("never")) == 0
     index.forget(sha(first))
     assert [p.manifest for p in index.pending()] == [sha(second)]
+
+
+def test_images_with_a_layer_are_every_noted_manifest_listing_it_resolved_or_not(meta: Meta) -> None:
+    index = ChainIndex(meta)
+    shared = fake("shared base layer")
+    first, first_config = image(DIFFS[:2], [shared, fake("app one")])
+    second, second_config = image(DIFFS[:2], [shared, fake("app two")])
+    index.note_manifest(sha(first), first)
+    index.resolve(sha(first), first_config)
+    index.note_manifest(sha(second), second)  # its config not read yet
+    found = {(m, c) for m, c, _ in index.images_with(shared)}
+    assert found == {(sha(first), sha(first_config)), (sha(second), sha(second_config))}
+    assert [(m, c) for m, c, _ in index.images_with(fake("app two"))] == [(sha(second), sha(second_config))]
+    assert index.images_with(fake("no such layer")) == []
+    seen = {m: ns for m, _, ns in index.images_with(shared)}
+    assert seen[sha(second)] >= seen[sha(first)] > 0  # noted later
