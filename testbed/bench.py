@@ -43,6 +43,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .scratchfs import fresh_ext4
+
 REPO = Path(__file__).resolve().parents[1]
 ALL_SYSTEMS = ("baseline", "cache", "bittorrent", "peersync-full", "peersync-mirror")
 # PeerSync with [tls] insecure = true (plain HTTP between nodes): only when named, to measure
@@ -85,6 +87,7 @@ class BenchConfig:
     keep_logs: bool = False
     daemon_config: str = ""  # TOML appended to every PeerSync daemon's config (A/B of its knobs)
     compare_python: str = ""  # another installation's interpreter: its daemon runs each PeerSync system too
+    disk: str = "ext4"  # "ext4": every run on a fresh journaled ext4 (testbed.scratchfs); "host": /var/tmp
 
     def plan(self) -> list[tuple[str, str]]:
         """(system, scenario) pairs in run order: all bursts first. With `compare_python` every
@@ -177,6 +180,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--keep-logs", action="store_true", help="copy every run's logs to OUT/logs (default: failures)"
     )
+    p.add_argument(
+        "--disk",
+        choices=("ext4", "host"),
+        default="ext4",
+        help="ext4 (default): each run on a fresh ext4 with a journal, on a loop device, as an edge "
+        "node's disk is made; host: the machine's own /var/tmp (on this VM an ext4 without a journal, "
+        "whose inode allocation slows as earlier runs delete files: testbed/scratchfs.py)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -226,6 +237,7 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         keep_logs=args.keep_logs,
         daemon_config=args.daemon_config.replace("\\n", "\n"),
         compare_python=args.compare_python,
+        disk=args.disk,
     )
 
 
@@ -292,13 +304,16 @@ class Origin:
         storage = site.workdir / "registry" / "storage"
         if self.golden.exists():
             storage.parent.mkdir(parents=True, exist_ok=True)
-            subprocess.run(["cp", "-al", str(self.golden), str(storage)], check=True)
+            same_fs = storage.parent.stat().st_dev == self.golden.stat().st_dev
+            link = "-al" if same_fs else "-a"  # hard links, unless the run has a disk of its own
+            subprocess.run(["cp", link, str(self.golden), str(storage)], check=True)
             registry = site.start_registry()
             ref = registry.ref(REPO_NAME, self.image.tag)
         else:
             site.start_registry()
             ref = site.push_image(self.image, REPO_NAME)
-            subprocess.run(["cp", "-al", str(storage), str(self.golden)], check=True)
+            same_fs = storage.stat().st_dev == self.golden.parent.stat().st_dev
+            subprocess.run(["cp", "-al" if same_fs else "-a", str(storage), str(self.golden)], check=True)
         digest = site.call(site.registry_ns, site.registry.manifest_digest, REPO_NAME, self.image.tag)
         if digest != self.image.manifest.digest:
             raise RuntimeError(f"origin serves {digest}, expected {self.image.manifest.digest}")
@@ -372,17 +387,37 @@ def run_one(
     origin: Origin,
     work: Path,
 ) -> dict[str, Any]:
-    """One fresh site, one system, one scenario; always torn down. Never raises (errors are recorded)."""
+    """One fresh site, one system, one scenario, on a fresh filesystem (`cfg.disk`); always torn
+    down. Never raises (errors are recorded)."""
+    result: dict[str, Any] = {"system": system_name, "scenario": scenario, "ok": False, "disk": cfg.disk}
+    variant = system_name.partition("#")[2]
+    daemon_python = cfg.compare_python if variant == "base" else None
+    with contextlib.ExitStack() as disk:
+        if cfg.disk == "ext4":
+            work = disk.enter_context(fresh_ext4())
+        return _run_on(cfg, system_name, scenario, image, check_cmd, origin, work, result, daemon_python)
+
+
+def _run_on(
+    cfg: BenchConfig,
+    system_name: str,
+    scenario: str,
+    image: Any,
+    check_cmd: list[str],
+    origin: Origin,
+    work: Path,
+    result: dict[str, Any],
+    daemon_python: str | None,
+) -> dict[str, Any]:
     from .netns import Site
     from .scenarios import ScenarioOptions, run_scenario
     from .systems import make_system
 
-    result: dict[str, Any] = {"system": system_name, "scenario": scenario, "ok": False}
-    label, _, variant = system_name.partition("#")
+    label, _, _ = system_name.partition("#")
     base_name, _, client = label.partition("@")
-    daemon_python = cfg.compare_python if variant == "base" else None
     run_dir = work / f"{system_name.replace('@', '-').replace('#', '-')}-{scenario}"
-    site = Site(nodes=cfg.nodes, uplink_mbit=cfg.uplink_mbit, workdir=run_dir / "site")
+    scratch = work if cfg.disk == "ext4" else None
+    site = Site(nodes=cfg.nodes, uplink_mbit=cfg.uplink_mbit, workdir=run_dir / "site", scratch=scratch)
     started = time.monotonic()
     try:
         site.start()

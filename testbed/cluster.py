@@ -165,7 +165,7 @@ class Cluster:
     def _start(self, node: SiteNode, extra_config: str) -> ClusterNode:
         daemon_config = node_config(node, self.site, extra_config, self.discovery, self.insecure)
         full = self.mode == "full"
-        base = containerd_base()
+        base = containerd_base(self.site.scratch)
         if full and self.daemon_python is None:  # as an operator's config names containerd's socket
             line = f'containerd_address = "{containerd_socket(base)}"'
             daemon_config = with_setting(daemon_config, "snapshotter", line)

@@ -340,9 +340,9 @@ class Containerd:
                     self.ctr("containers", "rm", container, namespace=ns)
 
 
-def containerd_base() -> Path:
-    """A fresh dir for a private containerd's root, state and socket (short: /tmp/ctrd-XXXX)."""
-    return Path(tempfile.mkdtemp(prefix="ctrd-", dir="/tmp"))
+def containerd_base(parent: Path = Path("/tmp")) -> Path:
+    """A fresh dir for a private containerd's root, state and socket (short: <parent>/ctrd-XXXX)."""
+    return Path(tempfile.mkdtemp(prefix="ctrd-", dir=parent))
 
 
 def containerd_socket(base: Path) -> Path:

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .containerd import Containerd, start_containerd
+from .containerd import Containerd, containerd_base, start_containerd
 from .images import BuiltImage
 from .peersyncd import PeerSyncDaemon, start_peersync
 from .pki import SiteCA
@@ -370,6 +370,7 @@ class SiteNode:
         Stopped with the node (`stop_services()`) or the site.
         """
         logs = Path(tempfile.mkdtemp(prefix="containerd-", dir=self.workdir))
+        kwargs.setdefault("base", containerd_base(self.site.scratch))  # on the run's filesystem
         cm = start_containerd(logs, extra_config=extra_config, prefix=self.prefix, **kwargs)
         return self.stack.enter_context(cm)
 
@@ -416,8 +417,11 @@ class Site:
         prefix: str | None = None,
         workdir: Path | None = None,
         sample_interval: float = 0.1,
+        scratch: Path | None = None,
     ) -> None:
         """`burst_bytes` defaults to max(32 KiB, 5 ms at the rate); `latency_ms` bounds the tbf queue.
+        `scratch` is a short directory on the filesystem the run's containerds keep their roots
+        on (`testbed.scratchfs`; default /tmp).
 
         An explicit `prefix` (lowercase letters/digits) is cleaned up first if a crashed run left it;
         without one, a unique `pst<pid>x<n>` is used.
@@ -435,6 +439,7 @@ class Site:
         self.sample_interval = sample_interval
         self._own_workdir = workdir is None
         self.workdir = Path(workdir) if workdir is not None else Path(tempfile.mkdtemp(prefix="site-"))
+        self.scratch = scratch or Path("/tmp")
         self.nodes: list[SiteNode] = []
         self.registry: Registry | None = None
         self._stack = contextlib.ExitStack()
