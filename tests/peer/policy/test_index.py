@@ -351,6 +351,27 @@ def test_the_next_lease_lives_while_the_one_in_flight_progresses() -> None:
     assert not any(le.member == member(0) for le in idx.leases(D, 16.5))  # 6.5 s without progress
 
 
+def test_a_lease_lives_while_its_member_progresses_on_another_blob() -> None:
+    """A member downloading two layers at once: its run of the second blob waits behind the first
+    blob's run (they share its part of the uplink) and lands nothing for longer than the grace.
+    It is not re-granted to another member meanwhile (it would be fetched twice); once the member
+    stops progressing anywhere, it is free again."""
+    idx = index_with(2)
+    for blob in (D, E):
+        idx.apply(member(0), ann(digest=blob), 0.0)
+        idx.apply(member(1), ann(digest=blob), 0.0)
+    first = idx.grant(D, member(0), [], 32, 0.0)
+    waiting = idx.grant(E, member(0), [], 32, 0.0)
+    assert first is not None and waiting is not None
+    assert (first.first, first.last, waiting.first, waiting.last) == (0, 3, 0, 3)
+    for chunk in range(4):  # D's run lands a chunk every 2 s; nothing of E
+        idx.apply(member(0), ann((chunk, chunk)), 2.0 * (chunk + 1))
+    assert [(le.member, le.first, le.last) for le in idx.leases(E, 9.0)] == [(member(0), 0, 3)]
+    other = idx.grant(E, member(1), [], 32, 9.0)
+    assert other is not None and other.first > waiting.last  # not the waiting run
+    assert not any(le.member == member(0) for le in idx.leases(E, 14.5))  # 6.5 s without progress
+
+
 def test_a_lease_whose_run_is_held_ends_and_a_released_one_frees_what_was_not_fetched() -> None:
     idx = index_with(2)
     idx.apply(member(0), ann(), 0.0)
