@@ -26,6 +26,7 @@ docker-registry, skopeo); a 32-node run takes a few minutes, most of it starting
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -39,6 +40,7 @@ sys.path.insert(0, str(REPO))
 from testbed.cluster import Cluster  # noqa: E402
 from testbed.images import BuiltImage, build_sized_image  # noqa: E402
 from testbed.netns import Site, missing_tools  # noqa: E402
+from testbed.scratchfs import fresh_ext4  # noqa: E402
 
 CACHE = Path("/var/cache/peersync-testbed")
 
@@ -56,8 +58,24 @@ def image_bytes(image: BuiltImage) -> int:
 def run_one(n: int, image: BuiltImage, size: int, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """One fresh site of `n` nodes, every node pulling at once; always torn down."""
     extra = args.extra_config.read_text() if args.extra_config else ""
-    result: dict[str, Any] = {"nodes": n}
-    with Site(nodes=n, uplink_mbit=args.uplink_mbit, workdir=work / f"n{n}") as site:
+    result: dict[str, Any] = {"nodes": n, "disk": args.disk}
+    with contextlib.ExitStack() as disk:
+        if args.disk == "ext4":  # a fresh journaled ext4 per round, as the site bench (testbed/scratchfs.py)
+            work = disk.enter_context(fresh_ext4())
+        return _run_on(n, image, size, args, work, extra, result)
+
+
+def _run_on(
+    n: int,
+    image: BuiltImage,
+    size: int,
+    args: argparse.Namespace,
+    work: Path,
+    extra: str,
+    result: dict[str, Any],
+) -> dict[str, Any]:
+    scratch = work if args.disk == "ext4" else None
+    with Site(nodes=n, uplink_mbit=args.uplink_mbit, workdir=work / f"n{n}", scratch=scratch) as site:
         site.start_registry()
         ref = site.push_image(image, "scale/app")
         t = time.monotonic()
@@ -123,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settle", type=float, default=0.0, help="seconds between setup and the burst (0)")
     p.add_argument("--no-static-peers", action="store_true", help="configs name no other node")
     p.add_argument("--extra-config", type=Path, help="TOML appended to every node's config")
+    p.add_argument(
+        "--disk",
+        choices=("ext4", "host"),
+        default="ext4",
+        help="ext4 (default): each round on a fresh journaled ext4 (testbed/scratchfs.py); host: /var/tmp",
+    )
     p.add_argument("--out", type=Path, help="output directory (bench/results/scale-<timestamp>)")
     args = p.parse_args(argv)
     reason = missing_tools()
