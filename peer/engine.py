@@ -626,6 +626,8 @@ class Download:
                 log.info(
                     "blob complete", digest=self.digest, seconds=round(time.monotonic() - self.started, 2)
                 )
+                if self._tracked():  # announce the whole copy now, not at the idle pace (1 s):
+                    self.engine.coordination.sync_soon()  # a pull starting next asks the tracker
                 return
             except AlreadyExists:
                 return

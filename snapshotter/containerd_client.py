@@ -17,7 +17,9 @@ snapshot under the chain ID (metadata/snapshot.go, the remote-snapshot branch of
 
 The Prepares run under a lease of ours with an expiry (`containerd.io/gc.expire`), so containerd's
 GC keeps the new snapshots until the client's unpack labels the image config with the top chain
-(`containerd.io/gc.ref.snapshot.<snapshotter>`), and collects them if no client ever does.
+(`containerd.io/gc.ref.snapshot.<snapshotter>`); the preparer deletes the lease once it sees that
+label (`content_labels`), and containerd collects the snapshots with the lease if no client ever
+labels them.
 
 Calls use grpcio's blocking client in a worker thread: a handful per image, and it works under
 any event loop (uvloop included). Every call carries the namespace (`containerd-namespace`) and,
@@ -39,6 +41,8 @@ import structlog
 
 from kernel.errors import Unavailable
 from snapshotter.api import (
+    content_pb2,
+    content_pb2_grpc,
     images_pb2,
     images_pb2_grpc,
     leases_pb2,
@@ -53,6 +57,7 @@ log = structlog.get_logger(__name__)
 
 REF_LABEL = "containerd.io/snapshot.ref"
 EXPIRE_LABEL = "containerd.io/gc.expire"
+SNAPSHOT_REF_LABEL = "containerd.io/gc.ref.snapshot.{name}"  # on an image config: its unpacked top chain
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 LEASE_PREFIX = "peersync-prepare-"
@@ -126,6 +131,21 @@ class ContainerdClient:
                 )
         return out
 
+    async def delete_lease(self, namespace: str, lease: str) -> None:
+        """Delete our lease (what it kept is GC's again unless something else references it)."""
+        await self._call(self._leases().Delete, leases_pb2.DeleteRequest(id=lease), namespace)
+
+    async def content_labels(self, namespace: str, digest: str) -> dict[str, str]:
+        """The labels containerd's metadata holds for blob `digest` in `namespace` ({} if none)."""
+        try:
+            answer = await self._call(self._content().Info, content_pb2.InfoRequest(digest=digest), namespace)
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                return {}
+            raise
+        assert isinstance(answer, content_pb2.InfoResponse)
+        return dict(answer.info.labels)
+
     async def exists(self, namespace: str, name: str) -> bool:
         """Whether containerd's metadata has snapshot `name` (a chain ID) in `namespace`."""
         request = snapshots_pb2.StatSnapshotRequest(snapshotter=self.name, key=name)
@@ -173,6 +193,9 @@ class ContainerdClient:
     def _leases(self) -> leases_pb2_grpc.LeasesStub:
         return leases_pb2_grpc.LeasesStub(self._connect())
 
+    def _content(self) -> content_pb2_grpc.ContentStub:
+        return content_pb2_grpc.ContentStub(self._connect())
+
     def _images(self) -> images_pb2_grpc.ImagesStub:
         return images_pb2_grpc.ImagesStub(self._connect())
 
@@ -197,4 +220,7 @@ class ContainerdClient:
             raise
 
 
-__all__ = ["ContainerdClient", "INDEX_TYPES", "ImageRecord", "LEASE_PREFIX", "NAMESPACE_HEADER", "UNPACK_KEY"]
+__all__ = [
+    "ContainerdClient", "INDEX_TYPES", "ImageRecord", "LEASE_PREFIX", "NAMESPACE_HEADER",
+    "SNAPSHOT_REF_LABEL", "UNPACK_KEY",
+]  # fmt: skip

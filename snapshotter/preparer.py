@@ -23,10 +23,13 @@ What we do instead, in three steps, each tied to a message containerd sends us a
    containerd which namespace has an image of that manifest (its target, or an index listing
    it; the client created it when its fetch ended, a moment ago), and then call containerd's
    snapshots API there ourselves, bottom layer first, exactly as containerd's Go unpacker does
-   (`snapshotter.containerd_client`). containerd forwards each Prepare to our snapshotter with the
-   chain ID label, and the handshake runs as for CRI: the first one plans the image's other
-   layers and unpacks them ahead, several at once, while their chunks arrive; each Prepare
-   commits its chain and answers AlreadyExists, and containerd records the chain.
+   (`snapshotter.containerd_client`), under a lease of ours that is deleted again once the
+   client's unpack has labelled the image config with the top chain (we look at the config's
+   labels through containerd's content API: its metadata keeps labels to itself). containerd
+   forwards each Prepare to our snapshotter with the chain ID label, and the handshake runs as
+   for CRI: the first one plans the image's other layers and unpacks them ahead, several at
+   once, while their chunks arrive; each Prepare commits its chain and answers AlreadyExists,
+   and containerd records the chain.
 
 Nothing here can commit a wrong layer: every chain is still provided by the handshake, which
 checks the chain against the image's manifest and config and the unpacked stream against the diff
@@ -54,12 +57,13 @@ import structlog
 
 from kernel.errors import PeerSyncError
 from kernel.logging import in_transfer
-from snapshotter.containerd_client import INDEX_TYPES, ContainerdClient
+from snapshotter.containerd_client import INDEX_TYPES, SNAPSHOT_REF_LABEL, ContainerdClient
 from snapshotter.remote import Planned
 
 log = structlog.get_logger(__name__)
 
-LEASE_TTL = 3600.0  # seconds our lease keeps prepared chains from containerd's GC
+LEASE_TTL = 3600.0  # seconds our lease keeps prepared chains from containerd's GC, at most
+LABEL_POLL = 0.2  # seconds between looks at the config's labels, until the client's unpack set them
 
 
 @dataclass(frozen=True)
@@ -108,6 +112,7 @@ class ChainPreparer:
         self.wait = wait
         self.lease_ttl = lease_ttl
         self._runs: dict[str, _Run] = {}
+        self._releasing: set[asyncio.Task[None]] = set()
         self.prepared = 0  # chains committed through containerd (the metrics' and tests' count)
 
     def noticed(self, digest: str) -> None:
@@ -135,6 +140,7 @@ class ChainPreparer:
 
     async def close(self) -> None:
         tasks = [r.task for r in self._runs.values() if r.task is not None and not r.task.done()]
+        tasks += list(self._releasing)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -154,7 +160,7 @@ class ChainPreparer:
                 log.info("no containerd image of this manifest yet; nothing prepared", manifest=manifest)
                 return
             log.info("holding a client's unpack until the image's chains are committed", namespace=namespace)
-            committed = await self._prepare(namespace, manifest)
+            committed = await self._prepare(namespace, run.image)
             log.info(
                 "committed an image's chains for a client that unpacks itself",
                 namespace=namespace,
@@ -181,23 +187,50 @@ class ChainPreparer:
             return None
         return max(records, key=lambda r: r.updated_ns).namespace
 
-    async def _prepare(self, namespace: str, manifest: str) -> int:
+    async def _prepare(self, namespace: str, image: ImageOf) -> int:
         """Prepare the image's chains bottom first; returns how many were committed here. Stops
         at the first chain containerd's metadata has no committed snapshot for afterwards."""
-        chains = await self.images.chains_of(manifest)
+        chains = await self.images.chains_of(image.manifest)
         if not chains:
             return 0
         lease = await self.client.create_lease(namespace, self.lease_ttl)
         committed = 0
-        for step in chains:
-            if await self.client.exists(namespace, step.chain):
-                continue
-            if not await self.client.prepare_chain(namespace, lease, step.chain, step.parent):
-                log.info("a chain was not provided; the client applies it and those above", chain=step.chain)
-                break
-            committed += 1
-            self.prepared += 1
+        try:
+            for step in chains:
+                if await self.client.exists(namespace, step.chain):
+                    continue
+                if not await self.client.prepare_chain(namespace, lease, step.chain, step.parent):
+                    log.info(
+                        "a chain was not provided; the client applies it and those above", chain=step.chain
+                    )
+                    break
+                committed += 1
+                self.prepared += 1
+        finally:
+            task = asyncio.create_task(self._release(namespace, image.config, lease, committed > 0))
+            self._releasing.add(task)
+            task.add_done_callback(self._releasing.discard)
         return committed
+
+    async def _release(self, namespace: str, config: str, lease: str, wait_for_client: bool) -> None:
+        """Delete our lease once the client's unpack has labelled the image config with its top
+        chain (then that label keeps the chains from GC, and they go with the image), or at once
+        when nothing was prepared under it; if the label never comes within `wait`, the lease
+        expires by itself (`lease_ttl`)."""
+        label = SNAPSHOT_REF_LABEL.format(name=self.client.name)
+        deadline = time.monotonic() + self.wait
+        try:
+            while wait_for_client:
+                if label in await self.client.content_labels(namespace, config):
+                    break
+                if time.monotonic() >= deadline:
+                    log.info("the client never labelled the image; our lease expires by itself", lease=lease)
+                    return
+                await asyncio.sleep(LABEL_POLL)
+            await self.client.delete_lease(namespace, lease)
+        except (PeerSyncError, grpc.RpcError, OSError) as exc:
+            detail = exc.details() if isinstance(exc, grpc.RpcError) else str(exc)
+            log.info("our lease could not be deleted; it expires by itself", lease=lease, error=detail)
 
 
 __all__ = ["ChainPreparer", "ImageOf", "Images", "LEASE_TTL"]

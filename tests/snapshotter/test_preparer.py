@@ -47,6 +47,7 @@ class Containerd(ContainerdClient):
         self.hang = hang
         self.calls: list[tuple[str, ...]] = []
         self.committed: set[str] = set()
+        self.labels: dict[str, str] = {}  # the config's, as the client's unpack leaves them
 
     async def images(self, target: str = "", media_types: tuple[str, ...] = ()) -> list[ImageRecord]:
         self.calls.append(("images", target, ",".join(media_types)))
@@ -58,6 +59,12 @@ class Containerd(ContainerdClient):
 
     async def exists(self, namespace: str, name: str) -> bool:
         return name in self.committed
+
+    async def content_labels(self, namespace: str, digest: str) -> dict[str, str]:
+        return dict(self.labels) if digest == CONFIG else {}
+
+    async def delete_lease(self, namespace: str, lease: str) -> None:
+        self.calls.append(("delete lease", namespace, lease))
 
     async def prepare_chain(self, namespace: str, lease: str, chain: str, parent: str) -> bool:
         if self.hang:
@@ -174,3 +181,34 @@ async def test_blobs_that_are_no_layer_of_a_known_image_gate_nothing(digest: str
     preparer = ChainPreparer(Containerd([]), Images())
     preparer.noticed(digest)
     assert not preparer.gated(CONFIG) and not preparer.gated(digest)
+
+
+async def test_our_lease_goes_once_the_client_labels_the_config_with_its_top_chain() -> None:
+    """Until then it keeps the new chains from containerd's GC; after, the image's label does,
+    and they go with the image (a lease left an hour would keep them after `ctr images rm`)."""
+    client = Containerd([image("default")])
+    preparer = ChainPreparer(client, Images())
+    preparer.noticed(LAYERS[0])
+    await preparer.settled(CONFIG)
+    await asyncio.sleep(0.5)
+    assert ("delete lease", "default", "lease-1") not in client.calls  # the client has not labelled it
+    client.labels = {"containerd.io/gc.ref.snapshot.peersync": CHAINS[-1].chain}
+    for _ in range(50):
+        if ("delete lease", "default", "lease-1") in client.calls:
+            break
+        await asyncio.sleep(0.1)
+    assert ("delete lease", "default", "lease-1") in client.calls
+    await preparer.close()
+
+
+async def test_a_lease_nothing_was_prepared_under_is_deleted_at_once() -> None:
+    client = Containerd([image("default")], provide=set())
+    preparer = ChainPreparer(client, Images())
+    preparer.noticed(LAYERS[0])
+    await preparer.settled(CONFIG)
+    for _ in range(20):
+        if ("delete lease", "default", "lease-1") in client.calls:
+            break
+        await asyncio.sleep(0.05)
+    assert ("delete lease", "default", "lease-1") in client.calls
+    await preparer.close()
