@@ -17,6 +17,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from snapshotter.containerd_client import LEASE_PREFIX
 from testbed.cri import CRI_NAMESPACE
 from testbed.images import BuiltImage, build_sized_image, push_image
 from testbed.loopback import LoopbackNode, start_node
@@ -133,6 +134,10 @@ def test_ctr_pull_of_the_same_image_adopts_held_layers(
         test_image_ref,
         namespace="default",
     )
+    # the daemon's lease on chains it prepared for ctr goes once ctr labelled the image
+    deadline = time.monotonic() + 15
+    while LEASE_PREFIX in ctrd.ctr("leases", "ls", namespace="default") and time.monotonic() < deadline:
+        time.sleep(0.1)
     node.cri_remove(test_image_ref)
     assert layer_digests(test_image) <= node.daemon.blob_files()
     out = ctrd.ctr("run", "--rm", "--snapshotter", "peersync", test_image_ref, "t-adopt", namespace="default")
