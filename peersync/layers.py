@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 from collections.abc import Mapping, Sequence
 
 import structlog
 
 from kernel.errors import PeerSyncError
-from kernel.store.chains import MAX_DOCUMENT, ChainIndex, ChainLayer
+from kernel.store.chains import MAX_DOCUMENT, ChainIndex, ChainLayer, parse_index
 from kernel.store.ownership import Ownership
 from peer.engine import Engine
 from peersync.prefetch import Prefetcher
@@ -142,13 +141,10 @@ class DaemonLayers:
         """Whether image index `index` lists `manifest` (read through the engine; False if it
         cannot be read or is not an index)."""
         try:
-            body = json.loads(await self._document(index))
+            listed = parse_index(await self._document(index))
         except (PeerSyncError, ValueError):
             return False
-        entries = body.get("manifests") if isinstance(body, dict) else None
-        return isinstance(entries, list) and any(
-            isinstance(e, dict) and e.get("digest") == manifest for e in entries
-        )
+        return listed is not None and manifest in listed
 
     def prefetch(self, digests: Sequence[str]) -> None:
         """Queue the layers in order on the node's prefetcher (`peersync.prefetch`): a few of them

@@ -52,28 +52,23 @@ from snapshotter.api import (
     snapshots_pb2,
     snapshots_pb2_grpc,
 )
+from snapshotter.remote import REF_LABEL
 
 log = structlog.get_logger(__name__)
 
-REF_LABEL = "containerd.io/snapshot.ref"
 EXPIRE_LABEL = "containerd.io/gc.expire"
 SNAPSHOT_REF_LABEL = "containerd.io/gc.ref.snapshot.{name}"  # on an image config: its unpacked top chain
 NAMESPACE_HEADER = "containerd-namespace"
 LEASE_HEADER = "containerd-lease"
 LEASE_PREFIX = "peersync-prepare-"
 UNPACK_KEY = "extract-{unique} {chain}"  # containerd's snapshots.UnpackKeyFormat
-INDEX_TYPES = (
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-)
 
 
 @dataclass(frozen=True)
 class ImageRecord:
-    """An image in containerd's metadata: its namespace, name, target and when it last changed."""
+    """An image in containerd's metadata: its namespace, target and when it last changed."""
 
     namespace: str
-    name: str
     target: str
     media_type: str
     updated_ns: int
@@ -126,9 +121,7 @@ class ContainerdClient:
             assert isinstance(answer, images_pb2.ListImagesResponse)
             for image in answer.images:
                 updated = image.updated_at.seconds * 1_000_000_000 + image.updated_at.nanos
-                out.append(
-                    ImageRecord(ns.name, image.name, image.target.digest, image.target.media_type, updated)
-                )
+                out.append(ImageRecord(ns.name, image.target.digest, image.target.media_type, updated))
         return out
 
     async def delete_lease(self, namespace: str, lease: str) -> None:
@@ -221,6 +214,6 @@ class ContainerdClient:
 
 
 __all__ = [
-    "ContainerdClient", "INDEX_TYPES", "ImageRecord", "LEASE_PREFIX", "NAMESPACE_HEADER",
+    "ContainerdClient", "ImageRecord", "LEASE_PREFIX", "NAMESPACE_HEADER",
     "SNAPSHOT_REF_LABEL", "UNPACK_KEY",
 ]  # fmt: skip

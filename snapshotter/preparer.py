@@ -57,7 +57,8 @@ import structlog
 
 from kernel.errors import PeerSyncError
 from kernel.logging import in_transfer
-from snapshotter.containerd_client import INDEX_TYPES, SNAPSHOT_REF_LABEL, ContainerdClient
+from kernel.store.chains import INDEX_TYPES
+from snapshotter.containerd_client import SNAPSHOT_REF_LABEL, ContainerdClient
 from snapshotter.remote import Planned
 
 log = structlog.get_logger(__name__)

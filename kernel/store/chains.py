@@ -40,6 +40,10 @@ MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.docker.distribution.manifest.v2+json",
 )
+INDEX_TYPES = (
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+)
 MAX_DOCUMENT = 4 << 20  # manifests and configs are small: refuse to parse anything bigger
 
 
@@ -112,6 +116,21 @@ def parse_manifest(body: bytes) -> tuple[str, list[tuple[str, str, int]]] | None
             return None
         out.append((d["digest"], layer_type, size))
     return config, out
+
+
+def parse_index(body: bytes) -> list[str] | None:
+    """The manifest digests an image index lists; None for anything else (a manifest, malformed
+    JSON or entries)."""
+    if len(body) > MAX_DOCUMENT:
+        return None
+    try:
+        doc = json.loads(body)
+    except ValueError:
+        return None
+    entries = doc.get("manifests") if isinstance(doc, dict) else None
+    if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+        return None
+    return [e["digest"] for e in entries if _is_digest(e.get("digest"))]
 
 
 def parse_diff_ids(body: bytes) -> list[str] | None:
@@ -267,4 +286,7 @@ class ChainIndex:
         ]
 
 
-__all__ = ["ChainIndex", "ChainLayer", "MANIFEST_TYPES", "PendingImage", "chain_ids", "parse_manifest"]
+__all__ = [
+    "ChainIndex", "ChainLayer", "INDEX_TYPES", "MANIFEST_TYPES", "PendingImage", "chain_ids", "parse_index",
+    "parse_manifest",
+]  # fmt: skip

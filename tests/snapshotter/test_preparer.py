@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kernel.errors import Unavailable
-from snapshotter.containerd_client import INDEX_TYPES, ContainerdClient, ImageRecord
+from kernel.store.chains import INDEX_TYPES
+from snapshotter.containerd_client import ContainerdClient, ImageRecord
 from snapshotter.preparer import ChainPreparer, ImageOf
 from snapshotter.remote import Planned
 
@@ -82,7 +83,7 @@ OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 def image(
     namespace: str, target: str = MANIFEST, media_type: str = OCI_MANIFEST, updated: int = 1
 ) -> ImageRecord:  # noqa: E501
-    return ImageRecord(namespace, "registry/app:1", target, media_type, updated)
+    return ImageRecord(namespace, target, media_type, updated)
 
 
 def prepares(client: Containerd) -> list[tuple[str, ...]]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from kernel.store.chains import ChainIndex, PendingImage, chain_ids, parse_manifest
+from kernel.store.chains import ChainIndex, PendingImage, chain_ids, parse_index, parse_manifest
 from kernel.store.meta import Meta
 
 GZIP = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -170,3 +170,13 @@ def test_images_with_a_layer_are_every_noted_manifest_listing_it_resolved_or_not
     assert index.images_with(fake("no such layer")) == []
     seen = {m: ns for m, _, ns in index.images_with(shared)}
     assert seen[sha(second)] >= seen[sha(first)] > 0  # noted later
+
+
+def test_an_index_lists_its_manifests_and_nothing_else_parses_as_one() -> None:
+    a, b = fake("manifest a"), fake("manifest b")
+    index = {"schemaVersion": 2, "manifests": [{"digest": a, "size": 1}, {"digest": b, "size": 2}]}
+    assert parse_index(json.dumps(index).encode()) == [a, b]
+    manifest, _ = image(DIFFS)
+    assert parse_index(manifest) is None
+    assert parse_index(b"not json") is None
+    assert parse_index(json.dumps({"manifests": ["x"]}).encode()) is None
