@@ -304,20 +304,24 @@ class Origin:
         storage = site.workdir / "registry" / "storage"
         if self.golden.exists():
             storage.parent.mkdir(parents=True, exist_ok=True)
-            same_fs = storage.parent.stat().st_dev == self.golden.stat().st_dev
-            link = "-al" if same_fs else "-a"  # hard links, unless the run has a disk of its own
-            subprocess.run(["cp", link, str(self.golden), str(storage)], check=True)
+            _copy_tree(self.golden, storage)
             registry = site.start_registry()
             ref = registry.ref(REPO_NAME, self.image.tag)
         else:
             site.start_registry()
             ref = site.push_image(self.image, REPO_NAME)
-            same_fs = storage.stat().st_dev == self.golden.parent.stat().st_dev
-            subprocess.run(["cp", "-al" if same_fs else "-a", str(storage), str(self.golden)], check=True)
+            _copy_tree(storage, self.golden)
         digest = site.call(site.registry_ns, site.registry.manifest_digest, REPO_NAME, self.image.tag)
         if digest != self.image.manifest.digest:
             raise RuntimeError(f"origin serves {digest}, expected {self.image.manifest.digest}")
         return str(ref)
+
+
+def _copy_tree(source: Path, target: Path) -> None:
+    """`cp -a` of `source` to `target`, as hard links when both are on one filesystem (a run on a
+    disk of its own, `--disk ext4`, gets a real copy)."""
+    same_fs = source.stat().st_dev == target.parent.stat().st_dev
+    subprocess.run(["cp", "-al" if same_fs else "-a", str(source), str(target)], check=True)
 
 
 # ---------------------------------------------------------------------------------------------------
