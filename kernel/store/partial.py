@@ -276,13 +276,18 @@ class Partials:
         """Store chunk `index`; True if the blob now has every chunk (call `complete`)."""
         return self.put_chunks(digest, [(index, data)])
 
-    def put_chunks(self, digest: str, chunks: Iterable[tuple[int, bytes]]) -> bool:
+    def put_chunks(
+        self, digest: str, chunks: Iterable[tuple[int, bytes]], claims: Mapping[int, bytes] | None = None
+    ) -> bool:
         """Store a batch of chunks with one fdatasync and one LMDB transaction.
 
         All or nothing: a chunk of the wrong length (InvalidArgument) or failing its hash
-        (ChunkCorrupt) rejects the whole batch before anything is written. Chunks already present
-        are skipped. A blob that is complete already (promoted, or committed by an ingest)
-        answers True; an abandoned or unknown one is NotFound."""
+        (ChunkCorrupt) rejects the whole batch before anything is written. `claims` are hashes
+        the caller was told the chunks have (a peer's `X-Chunk-Sha256`), checked in the same pass
+        as the table: the SHA-256 of a chunk is computed once here, so a caller holding a sender
+        to its claim need not hash the bytes first. Chunks already present are skipped. A blob that
+        is complete already (promoted, or committed by an ingest) answers True; an abandoned or
+        unknown one is NotFound."""
         items = list(chunks)
         try:
             st = self._state(digest)
@@ -295,7 +300,11 @@ class Partials:
             _, length = st.rec.chunk_range(index)
             if len(data) != length:
                 raise InvalidArgument(f"chunk {index} of {digest} has {len(data)} bytes, want {length}")
-            hashed.append((index, data, hashlib.sha256(data).digest()))  # outside the lock
+            sha = hashlib.sha256(data).digest()  # outside the lock
+            if claims is not None and index in claims and claims[index] != sha:
+                why = f"chunk {index} of {digest} does not match the hash its sender announced"
+                raise ChunkCorrupt(why, index)
+            hashed.append((index, data, sha))
         with st.lock:
             if st.retired is not None:
                 return self._after_retired(st)
@@ -338,9 +347,11 @@ class Partials:
         st.seen.update(seen)
         return False
 
-    async def aput_chunks(self, digest: str, chunks: Iterable[tuple[int, bytes]]) -> bool:
+    async def aput_chunks(
+        self, digest: str, chunks: Iterable[tuple[int, bytes]], claims: Mapping[int, bytes] | None = None
+    ) -> bool:
         """`put_chunks` in a worker thread (for callers on the event loop)."""
-        return await asyncio.to_thread(self.put_chunks, digest, list(chunks))
+        return await asyncio.to_thread(self.put_chunks, digest, list(chunks), claims)
 
     # -- looking -----------------------------------------------------------------------------
 

@@ -245,6 +245,23 @@ def test_corrupt_chunk_rejected_against_table(store: ChunkStore, blob: bytes) ->
     assert store.partials.missing(digest) == [2, 3, 4, 5]
 
 
+def test_a_chunk_is_held_to_the_hash_its_sender_claimed(store: ChunkStore, blob: bytes) -> None:
+    """`claims` (the sender's X-Chunk-Sha256) are checked in the store's own hashing pass: a chunk
+    that does not match its claim is refused with its batch, one that does is stored."""
+    digest = sha(blob)
+    store.partials.claim(digest, len(blob))  # no table: the claim is all the chunk is held to
+    good = pieces(blob)
+    lie = hashlib.sha256(b"something else").digest()
+    with pytest.raises(ChunkCorrupt) as exc:
+        store.partials.put_chunks(digest, [(0, good[0]), (1, good[1])], claims={1: lie})
+    assert exc.value.index == 1 and "sender" in str(exc.value)
+    assert store.partials.missing(digest) == list(range(6))
+    assert store.partials.path(digest).stat().st_blocks == 0  # nothing written
+    honest = {0: hashlib.sha256(good[0]).digest(), 1: hashlib.sha256(good[1]).digest()}
+    assert not store.partials.put_chunks(digest, [(0, good[0]), (1, good[1])], claims=honest)
+    assert store.partials.missing(digest) == [2, 3, 4, 5]
+
+
 def test_without_table_a_conflicting_copy_is_refused(store: ChunkStore, blob: bytes) -> None:
     digest = sha(blob)
     store.partials.claim(digest, len(blob))
