@@ -230,9 +230,11 @@ class Engine:
             "corrupt_chunks": 0,
             "hedges": 0,
             # why origin chunks were ours to fetch: nobody else was filling the blob (solo), or
-            # we inherited the stripe of an owner that stalled (heir); the rest were our stripes
+            # we inherited the stripe of an owner that stalled (heir); the rest were our stripes;
+            # striped: every chunk fetched by striping, i.e. without a tracker's lease
             "origin_solo_chunks": 0,
             "origin_heir_chunks": 0,
+            "origin_striped_chunks": 0,
             # origin chunks fetched under a tracker's lease, and without one because the download
             # was stuck (`lease_stuck`) with chunks no usable peer holds
             "origin_lease_chunks": 0,
@@ -1022,26 +1024,27 @@ class Download:
         seconds = now - f.started
         queue = shared()
         # With a verified table the store checks the chunk against it; otherwise the serving peer's
-        # own hash of the chunk is what we hold it to.
-        if not self.table_verified and (claim is None or claim != await asyncio.to_thread(_sha256, data)):
-            self._corrupt(
-                f,
-                length,
-                seconds,
-                queue,
-                f"chunk {index} of {self.digest} does not match the hash it announced",
-            )
+        # own hash of the chunk is what we hold it to. The store hashes the chunk anyway, so it
+        # checks the claim in the same pass (`claims`): one SHA-256 of the bytes, not two.
+        announced = f"chunk {index} of {self.digest} does not match the hash it announced"
+        claims: dict[int, bytes] | None = None
+        if not self.table_verified:
+            if claim is None:
+                self._corrupt(f, length, seconds, queue, announced)
+                return
+            claims = {index: claim}
+        missing = index in self._missing_set()
+        if not missing and claims and claim != await asyncio.to_thread(_sha256, data):
+            self._corrupt(f, length, seconds, queue, announced)  # not stored, but still a lie
             return
         st.observe(length, seconds, latency=reply.headers_at - f.started, queue=queue, now=now)
-        if index not in self._missing_set():
+        if not missing:
             self._record(f, seconds, "ok")
             return
         try:
-            await engine.store.partials.aput_chunks(self.digest, [(index, data)])
-        except ChunkCorrupt:
-            self._corrupt(
-                f, length, seconds, queue, f"chunk {index} of {self.digest} does not match the verified table"
-            )
+            await engine.store.partials.aput_chunks(self.digest, [(index, data)], claims=claims)
+        except ChunkCorrupt as exc:
+            self._corrupt(f, length, seconds, queue, str(exc))
             return
         except (NotFound, AlreadyExists):
             self._record(f, seconds, "ok")
@@ -1086,6 +1089,7 @@ class Download:
         self.origin_chunks = set(run.chunks)
         self.engine.counters["origin_solo_chunks"] += run.solo_chunks
         self.engine.counters["origin_heir_chunks"] += run.heir_chunks
+        self.engine.counters["origin_striped_chunks"] += len(run.chunks)
         now = time.monotonic()
         log.debug(
             "origin fetch",
