@@ -196,6 +196,7 @@ class _Round:
     told: dict[str, _Told | None] = field(default_factory=dict)  # None: dropped
     done: list[dict[str, Any]] = field(default_factory=list)
     rescanned: bool = False
+    sent: float = 0.0  # when `outgoing` built it (the member's clock)
 
 
 class IndexMember:
@@ -227,16 +228,35 @@ class IndexMember:
         self._dirty: set[str] = set()
         self._last_answer: float | None = None
         self._failures = 0  # failed syncs in a row
+        self._tracked = False  # what `tracking` said last (its change to False is logged)
         self._next_rescan = 0.0
         engine.coordination = self
 
     # -- Coordination (for the engine) -----------------------------------------------------------
 
     def tracking(self) -> bool:
-        """A tracker answered our last sync, recently."""
+        """A tracker answered our last sync recently, or the sync it has not answered yet went out
+        recently: slow is not gone.
+
+        A sync that fails (its timeout, a refusal) counts, and two in a row end the tracking; so
+        does `stale_after` with no answer and no sync on its way (a control loop that stopped). A
+        tracker busy for a while on a crowded host answers late, and a member that gave up on it
+        after `stale_after` from the last answer, with its next sync still in flight, went back
+        to striping the origin itself while the tracker's leases were still out, and a run it
+        fetched could be one the tracker had leased to someone else: fetched twice."""
         if self._last_answer is None or self._failures >= 2:
-            return False
-        return self.clock() - self._last_answer < self.stale_after
+            tracked = False
+        else:
+            now, rnd = self.clock(), self._round
+            tracked = now - self._last_answer < self.stale_after or (
+                rnd is not None and now - rnd.sent < self.stale_after
+            )
+        if self._tracked and not tracked:
+            since = None if self._last_answer is None else round(self.clock() - self._last_answer, 2)
+            log.info("no tracker answers: origin fetches striped without it", failures=self._failures,
+                     since_answer=since)
+        self._tracked = tracked
+        return tracked
 
     def sync_soon(self) -> None:
         """Pass the engine's request for an early sync on to the control plane."""
@@ -261,7 +281,7 @@ class IndexMember:
         engine, store = self.engine, self.engine.store
         self.engine.counters["control_requests"] += 1
         now = self.clock()
-        rnd = _Round()
+        rnd = _Round(sent=now)
         if full:
             self._told.clear()
             for dl in engine.downloads.values():

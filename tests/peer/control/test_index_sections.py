@@ -180,6 +180,24 @@ async def test_tracking_follows_the_answers(members: list[Member], clock: Clock)
     assert not s.tracking()
 
 
+async def test_a_slow_tracker_is_not_a_gone_one(members: list[Member], clock: Clock) -> None:
+    """Past `stale_after` from the last answer, a sync still on its way (not failed, sent a moment
+    ago) keeps the member tracked: on a crowded host the tracker answers late, and striping the
+    origin meanwhile fetches runs the tracker leased to others. Only that sync waiting
+    `stale_after` itself, or two failures, end the tracking."""
+    s = members[0].section
+    s.outgoing(full=True)
+    s.incoming({})
+    clock.now += s.stale_after - 0.1
+    s.outgoing(full=False)  # sent just before the answer went stale
+    clock.now += 0.2
+    assert s.tracking()  # stale since the last answer, but the sync in flight is 0.2 s old
+    clock.now += s.stale_after
+    assert not s.tracking()  # that sync itself has waited `stale_after`
+    s.incoming({})  # it came back after all
+    assert s.tracking()
+
+
 async def test_the_tracker_answers_with_holders_that_become_the_engines_views(
     members: list[Member], clock: Clock
 ) -> None:
