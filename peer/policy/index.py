@@ -12,7 +12,8 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
 
 - `apply(member, Announcement, now)`: a delta from one member (chunk ranges that arrived, the blob
   started, completed or dropped, the runs it is fetching from the origin).
-- `drop_member(member)`: the member left the site; its holdings and leases vanish at once.
+- `drop_member(member)`: the member left the site (or fell silent); its holdings and candidacy
+  vanish at once, its leases live on their own clock (below) until they expire or it comes back.
 - `candidates(digest, asker, now, rng)`: a bounded set of holders (`candidates`, 16) for a member
   filling the blob. Complete holders and the partial holders with the most chunks, the asker's
   subnet first, a random spread among equals (so that one seed is not everyone's first choice),
@@ -60,7 +61,14 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
   CRI pull downloads an image's layers at once) must not expire, be re-granted and be fetched
   twice (1.12x the image on the uplink in 2 of 6 8-node Debian bursts before this). A member
   stuck on one run while others progress keeps it until those are done; the members waiting for
-  its chunks fetch them themselves after the engine's rescue delay. A member holds at most `leases_per_member`
+  its chunks fetch them themselves after the engine's rescue delay. A dropped member's leases are
+  not freed with it: the tracker drops a member after `member_timeout` (3 s) without a sync, and on
+  a crowded host a member that is alive and fetching its run can be that late (a 32-node burst on
+  2 cores: the run re-granted at once was fetched twice, 1.11x the image on the uplink). So its
+  leases expire by `lease_grace` from their last progress as any other, which for a member that
+  really died costs at most that much before its run is re-granted; when it comes back, its first
+  announcement of the blob replaces them by the runs it says it is fetching (`_adopt`).
+  A member holds at most `leases_per_member`
   (2: the batch in flight and the next one) live leases per blob.
 - `release(digest, member, first, last)`: the member finished (or gave up) a run.
 - `replicas(digest)`: members holding a complete copy; `complete_holders(digest, excluding)`: the
@@ -307,14 +315,15 @@ class Index:
         return set(rec.blobs) if rec else set()
 
     def drop_member(self, member: str) -> None:
-        """`member` left the site: its holdings and its leases vanish."""
+        """`member` left the site: its holdings and candidacy vanish; its leases expire on their
+        own clock (see the module docstring: a silent member may only be slow)."""
         rec = self._members.pop(member, None)
         if rec is None:
             return
         for digest in rec.blobs:
             blob = self._blobs.get(digest)
             if blob is not None:
-                self._remove(digest, blob, member)
+                self._remove(digest, blob, member, leases=False)
 
     # -- announcements ---------------------------------------------------------------------------
 
@@ -327,6 +336,9 @@ class Index:
         if ann.size < 0 or ann.chunk_size <= 0:
             return False
         rec = self._members.setdefault(member, _Member())
+        if blob is not None and ann.digest not in rec.blobs:
+            # back after being dropped: what it fetches now is in this announcement (`_adopt`)
+            blob.leases = [le for le in blob.leases if le.member != member]
         if ann.drop:
             if blob is not None:
                 self._remove(ann.digest, blob, member)
@@ -395,12 +407,13 @@ class Index:
                 blob.leases.append(Lease(digest, member, lo, hi, now, now))
             taken |= free
 
-    def _remove(self, digest: str, blob: _Blob, member: str) -> None:
+    def _remove(self, digest: str, blob: _Blob, member: str, leases: bool = True) -> None:
         blob.complete.discard(member)
         old = blob.have.pop(member, None)
         if old is not None:
             blob.remove_bits(member, old)
-        blob.leases = [le for le in blob.leases if le.member != member]
+        if leases:
+            blob.leases = [le for le in blob.leases if le.member != member]
         blob.retire(member)
         blob.load.pop(member, None)
         blob.asked.pop(member, None)

@@ -100,7 +100,7 @@ def test_ranges_outside_the_blob_are_clipped() -> None:
     assert idx.holdings(D, member(0)) == 0b11 | 1 << (N - 1)
 
 
-def test_a_dead_member_leaves_no_holdings_leases_or_candidacy() -> None:
+def test_a_dead_member_leaves_no_holdings_or_candidacy_and_its_leases_expire() -> None:
     idx = index_with(3)
     idx.apply(member(0), ann((0, 9)), 0.0)
     idx.apply(member(1), ann(), 0.0)
@@ -109,12 +109,41 @@ def test_a_dead_member_leaves_no_holdings_leases_or_candidacy() -> None:
     idx.apply(member(2), ann(complete=True, digest=E), 0.0)
     idx.drop_member(member(0))
     assert idx.holdings(D, member(0)) is None
-    assert idx.leases(D, 0.0) == []
     assert [h.member for h in idx.candidates(D, member(1), 0.0, Random(1))] == []
     assert idx.members() == [member(1), member(2)]
-    # the chunks it held are free again: the next lease starts at chunk 0
-    again = idx.grant(D, member(1), [], 32, 1.0)
+    # its lease is not re-granted while it may still be fetching (dropped for silence: maybe slow)
+    assert idx.leases(D, 1.0) == [lease]
+    after = idx.grant(D, member(1), [], 32, 1.0)
+    assert after is not None and after.mask & lease.mask == 0
+    idx.release(D, member(1), after.first, after.last)
+    # past `lease_grace` without progress it expires: the chunks it held are free again, from 0
+    later = idx.config.lease_grace + 0.1
+    assert idx.leases(D, later) == []
+    again = idx.grant(D, member(1), [], 32, later)
     assert again is not None and again.first == 0
+
+
+def test_a_member_back_after_a_drop_keeps_the_run_it_still_fetches_and_frees_the_rest() -> None:
+    """The tracker dropped a member that was only slow: nobody got its runs meanwhile, and its
+    first announcement of the blob afterwards replaces its old leases by the run it says it is
+    fetching (its engine forgot the runs it had not started when it re-synced in full)."""
+    idx = index_with(2)
+    idx.apply(member(0), ann(), 0.0)
+    idx.apply(member(1), ann(), 0.0)
+    first = idx.grant(D, member(0), [], 4, 0.0)
+    second = idx.grant(D, member(0), [], 4, 0.0)
+    assert first is not None and second is not None and first.mask & second.mask == 0
+    idx.drop_member(member(0))
+    taken = idx.grant(D, member(1), [], 32, 1.0)
+    assert taken is not None and taken.mask & (first.mask | second.mask) == 0
+    idx.set_member(member(0), "http://10.0.1.0:1")
+    idx.apply(member(0), ann((first.first, first.first), fetching=((first.first + 1, first.last),)), 2.0)
+    mine = [le for le in idx.leases(D, 2.0) if le.member == member(0)]
+    assert [(le.first, le.last) for le in mine] == [(first.first + 1, first.last)]
+    # the run it did not start is free for someone else now
+    idx.release(D, member(1), taken.first, taken.last)
+    regrant = idx.grant(D, member(1), [second.first], 32, 2.0)
+    assert regrant is not None and regrant.first == second.first
 
 
 # -- candidates -----------------------------------------------------------------------------------
@@ -594,7 +623,7 @@ def test_a_dropped_member_vanishes_from_every_answer(members: int, drop: int, se
         idx.grant(D, member(i), [], 8, 0.0)
     gone = member(drop % members)
     idx.drop_member(gone)
-    assert all(le.member != gone for le in idx.leases(D, 0.0))
+    assert all(le.member != gone for le in idx.leases(D, idx.config.lease_grace + 0.1))  # expired
     assert idx.holdings(D, gone) is None
     assert gone not in idx.filling(D)
     for i in range(members):
