@@ -1,0 +1,78 @@
+"""Wrap bench/scale.py: per-process-name CPU during the burst, and perf record of the burst only."""
+import os, sys, subprocess, time, collections, json
+sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/main/bench")
+import scale
+from testbed.cluster import Cluster
+
+HZ = os.sysconf("SC_CLK_TCK")
+def cpu_by_comm():
+    out = collections.Counter(); proc = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit(): continue
+        try:
+            s = open(f"/proc/{pid}/stat").read()
+            cmd = open(f"/proc/{pid}/cmdline","rb").read().split(b"\0")
+        except OSError: continue
+        comm = s[s.index("(")+1:s.rindex(")")]
+        f = s[s.rindex(")")+2:].split()
+        ut, st = int(f[11]), int(f[12]); flt = int(f[7])
+        name = comm
+        if b"daemon" in cmd and any(b"peersync" in c for c in cmd): name = "peersyncd"
+        proc[pid] = (name, ut, st, flt)
+    return proc
+
+orig = Cluster.pull_all
+def pull_all(self, ref):
+    b = cpu_by_comm()
+    st0 = [cn.stats() for cn in self.nodes]
+    pids = [p for p, v in b.items() if v[0] == "peersyncd"][:2]
+    cmdline = ["perf", "record", "-a", "-F", "199", "-g", "-o", "/tmp/prof/perf.data"] if os.environ.get("PERF") != "dwarf" else ["perf", "record", "-p", ",".join(pids), "-e", "page-faults", "--call-graph", "dwarf,16384", "-o", "/tmp/prof/perf.data"]
+    perf = subprocess.Popen(cmdline, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL) if os.environ.get("PERF") else None
+    spies = []
+    if os.environ.get("PYSPY"):
+        for i, p in enumerate([p for p, v in b.items() if v[0] == "peersyncd"][:3]):
+            spies.append(subprocess.Popen(["/work/main/.venv/bin/py-spy", "record", "--pid", p, "-r", "97", "--nonblocking", "--format", "raw", "-o", f"/tmp/prof/spy{i}.txt", "-d", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    t = time.monotonic()
+    try:
+        return orig(self, ref)
+    finally:
+        wall = time.monotonic() - t
+        if perf: perf.send_signal(2); perf.wait()
+        for sp in spies: sp.send_signal(2)
+        for sp in spies: sp.wait()
+        a = cpu_by_comm()
+        st1 = [cn.stats() for cn in self.nodes]
+        tot = collections.Counter()
+        pern = []
+        for x, y in zip(st1, st0):
+            d = {}
+            for k, v in x.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool):
+                    d[k] = v - y.get(k, 0); tot[k] += d[k]
+            pern.append(d)
+        import shutil
+        logdir = os.environ.get("KEEPLOGS")
+        if logdir:
+            time.sleep(1.5)
+            os.makedirs(logdir, exist_ok=True)
+            for i, cn in enumerate(self.nodes):
+                shutil.copy(cn.daemon.process.log_path, f"{logdir}/node{i}.log")
+        print("STATS", json.dumps({k: v for k, v in tot.items() if v}))
+        print("PERNODE", json.dumps([{k: v for k, v in d.items() if v and ("origin" in k or "lease" in k)} for d in pern]))
+        agg = collections.defaultdict(lambda: [0, 0])
+        flts = collections.Counter()
+        for pid, (name, ut, st, flt) in a.items():
+            ub, sb, fb = (b[pid][1], b[pid][2], b[pid][3]) if pid in b and b[pid][0] == name else (0, 0, 0)
+            agg[name][0] += ut - ub; agg[name][1] += st - sb; flts[name] += flt - fb
+        print("minor faults:", flts.most_common(4))
+        dp = [p for p, v in a.items() if v[0] == "peersyncd"][:1]
+        for p in dp:
+            print("env:", [l for l in open(f"/proc/{p}/environ","rb").read().split(b"\0") if b"MALLOC" in l])
+        rows = sorted(agg.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
+        tot = sum(u + s for _, (u, s) in rows)
+        print(f"burst wall {wall:.2f}s; CPU total {tot/HZ:.1f}s (user+sys)")
+        for name, (u, s) in rows[:15]:
+            print(f"  {name:20s} user {u/HZ:6.1f}  sys {s/HZ:6.1f}")
+        with open("/proc/stat") as f: pass
+Cluster.pull_all = pull_all
+sys.exit(scale.main(sys.argv[1:]))
