@@ -1,6 +1,16 @@
-"""Wrap bench/scale.py: per-process-name CPU during the burst, and perf record of the burst only."""
+"""Wrap bench/scale.py (same arguments): for the burst only, CPU and minor faults per process
+name, the daemons' counters (summed and per node), and optionally PERF=1 (`perf record -a -g`),
+PERF=dwarf (page faults of two daemons, DWARF call graphs), PYSPY=1 (py-spy of three daemons),
+KEEPLOGS=DIR (every daemon's log copied out before the site is torn down). How the 2026-12-02
+figures in bench/RESULTS.md ("Where a 32-node burst's CPU goes") were taken; a one-off tool, kept
+beside its figures rather than in the product or the testbed.
+
+    python bench/scale/2026-12-02c/profile_wrapper.py --nodes 32 --no-static-peers --settle 3
+"""
 import os, sys, subprocess, time, collections, json
-sys.path.insert(0, "/work/main"); sys.path.insert(0, "/work/main/bench")
+from pathlib import Path
+REPO = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
 import scale
 from testbed.cluster import Cluster
 
@@ -26,12 +36,12 @@ def pull_all(self, ref):
     b = cpu_by_comm()
     st0 = [cn.stats() for cn in self.nodes]
     pids = [p for p, v in b.items() if v[0] == "peersyncd"][:2]
-    cmdline = ["perf", "record", "-a", "-F", "199", "-g", "-o", "/tmp/prof/perf.data"] if os.environ.get("PERF") != "dwarf" else ["perf", "record", "-p", ",".join(pids), "-e", "page-faults", "--call-graph", "dwarf,16384", "-o", "/tmp/prof/perf.data"]
+    cmdline = ["perf", "record", "-a", "-F", "199", "-g", "-o", "perf.data"] if os.environ.get("PERF") != "dwarf" else ["perf", "record", "-p", ",".join(pids), "-e", "page-faults", "--call-graph", "dwarf,16384", "-o", "perf.data"]
     perf = subprocess.Popen(cmdline, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL) if os.environ.get("PERF") else None
     spies = []
     if os.environ.get("PYSPY"):
         for i, p in enumerate([p for p, v in b.items() if v[0] == "peersyncd"][:3]):
-            spies.append(subprocess.Popen(["/work/main/.venv/bin/py-spy", "record", "--pid", p, "-r", "97", "--nonblocking", "--format", "raw", "-o", f"/tmp/prof/spy{i}.txt", "-d", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+            spies.append(subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", p, "-r", "97", "--nonblocking", "--format", "raw", "-o", f"spy{i}.txt", "-d", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     t = time.monotonic()
     try:
         return orig(self, ref)
