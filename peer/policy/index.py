@@ -77,7 +77,7 @@ Operations, each a method of `Index`, time passed in as `now`, randomness as a `
 Invariants (tested by hypothesis in tests/peer/policy/test_index.py): at most one live lease covers
 any chunk; a lease never covers a chunk that is held (at grant time) or leased; a burst of members
 asking for leases covers every chunk exactly once; the asker is never its own candidate and the set
-is bounded; a dropped member leaves no holdings and no leases.
+is bounded; a dropped member leaves no holdings, and its leases only until they expire.
 
 Complexity, for the scale simulator (10,000 members): bitmaps are Python ints (bit i = chunk i);
 `apply` costs O(chunks that changed); `drop_member` O(chunks the member held); `grant` O(leases of
