@@ -244,15 +244,15 @@ class IndexMember:
         after `stale_after` from the last answer, with its next sync still in flight, went back
         to striping the origin itself while the tracker's leases were still out, and a run it
         fetched could be one the tracker had leased to someone else: fetched twice."""
+        now, rnd = self.clock(), self._round
         if self._last_answer is None or self._failures >= 2:
             tracked = False
         else:
-            now, rnd = self.clock(), self._round
             tracked = now - self._last_answer < self.stale_after or (
                 rnd is not None and now - rnd.sent < self.stale_after
             )
         if self._tracked and not tracked:
-            since = None if self._last_answer is None else round(self.clock() - self._last_answer, 2)
+            since = None if self._last_answer is None else round(now - self._last_answer, 2)
             log.info("no tracker answers: origin fetches striped without it", failures=self._failures,
                      since_answer=since)
         self._tracked = tracked

@@ -217,6 +217,10 @@ class _Blob:
         """Nobody holds or fills the blob any more: the index forgets it."""
         return not self.complete and not self.have
 
+    def drop_leases(self, member: str) -> None:
+        """Forget every lease `member` holds of this blob (live or not)."""
+        self.leases = [le for le in self.leases if le.member != member]
+
     def leased(self) -> int:
         """The chunks under a lease (live or not: the caller expires them first)."""
         mask = 0
@@ -338,7 +342,7 @@ class Index:
         rec = self._members.setdefault(member, _Member())
         if blob is not None and ann.digest not in rec.blobs:
             # back after being dropped: what it fetches now is in this announcement (`_adopt`)
-            blob.leases = [le for le in blob.leases if le.member != member]
+            blob.drop_leases(member)
         if ann.drop:
             if blob is not None:
                 self._remove(ann.digest, blob, member)
@@ -355,7 +359,7 @@ class Index:
             blob.complete.add(member)
             blob.retire(member)
             blob.asked.pop(member, None)
-            blob.leases = [le for le in blob.leases if le.member != member]
+            blob.drop_leases(member)
             return True
         if member in blob.complete:  # a complete holder's holdings cannot grow; ignore the rest
             return True
@@ -413,7 +417,7 @@ class Index:
         if old is not None:
             blob.remove_bits(member, old)
         if leases:
-            blob.leases = [le for le in blob.leases if le.member != member]
+            blob.drop_leases(member)
         blob.retire(member)
         blob.load.pop(member, None)
         blob.asked.pop(member, None)
