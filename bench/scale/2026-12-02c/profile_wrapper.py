@@ -7,16 +7,21 @@ beside its figures rather than in the product or the testbed.
 
     python bench/scale/2026-12-02c/profile_wrapper.py --nodes 32 --no-static-peers --settle 3
 """
-import os, sys, subprocess, time, collections, json
+import os, sys, subprocess, time, collections, json, shutil
 from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
 import scale
 from testbed.cluster import Cluster
 
-HZ = os.sysconf("SC_CLK_TCK")
-def cpu_by_comm():
-    out = collections.Counter(); proc = {}
+from testbed.scenarios import CLK_TCK as HZ
+
+
+def cpu_by_pid():
+    """pid -> (name, user ticks, system ticks, minor faults), every process. One read of
+    /proc/PID/stat each (`testbed.scenarios.proc_cpu_split` reads the same file for one pid but
+    not the name or the faults). The daemons are named "peersyncd" by their command line."""
+    proc = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit(): continue
         try:
@@ -25,7 +30,7 @@ def cpu_by_comm():
         except OSError: continue
         comm = s[s.index("(")+1:s.rindex(")")]
         f = s[s.rindex(")")+2:].split()
-        ut, st = int(f[11]), int(f[12]); flt = int(f[7])
+        ut, st, flt = int(f[11]), int(f[12]), int(f[7])
         name = comm
         if b"daemon" in cmd and any(b"peersync" in c for c in cmd): name = "peersyncd"
         proc[pid] = (name, ut, st, flt)
@@ -33,7 +38,7 @@ def cpu_by_comm():
 
 orig = Cluster.pull_all
 def pull_all(self, ref):
-    b = cpu_by_comm()
+    b = cpu_by_pid()
     st0 = [cn.stats() for cn in self.nodes]
     pids = [p for p, v in b.items() if v[0] == "peersyncd"][:2]
     cmdline = ["perf", "record", "-a", "-F", "199", "-g", "-o", "perf.data"] if os.environ.get("PERF") != "dwarf" else ["perf", "record", "-p", ",".join(pids), "-e", "page-faults", "--call-graph", "dwarf,16384", "-o", "perf.data"]
@@ -50,7 +55,7 @@ def pull_all(self, ref):
         if perf: perf.send_signal(2); perf.wait()
         for sp in spies: sp.send_signal(2)
         for sp in spies: sp.wait()
-        a = cpu_by_comm()
+        a = cpu_by_pid()
         st1 = [cn.stats() for cn in self.nodes]
         tot = collections.Counter()
         pern = []
@@ -60,7 +65,6 @@ def pull_all(self, ref):
                 if isinstance(v, (int, float)) and not isinstance(v, bool):
                     d[k] = v - y.get(k, 0); tot[k] += d[k]
             pern.append(d)
-        import shutil
         logdir = os.environ.get("KEEPLOGS")
         if logdir:
             time.sleep(1.5)
@@ -72,17 +76,15 @@ def pull_all(self, ref):
         agg = collections.defaultdict(lambda: [0, 0])
         flts = collections.Counter()
         for pid, (name, ut, st, flt) in a.items():
-            ub, sb, fb = (b[pid][1], b[pid][2], b[pid][3]) if pid in b and b[pid][0] == name else (0, 0, 0)
+            # by pid, not by name: a kernel worker renames itself with its work, and a new name
+            # must not count its whole lifetime (the 2026-12-02 runs' "CPU total" did)
+            ub, sb, fb = b[pid][1:] if pid in b else (0, 0, 0)
             agg[name][0] += ut - ub; agg[name][1] += st - sb; flts[name] += flt - fb
         print("minor faults:", flts.most_common(4))
-        dp = [p for p, v in a.items() if v[0] == "peersyncd"][:1]
-        for p in dp:
-            print("env:", [l for l in open(f"/proc/{p}/environ","rb").read().split(b"\0") if b"MALLOC" in l])
         rows = sorted(agg.items(), key=lambda kv: -(kv[1][0] + kv[1][1]))
         tot = sum(u + s for _, (u, s) in rows)
         print(f"burst wall {wall:.2f}s; CPU total {tot/HZ:.1f}s (user+sys)")
         for name, (u, s) in rows[:15]:
             print(f"  {name:20s} user {u/HZ:6.1f}  sys {s/HZ:6.1f}")
-        with open("/proc/stat") as f: pass
 Cluster.pull_all = pull_all
 sys.exit(scale.main(sys.argv[1:]))
