@@ -142,10 +142,11 @@ class ControlClient:
             log.debug("malformed whois answer", url=url, error=str(exc))
             return None
 
-    async def sync(self, url: str, body: dict[str, Any]) -> dict[str, Any] | None:
-        """One sync with the tracker at `url`; the reply, or None."""
+    async def sync(self, url: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any] | None:
+        """One sync with the tracker at `url`, waiting `timeout` for the answer (default: the
+        client's); the reply, or None."""
         reply: dict[str, Any] | None = await self._call(
-            "sync", "POST", url, self.timeout, body={**body, "site": self.site}
+            "sync", "POST", url, self.timeout if timeout is None else timeout, body={**body, "site": self.site}
         )
         return reply
 

@@ -65,6 +65,7 @@ from peer.policy.election import (
 )
 from peer.policy.membership import Delta, Member, MemberTable
 from peer.policy.pacing import member_interval
+from peer.policy.timeout import AnswerTimer
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +76,7 @@ class ControlConfig:
 
     sync_busy: float = 0.25  # seconds between syncs while downloads run
     sync_idle: float = 1.0  # ... otherwise
-    sync_timeout: float = 1.0  # a sync unanswered this long has failed
+    sync_timeout: float = 1.0  # a sync unanswered this long has failed, at least (`policy.timeout`)
     fail_after: int = 2  # failed syncs in a row that lose the tracker
     retry_after: float = 0.05  # a failed sync is retried this soon
     member_timeout: float = 3.0  # the tracker drops a member silent this long
@@ -133,6 +134,7 @@ class MemberAgent:
         self._lost: dict[str, tuple[Member, float]] = {}  # tracker id -> (record, when lost)
         self.failures = 0
         self.busy = False
+        self.answer_timer = AnswerTimer(floor=config.sync_timeout)  # how long a sync waits (`policy.timeout`)
         self.pace = 0.0  # the tracker's pace (`policy.pacing`): our syncs are at least this far apart
         self.elections = 0
         self.claims = 0
@@ -262,7 +264,12 @@ class MemberAgent:
 
     async def _sync(self, ref: TrackerRef) -> None:
         body, sent = self._request()
-        reply = await self.client.sync(ref.url, body)
+        began = time.monotonic()
+        reply = await self.client.sync(ref.url, body, timeout=self.answer_timer.timeout())
+        if reply is None:
+            self.answer_timer.failed()
+        else:
+            self.answer_timer.observe(time.monotonic() - began)
         if self.following != ref or self.tracker is not None:
             self._failed(sent)  # the tracker changed while we waited: this answer is stale
             return
