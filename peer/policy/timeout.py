@@ -5,9 +5,10 @@ lose the tracker: the member looks for another one, and its engine stops taking 
 leases and stripes the origin by itself until it follows one again. A fixed 1 s timeout is right
 on an idle site (answers take milliseconds; a tracker that stopped answering is noticed in about
 2 s), and wrong on a loaded one: on the 32-node burst, where every node shares one saturated
-2-core host, answers took more than a second often enough that most members counted 2-5 failed
-syncs in one burst, lost a tracker that was alive, and striped runs the tracker had leased to
-others: 1.2-1.9x the image over the uplink (bench/RESULTS.md, "Hedging within a budget").
+2-core host, answers took more than a second often enough that in one burst all 32 nodes
+counted 2-5 failed syncs (two in a row lose the tracker), and the bursts with such storms were
+the ones that fetched runs twice, up to 1.2x the image over the uplink (bench/RESULTS.md, "A
+sync timeout that learns").
 
 So the timeout is TCP's retransmission timeout (RFC 6298), over the member's own answered syncs:
 a smoothed answer time plus four times its smoothed deviation, never below `floor` (the
@@ -50,7 +51,7 @@ class AnswerTimer:
 
     def failed(self) -> None:
         """A sync got no answer: the next one waits twice as long (up to the ceiling)."""
-        self.backoff = min(self.backoff * 2, self.ceiling / max(self.floor, 1e-3))
+        self.backoff = min(self.backoff * 2, max(1.0, self.ceiling / max(self.floor, 1e-3)))
 
     def timeout(self) -> float:
         """Seconds the next sync waits for its answer."""

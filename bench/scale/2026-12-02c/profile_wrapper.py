@@ -1,7 +1,12 @@
 """Wrap bench/scale.py (same arguments): for the burst only, CPU and minor faults per process
 name, the daemons' counters (summed and per node), and optionally PERF=1 (`perf record -a -g`),
 PERF=dwarf (page faults of two daemons, DWARF call graphs), PYSPY=1 (py-spy of three daemons),
-KEEPLOGS=DIR (every daemon's log copied out before the site is torn down). How the 2026-12-02
+KEEPLOGS=DIR (every daemon's log copied out before the site is torn down), IDLE=S (the CPU of
+every process over S seconds of the idle site before the burst; scale.py's all-done time then
+includes them). Always printed: the bytes the nodes received on their LAN interfaces during the
+burst ("LAN bytes", `Site.lan_bytes`), and per node the control messages that failed ("CONTROL
+FAILURES", from `/peersync/v1/control/status`). The burst's own time is "burst wall": scale.py's
+all-done time also counts what this wrapper reads after the burst. How the 2026-12-02
 figures in bench/RESULTS.md ("Where a 32-node burst's CPU goes") were taken; a one-off tool, kept
 beside its figures rather than in the product or the testbed.
 
@@ -38,8 +43,17 @@ def cpu_by_pid():
 
 orig = Cluster.pull_all
 def pull_all(self, ref):
+    idle = float(os.environ.get("IDLE", "0"))
+    if idle:
+        i0 = cpu_by_pid(); t_i = time.monotonic(); time.sleep(idle); i1 = cpu_by_pid(); w_i = time.monotonic() - t_i
+        ag = collections.defaultdict(int)
+        for pid, (name, ut, st, flt) in i1.items():
+            ub, sb, fb = i0[pid][1:] if pid in i0 else (0, 0, 0)
+            ag[name] += ut - ub + st - sb
+        print(f"IDLE {w_i:.1f}s CPU", sorted(((round(v/HZ,2), k) for k, v in ag.items() if v), reverse=True)[:8])
     b = cpu_by_pid()
     st0 = [cn.stats() for cn in self.nodes]
+    ms0 = [cn.control().get("messages", {}) for cn in self.nodes]
     pids = [p for p, v in b.items() if v[0] == "peersyncd"][:2]
     cmdline = ["perf", "record", "-a", "-F", "199", "-g", "-o", "perf.data"] if os.environ.get("PERF") != "dwarf" else ["perf", "record", "-p", ",".join(pids), "-e", "page-faults", "--call-graph", "dwarf,16384", "-o", "perf.data"]
     perf = subprocess.Popen(cmdline, stderr=subprocess.DEVNULL, stdout=subprocess.DEVNULL) if os.environ.get("PERF") else None
@@ -47,6 +61,7 @@ def pull_all(self, ref):
     if os.environ.get("PYSPY"):
         for i, p in enumerate([p for p, v in b.items() if v[0] == "peersyncd"][:3]):
             spies.append(subprocess.Popen([str(Path(sys.executable).with_name("py-spy")), "record", "--pid", p, "-r", "97", "--nonblocking", "--format", "raw", "-o", f"spy{i}.txt", "-d", "60"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    lan0 = self.site.lan_bytes()
     t = time.monotonic()
     try:
         return orig(self, ref)
@@ -56,7 +71,11 @@ def pull_all(self, ref):
         for sp in spies: sp.send_signal(2)
         for sp in spies: sp.wait()
         a = cpu_by_pid()
+        print("LAN bytes", self.site.lan_bytes() - lan0)
         st1 = [cn.stats() for cn in self.nodes]
+        ms1 = [cn.control().get("messages", {}) for cn in self.nodes]
+        fails = {i: {k: v - m0.get(k, 0) for k, v in m1.items() if k.endswith("_failed") and isinstance(v, int) and v - m0.get(k, 0)} for i, (m0, m1) in enumerate(zip(ms0, ms1))}
+        print("CONTROL FAILURES", json.dumps({i: f for i, f in fails.items() if f}))
         tot = collections.Counter()
         pern = []
         for x, y in zip(st1, st0):

@@ -346,3 +346,35 @@ async def test_status_has_the_documented_keys(site: Site) -> None:
     assert set(served) == set(st) and served["direct_peers"] == st["direct_peers"]
     assert set(st["members"][0]) == {"id", "url", "rank", "priority", "started", "last_heard", "self"}
     assert st["messages"]["sync_sent"] >= 1 and nodes[0].plane.status()["messages"]["sync_received"] >= 1
+
+
+async def test_a_tracker_that_stalls_past_two_sync_timeouts_is_not_lost(
+    site: Site, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The tracker answers nothing for 2.4 sync timeouts (a loop stalled on a crowded host), then
+    answers again. With a fixed timeout the member's sync and its retry would both time out and
+    the member would lose a live tracker (and look for another: whois). With the learned timeout
+    (`policy.timeout`) the first failure doubles the wait, the retry is answered, and the member
+    keeps its tracker."""
+    nodes = [await site.add() for _ in range(2)]
+    await until(lambda: agreed(nodes))
+    t = tracker(nodes)
+    member = next(n for n in nodes if n is not t)
+    stall_until = 0.0
+    real = web.BaseRequest.json
+
+    async def stalled(request: web.BaseRequest, **kwargs: object) -> object:
+        """The sync handler's first await (reading the body) waits out the stall."""
+        wait = stall_until - time.monotonic()
+        if request.path.endswith("/sync") and wait > 0:
+            await asyncio.sleep(wait)
+        return await real(request, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(web.BaseRequest, "json", stalled)
+    before = member.plane.agent.counters.snapshot()
+    stall_until = time.monotonic() + 2.4 * FAST.sync_timeout
+    await asyncio.sleep(2.4 * FAST.sync_timeout + 1.0)
+    after = member.plane.agent.counters.snapshot()
+    assert after.get("sync_failed", 0) > before.get("sync_failed", 0)  # the stall was felt
+    assert after.get("whois_sent", 0) == before.get("whois_sent", 0)  # ... and no election
+    assert member.plane.tracker is not None and member.plane.tracker.id == t.id
