@@ -12,10 +12,11 @@ sync timeout that learns").
 
 So the timeout is TCP's retransmission timeout (RFC 6298), over the member's own answered syncs:
 a smoothed answer time plus four times its smoothed deviation, never below `floor` (the
-configured `sync_timeout`, so an idle site behaves exactly as before) nor above `ceiling`; a
+configured `sync_timeout`, so an idle site's syncs wait as long as before) nor above `ceiling`; a
 failed sync doubles it (RFC 6298's back-off), up to the ceiling, and the next answer sets it
 from the estimate again. A tracker that is gone (its process dead) refuses at once and is lost
-as fast as before; one that went silent is lost after at most `fail_after` ceilings.
+as fast as before; one that went silent is lost after 1 + 2 s on an idle site (1 + 1 s before the
+back-off), and after at most `fail_after` ceilings on a slow one.
 """
 
 from __future__ import annotations
