@@ -347,6 +347,9 @@ class _Wake:
     def sync_soon(self) -> None:
         self.plane.wake()
 
+    def patience(self) -> float:
+        return self.plane.sync_patience()
+
 
 def advertised_url(config: Config, scheme: str = "https") -> str:
     """How other nodes reach this one: `peer.advertise`, else the listen address (a wildcard host

@@ -66,13 +66,11 @@ class ControlClient:
         self,
         site: str,
         counters: Counters,
-        timeout: float,
         probe_timeout: float,
         ssl: sslmod.SSLContext | None = None,
     ) -> None:
         self.site = site
         self.counters = counters
-        self.timeout = timeout
         self.probe_timeout = probe_timeout
         self.ssl = ssl
         self._session: aiohttp.ClientSession | None = None
@@ -142,13 +140,18 @@ class ControlClient:
             log.debug("malformed whois answer", url=url, error=str(exc))
             return None
 
-    async def sync(self, url: str, body: dict[str, Any], timeout: float | None = None) -> dict[str, Any] | None:
-        """One sync with the tracker at `url`, waiting `timeout` for the answer (default: the
-        client's); the reply, or None."""
+    async def sync(self, url: str, body: dict[str, Any], timeout: float) -> dict[str, Any] | None:
+        """One sync with the tracker at `url`, waiting `timeout` for the answer (the member's
+        learned timeout, `peer.policy.timeout`); the reply, or None."""
         reply: dict[str, Any] | None = await self._call(
-            "sync", "POST", url, self.timeout if timeout is None else timeout, body={**body, "site": self.site}
+            "sync", "POST", url, timeout, body={**body, "site": self.site}
         )
         return reply
+
+    def patience(self, timeout: float) -> float:
+        """The longest a message with answer timeout `timeout` can take before it has failed:
+        over TLS a new connection's handshake is bounded apart (`_timeout`)."""
+        return timeout if self.ssl is None else timeout + HANDSHAKE_TIMEOUT
 
     async def announce(self, url: str, tracker: TrackerRef) -> TrackerRef | None:
         """Tell the node at `url` that `tracker` is tracker; the tracker it follows afterwards."""

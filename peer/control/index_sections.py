@@ -91,6 +91,11 @@ class ControlLink(Protocol):
         it goes out make one sync)."""
         ...
 
+    def patience(self) -> float:
+        """How long the sync being built now may wait for its answer before the control plane
+        counts it failed (its learned timeout, `peer.policy.timeout`, and a TLS handshake)."""
+        ...
+
 
 class PartialsSide(Protocol):
     """What the member side reads of the store's partial blobs (`kernel.store.partial.Partials`)."""
@@ -177,6 +182,10 @@ class NoLink:
     def sync_soon(self) -> None:
         """Nothing to hurry."""
 
+    def patience(self) -> float:
+        """No timeout of its own: `IndexMember.stale_after` alone bounds a sync in flight."""
+        return 0.0
+
 
 @dataclass
 class _Told:
@@ -197,6 +206,7 @@ class _Round:
     done: list[dict[str, Any]] = field(default_factory=list)
     rescanned: bool = False
     sent: float = 0.0  # when `outgoing` built it (the member's clock)
+    patience: float = 0.0  # how long it may be in flight before it fails (`ControlLink.patience`)
 
 
 class IndexMember:
@@ -243,13 +253,16 @@ class IndexMember:
         tracker busy for a while on a crowded host answers late, and a member that gave up on it
         after `stale_after` from the last answer, with its next sync still in flight, went back
         to striping the origin itself while the tracker's leases were still out, and a run it
-        fetched could be one the tracker had leased to someone else: fetched twice."""
+        fetched could be one the tracker had leased to someone else: fetched twice. A sync on its
+        way counts for as long as the control plane lets it wait (`ControlLink.patience`: its
+        learned timeout reaches 4 s under load, past `stale_after`), so the engine never stops
+        trusting the tracker before the control plane has counted that sync as failed."""
         now, rnd = self.clock(), self._round
         if self._last_answer is None or self._failures >= 2:
             tracked = False
         else:
             tracked = now - self._last_answer < self.stale_after or (
-                rnd is not None and now - rnd.sent < self.stale_after
+                rnd is not None and now - rnd.sent < max(self.stale_after, rnd.patience)
             )
         if self._tracked and not tracked:
             since = None if self._last_answer is None else round(now - self._last_answer, 2)
@@ -281,7 +294,7 @@ class IndexMember:
         engine, store = self.engine, self.engine.store
         self.engine.counters["control_requests"] += 1
         now = self.clock()
-        rnd = _Round(sent=now)
+        rnd = _Round(sent=now, patience=self.link.patience())
         if full:
             self._told.clear()
             for dl in engine.downloads.values():

@@ -262,6 +262,10 @@ class MemberAgent:
             body["record"] = self.me.to_wire()
         return body, list(payloads)
 
+    def sync_patience(self) -> float:
+        """How long a sync sent now may wait before it counts as failed (see `_sync`)."""
+        return self.client.patience(self.answer_timer.timeout())
+
     async def _sync(self, ref: TrackerRef) -> None:
         body, sent = self._request()
         began = time.monotonic()
@@ -618,4 +622,4 @@ class MemberAgent:
         ref = self.following
         if ref is not None and self.tracker is None:
             body = {"v": PROTOCOL, "site": self.site, "id": self.me.id, "epoch": ref.epoch, "leave": True}
-            await self.client.sync(ref.url, body)
+            await self.client.sync(ref.url, body, timeout=self.cfg.sync_timeout)

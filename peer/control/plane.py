@@ -107,7 +107,6 @@ class ControlPlane:
         self.client = ControlClient(
             config.site.name,
             self.counters,
-            self.tunables.sync_timeout,
             self.tunables.probe_timeout,
             ssl=self.transport.client,
         )
@@ -186,6 +185,10 @@ class ControlPlane:
     def wake(self) -> None:
         """Sync now (a section has something that should not wait for the next interval)."""
         self.agent.wake()
+
+    def sync_patience(self) -> float:
+        """How long the next sync may wait for its answer before it counts as failed."""
+        return self.agent.sync_patience()
 
     def set_busy(self, busy: bool) -> None:
         """The engine has downloads running (True) or none (False)."""

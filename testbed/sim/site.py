@@ -59,9 +59,14 @@ class Profile:
 
 @dataclass
 class _Link:
-    """A node's `ControlLink`: `sync_soon` wakes its sync loop."""
+    """A node's `ControlLink`: `sync_soon` wakes its sync loop; a sync fails after `timeout`
+    (the simulator models the fixed `ControlConfig.sync_timeout`, not the learned one)."""
 
     node: SimNode
+    timeout: float
+
+    def patience(self) -> float:
+        return self.timeout
 
     def sync_soon(self) -> None:
         self.node.soon = True
@@ -167,7 +172,7 @@ class SimSite:
                     record.url, lambda: env.now, random.Random(self.rng.getrandbits(64)), self._wake
                 )
                 node = SimNode(len(self.nodes), s, record, NodeLinks(Link(up), Link(down)), engine)
-                node.member = IndexMember(engine, _Link(node), clock=lambda: env.now)
+                node.member = IndexMember(engine, _Link(node, self.control.sync_timeout), clock=lambda: env.now)
                 self.nodes.append(node)
                 self.by_url[record.url] = node
                 members.append(record)

@@ -98,6 +98,10 @@ class Link:
     def sync_soon(self) -> None:
         self.driver.wake.set()
 
+    def patience(self) -> float:
+        """The in-process rounds never time out: `stale_after` alone bounds one in flight."""
+        return 0.0
+
 
 class Driver:
     """The control plane's sync rounds, in process: every `interval` (sooner when a member asks),

@@ -163,7 +163,7 @@ async def test_a_site_member_reads_views_tables_chunks_and_control_messages(
         assert len(await client.table(a.url, DIGEST, 4)) == 4
         reply = await client.chunk(a.url, DIGEST, CHUNK, CHUNK)
         assert reply.data == BLOB[CHUNK : 2 * CHUNK] and reply.claim == hashlib.sha256(reply.data).digest()
-    control = ControlClient("default", Counters(), 5.0, 5.0, ssl=b.client_context())
+    control = ControlClient("default", Counters(), 5.0, ssl=b.client_context())
     try:
         assert a.node.control is not None
         answer = await control.whois(a.url, a.node.control.me)
@@ -499,7 +499,7 @@ async def test_control_messages_reuse_one_connection_and_count_the_connections_o
     a = await start(a_cert.toml(), a_cert)
     assert a.node.control is not None
     counters = Counters()
-    control = ControlClient("default", counters, 5.0, 5.0, ssl=member(site).client_context())
+    control = ControlClient("default", counters, 5.0, ssl=member(site).client_context())
     try:
         for _ in range(3):
             assert await control.whois(a.url, a.node.control.me) is not None

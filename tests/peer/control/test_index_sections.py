@@ -198,6 +198,43 @@ async def test_a_slow_tracker_is_not_a_gone_one(members: list[Member], clock: Cl
     assert s.tracking()
 
 
+class PatientLink:
+    """A control plane whose syncs may wait `patience` seconds for their answer."""
+
+    def __init__(self, patience: float) -> None:
+        self.waits = patience
+
+    def sync_soon(self) -> None:
+        """Nothing to hurry."""
+
+    def patience(self) -> float:
+        return self.waits
+
+
+async def test_a_sync_counts_as_on_its_way_for_as_long_as_the_control_plane_lets_it_wait(
+    members: list[Member], clock: Clock
+) -> None:
+    """The learned sync timeout (`peer.policy.timeout`) reaches 4 s on a loaded site, past
+    `stale_after` (3 s). A sync that may still be answered must keep the engine tracked until its
+    own timeout: before it fails, the tracker's leases still stand, and striping the origin
+    meanwhile fetches runs leased to others."""
+    s = members[0].section
+    link = PatientLink(s.stale_after + 2.0)
+    s.link = link
+    s.outgoing(full=True)
+    s.incoming({})
+    clock.now += s.stale_after
+    s.outgoing(full=False)  # sent when the answer went stale; may wait stale_after + 2 s
+    clock.now += s.stale_after + 1.9
+    assert s.tracking()  # past stale_after, within the sync's own timeout
+    clock.now += 0.2
+    assert not s.tracking()  # its timeout is over and no answer came: a stopped loop
+    link.waits = 0.5  # a short timeout never shortens `stale_after`
+    s.outgoing(full=False)
+    clock.now += s.stale_after - 0.1
+    assert s.tracking()
+
+
 async def test_the_tracker_answers_with_holders_that_become_the_engines_views(
     members: list[Member], clock: Clock
 ) -> None:
